@@ -1,0 +1,98 @@
+# datamodels_ml: every stage of the workflow is a target; `make help` lists them.
+# The defaults run the built-in digits example on this machine's CPU cores.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+# The CPU wheel by default; GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
+TORCH_SPEC  ?= torch==2.13.0
+STAMP       := $(VENV)/.setup-done
+DEB_PKGS    := libopencv-dev libturbojpeg0-dev pkg-config
+
+N       ?= 1500
+GPUS    ?= 0
+JOBS    ?= 0
+STORE   ?= data/digits/store
+SPEC    ?= configs/digits_spec.json
+MAIN    ?= datamodels_ml.examples.digits
+CONFIG  ?= configs/reg.yaml
+BETON   ?= data/digits/reg_data.beton
+RESULTS ?= data/digits/reg_results
+DEMO    ?= configs/demo.yaml
+ARGS    ?=
+
+DM := $(PY) -m datamodels_ml
+
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench ui lint clean distclean
+
+help: ## list the targets and the variables they take
+	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
+	@echo
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv with every dependency (FFCV's system headers too, on Debian as root)
+
+$(STAMP): pyproject.toml Makefile
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing FFCV's build requirements: $(DEB_PKGS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PKGS) >/dev/null || exit 1; \
+	  else \
+	    echo "error: FFCV needs OpenCV and libjpeg-turbo headers and pkg-config ($(DEB_PKGS) on Debian)."; \
+	    echo "       Install them as root, or use the conda environment instead: conda env create -f conda.yaml"; \
+	    exit 1; \
+	  fi; \
+	fi
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c "import torch, ffcv, mlflow, omegaconf, joblib, sklearn; print('setup ok: torch', torch.__version__, '| ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else '1.0.2', '| mlflow', mlflow.__version__)"
+	@touch $(STAMP)
+
+test: setup ## run the test suite (what CI runs)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup ## the whole workflow on the digits example: train, write_dataset, regress, evaluate
+	$(DM) demo config=$(DEMO) $(ARGS)
+
+init: setup ## create the store from the spec (STORE, SPEC)
+	$(DM) init spec=$(SPEC) store=$(STORE)
+
+train: setup ## train N models over GPUS GPUs (or JOBS CPU slots) into STORE; resumes
+	$(DM) train store=$(STORE) spec=$(SPEC) main=$(MAIN) n=$(N) gpus=$(GPUS) jobs=$(JOBS) $(ARGS)
+
+status: setup ## completed/missing models and failures of the last train in STORE
+	$(DM) status store=$(STORE)
+
+write_dataset: setup ## write STORE's completed models to the FFCV file BETON
+	$(DM) write_dataset store=$(STORE) out=$(BETON) x_name=masks y_name=margins $(ARGS)
+
+regress: setup ## fit the datamodels with CONFIG (lasso paths, tracked in MLflow)
+	$(DM) regress config=$(CONFIG) $(ARGS)
+
+evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STORE
+	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) $(ARGS)
+
+budget: setup ## LDS against the number of models (model-budget curve)
+	$(DM) budget config=configs/budget.yaml $(ARGS)
+
+bench: setup ## benchmarks: train overhead per model and regression speed, printed as ratios
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_regression.py
+
+ui: setup ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+lint: setup ## byte-compile every module (syntax check)
+	$(PY) -m compileall -q datamodels_ml tests benchmarks
+
+clean: ## remove the example's data and caches (keeps .venv and mlflow.db)
+	rm -rf data/digits .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv, mlflow.db and mlruns
+	rm -rf $(VENV) mlflow.db mlflow.db.lock mlflow.db-wal mlflow.db-shm mlruns

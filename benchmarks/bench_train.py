@@ -1,0 +1,94 @@
+"""Per-model overhead of `train` against the one-process-per-model design, measured in one run.
+
+`train` keeps one runner process per slot (imports paid once) and logs child runs in batches.
+The baseline is the original design: one `python -m datamodels_ml worker ...` process per model,
+each importing torch, ffcv and mlflow and creating its own MLflow run, two at a time (2 cores).
+Both use the same no-op main (benchmarks/noop_main.py) and the digits spec, with a fresh MLflow
+SQLite store each. The baseline is timed on a sample of models (it costs seconds per model).
+
+    python benchmarks/bench_train.py [--n 1000] [--baseline-n 16] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = str(ROOT / "benchmarks" / "noop_main.py")
+SPEC = str(ROOT / "configs" / "digits_spec.json")
+
+
+def env_for(folder: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    env["PYTHONWARNINGS"] = "ignore"
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def cli(folder: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "datamodels_ml", *args], cwd=folder, env=env_for(folder), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def count_child_runs(folder: Path) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(folder / "mlflow.db")
+    try:
+        return con.execute("select count(*) from tags where key='mlflow.parentRunId'").fetchone()[0]
+    finally:
+        con.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="models for train")
+    parser.add_argument("--baseline-n", type=int, default=16, help="models for the one-process-per-model baseline")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel slots / processes in both designs")
+    opts = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        # fan-out: one train command; its wall time includes start-up, the MLflow run and every child run
+        fan = tmp / "fanout"
+        fan.mkdir()
+        cli(fan, "init", f"spec={SPEC}", "store=st")
+        cli(fan, "status", "store=st")
+        # a first MLflow call creates the database: pay it outside the timing in both designs
+        cli(fan, "worker", "store=st", "index=2999", f"main={MAIN}")
+        t0 = time.perf_counter()
+        cli(fan, "train", "store=st", f"main={MAIN}", f"n={opts.n}", f"jobs={opts.jobs}", "progress=false")
+        fan_s = time.perf_counter() - t0
+        children = count_child_runs(fan)
+
+        base = tmp / "baseline"
+        base.mkdir()
+        cli(base, "init", f"spec={SPEC}", "store=st")
+        cli(base, "worker", "store=st", "index=2999", f"main={MAIN}")
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(opts.jobs) as pool:
+            list(pool.map(lambda i: cli(base, "worker", "store=st", f"index={i}", f"main={MAIN}"),
+                          range(opts.baseline_n)))
+        base_s = time.perf_counter() - t0
+
+    fan_ms = fan_s / opts.n * 1000
+    base_ms = base_s / opts.baseline_n * 1000
+    print(f"train, no-op main, n={opts.n}, {opts.jobs} slots: {fan_s:.1f} s wall, {fan_ms:.1f} ms per model "
+          f"(MLflow child runs included: {children} logged)")
+    print(f"baseline, one process per model (python -m datamodels_ml worker), {opts.jobs} at a time, "
+          f"{opts.baseline_n} models: {base_s:.1f} s wall, {base_ms:.0f} ms per model")
+    print(f"ratio: baseline / train = {base_ms / fan_ms:.0f}x less overhead per model "
+          f"(target: <= 20 ms per model: {'met' if fan_ms <= 20 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Command line: ``python -m datamodels_ml <command> key=value ...`` (omegaconf dot-list overrides).
+
+Thin by design: look the command up, parse its structured config, call one function. Errors a user
+can cause (``UserError``) print one line and exit 2; a failed model exits 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+from datamodels_ml.errors import UserError
+
+# name -> (module, config class, function, one-line summary, YAML config key or None)
+COMMANDS: dict[str, tuple[str, str, str, str, str | None]] = {
+    "init": ("datamodels_ml.training", "InitConfig", "init", "create a store from a spec", None),
+    "status": ("datamodels_ml.training", "StatusConfig", "status", "show completed/missing models and failures", None),
+    "worker": ("datamodels_ml.training", "WorkerConfig", "worker", "train one model index and write its row", None),
+    "train": ("datamodels_ml.fanout", "TrainConfig", "train", "train every incomplete index over GPU/CPU slots", None),
+    "write_dataset": ("datamodels_ml.dataset", "WriteDatasetConfig", "write_dataset",
+                      "write the completed rows of a store to an FFCV .beton", None),
+    "regress": ("datamodels_ml.regress", "RegressConfig", "regress", "fit the datamodels (lasso paths)", "config"),
+    "evaluate": ("datamodels_ml.evaluate", "EvaluateConfig", "evaluate",
+                 "score datamodels on held-out models (LDS, correlations)", None),
+    "budget": ("datamodels_ml.evaluate", "BudgetConfig", "budget",
+               "LDS against the number of models used for the regression", "config"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m datamodels_ml <command> key=value ...", "", "commands:"]
+    lines += [f"  {name:<14} {entry[3]}" for name, entry in COMMANDS.items()]
+    lines += ["", "`python -m datamodels_ml <command> --help` lists a command's keys."]
+    return "\n".join(lines)
+
+
+def _help(name: str, schema: type, func, yaml_key: str | None) -> str:
+    from datamodels_ml.config import describe
+
+    doc = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else COMMANDS[name][3]
+    lines = [f"usage: python -m datamodels_ml {name} key=value ...", "", doc, "", "keys:"]
+    if yaml_key:
+        lines.append(f"  {yaml_key:<28} YAML file merged under the command-line keys")
+    lines += describe(schema)
+    return "\n".join(lines)
+
+
+def normalize_args(args: list[str]) -> list[str]:
+    """Accept ``--key value`` and ``--key=value`` (how ``mlflow run`` passes extra ``-P`` parameters)
+    as well as ``key=value``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("--") and len(token) > 2 and token not in ("--help",):
+            body = token[2:]
+            if "=" in body:
+                out.append(body)
+            elif i + 1 < len(args):
+                out.append(f"{body}={args[i + 1]}")
+                i += 1
+            else:
+                raise UserError(f"option '{token}' needs a value")
+        else:
+            out.append(token)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, schema_name, func_name, _summary, yaml_key = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print(f"error: command '{name}' is not available: {exc}", file=sys.stderr)
+        return 2
+    schema, func = getattr(module, schema_name), getattr(module, func_name)
+    if any(a in ("-h", "--help") for a in rest):
+        print(_help(name, schema, func, yaml_key))
+        return 0
+    warnings.simplefilter("ignore", category=FutureWarning)
+    from datamodels_ml.config import load
+
+    try:
+        cfg = load(schema, normalize_args(rest), config_key=yaml_key)
+        return int(func(cfg) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

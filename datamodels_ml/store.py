@@ -1,0 +1,302 @@
+"""The store: one memmapped ``<key>.npy`` per spec key, ``_completed.npy`` and a copy of the spec.
+
+Layout and formats are the original library's, so stores are interchangeable with its tools.
+Writing a model's row is crash-safe: every array is validated first, the rows are written and
+flushed, and only then is ``_completed[index]`` set and flushed. A crash at any point leaves the
+row either complete with full data or not marked complete.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from datamodels_ml.errors import UserError
+from datamodels_ml.spec import Spec, load_spec, parse_spec
+
+COMPLETED = "_completed"
+SPEC_FILE = "spec.json"
+FAILURES_FILE = "_failures.json"
+WORKERS_DIR = "workers"
+
+
+class RowError(ValueError):
+    """A model's outputs do not fit the spec (keys, shapes or dtypes); the message names the key."""
+
+
+def _same_spec(a: Spec, b: Spec) -> bool:
+    return a.to_json() == b.to_json()
+
+
+def create_store(path: str | Path, spec: Spec, *, force: bool = False) -> "Store":
+    """Create the store at ``path``; a no-op when the same spec is already there.
+
+    An existing store with another spec is an error unless ``force``; then only the store's own
+    files are replaced (nothing else in the directory is touched).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"store path exists and is not a directory: {path}")
+    spec_file = path / SPEC_FILE
+    if spec_file.exists() and not force:
+        existing = load_spec(spec_file)
+        if _same_spec(existing, spec):
+            return Store(path)
+        raise UserError(
+            f"a store with a different spec already exists at {path} "
+            f"({_spec_diff(existing, spec)}); use another store or force=true to replace it"
+        )
+    if spec_file.exists() and force:
+        old = load_spec(spec_file)
+        for key in list(old.schema) + [COMPLETED]:
+            (path / f"{key}.npy").unlink(missing_ok=True)
+        (path / FAILURES_FILE).unlink(missing_ok=True)
+        spec_file.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {key: (spec.num_models, *field.shape) for key, field in spec.schema.items()}
+    dtypes = {key: field.dtype for key, field in spec.schema.items()}
+    arrays[COMPLETED] = (spec.num_models,)
+    dtypes[COMPLETED] = np.dtype(bool)
+    for key, shape in arrays.items():
+        tmp = path / f".{key}.npy.tmp"
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtypes[key], shape=shape)
+        arr.flush()
+        del arr
+        os.replace(tmp, path / f"{key}.npy")
+    # The spec is written last: its presence marks a fully created store.
+    tmp = path / f".{SPEC_FILE}.tmp"
+    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    os.replace(tmp, spec_file)
+    return Store(path)
+
+
+def _spec_diff(old: Spec, new: Spec) -> str:
+    if old.num_models != new.num_models:
+        return f"num_models {old.num_models} there, {new.num_models} requested"
+    for key in sorted(set(old.schema) | set(new.schema)):
+        if key not in old.schema:
+            return f"key '{key}' not in the existing store"
+        if key not in new.schema:
+            return f"key '{key}' not in the requested spec"
+        if old.schema[key] != new.schema[key]:
+            a, b = old.schema[key], new.schema[key]
+            return f"key '{key}': {list(a.shape)} {a.dtype} there, {list(b.shape)} {b.dtype} requested"
+    return "specs differ"
+
+
+def _fits(arr: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether ``arr`` can be stored as ``dtype`` without loss.
+
+    Safe casts always fit. Float to a narrower float fits (the spec chose the precision) unless a
+    finite value overflows. Anything else fits only if every value survives the round trip exactly
+    (0/1 integers into bool, small integers into uint8, 2.0 into int).
+    """
+    if arr.dtype == dtype or np.can_cast(arr.dtype, dtype, casting="safe"):
+        return True
+    if arr.dtype.kind not in "biuf":
+        return False
+    with np.errstate(all="ignore"):
+        cast = arr.astype(dtype)
+        if arr.dtype.kind == "f" and dtype.kind == "f":
+            return bool(np.all(np.isfinite(cast) | ~np.isfinite(arr)))
+        return bool(np.array_equal(cast.astype(arr.dtype), arr))
+
+
+def _fdatasync(file: Path) -> None:
+    fd = os.open(file, os.O_RDWR)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_rows(arr: np.memmap, index: int) -> None:
+    """msync only the pages that hold row ``index`` of a memmapped array."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None:
+        return
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+    if row_bytes == 0:
+        return
+    page = mmap.ALLOCATIONGRANULARITY
+    # numpy maps the file from the page boundary below the header's end: positions are relative to it.
+    start = arr.offset % page + index * row_bytes
+    aligned = (start // page) * page
+    mm.flush(aligned, start + row_bytes - aligned)
+
+
+class Store:
+    """An existing store directory; arrays are opened lazily as memmaps."""
+
+    def __init__(self, path: str | Path, *, writable: bool = True):
+        self.path = Path(path)
+        spec_file = self.path / SPEC_FILE
+        if not spec_file.is_file():
+            raise UserError(f"no store at {self.path} (missing {SPEC_FILE}); create it with init or train spec=...")
+        self.spec = load_spec(spec_file)
+        self.writable = writable
+        self._arrays: dict[str, np.memmap] = {}
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def num_models(self) -> int:
+        return self.spec.num_models
+
+    def array(self, key: str) -> np.memmap:
+        """The memmapped array of ``key`` (shape ``(num_models, *shape)``)."""
+        if key != COMPLETED and key not in self.spec.schema:
+            raise UserError(f"key '{key}' is not in the store at {self.path} (keys: {', '.join(self.spec.schema)})")
+        if key not in self._arrays:
+            file = self.path / f"{key}.npy"
+            if not file.is_file():
+                raise UserError(f"store at {self.path} is missing {file.name}")
+            arr = np.load(file, mmap_mode="r+" if self.writable else "r")
+            expected = (self.num_models,) + (() if key == COMPLETED else self.spec.schema[key].shape)
+            if arr.shape != expected:
+                raise UserError(f"{file}: shape {arr.shape} does not match the spec's {expected}")
+            self._arrays[key] = arr
+        return self._arrays[key]
+
+    @property
+    def completed(self) -> np.ndarray:
+        """Boolean ``[num_models]``: which rows hold a finished model."""
+        return np.asarray(self.array(COMPLETED), dtype=bool)
+
+    def completed_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.completed)
+
+    def missing_indices(self) -> np.ndarray:
+        return np.flatnonzero(~self.completed)
+
+    def logdir(self, index: int) -> Path:
+        return self.path / WORKERS_DIR / str(index)
+
+    # -- writing -------------------------------------------------------------------------------
+    def check_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < self.num_models:
+            raise UserError(f"index {index!r} out of range: the store holds models 0..{self.num_models - 1}")
+        return int(index)
+
+    def validate_row(self, outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check a main's return value against the schema; return arrays cast to the schema dtypes.
+
+        Raises ``RowError`` naming the key when keys, shapes or dtypes do not fit.
+        """
+        if not isinstance(outputs, Mapping):
+            raise RowError(f"main must return a dict from spec keys to arrays, got {type(outputs).__name__}")
+        missing = sorted(set(self.spec.schema) - set(outputs))
+        extra = sorted(set(outputs) - set(self.spec.schema))
+        if missing:
+            raise RowError(f"main's result is missing key '{missing[0]}' (spec keys: {', '.join(self.spec.schema)})")
+        if extra:
+            raise RowError(f"main returned key '{extra[0]}', which is not in the spec (spec keys: {', '.join(self.spec.schema)})")
+        rows: dict[str, np.ndarray] = {}
+        for key, field in self.spec.schema.items():
+            value = outputs[key]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            try:
+                arr = np.asarray(value)
+            except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+                raise RowError(f"key '{key}': cannot be read as an array ({exc})") from None
+            if arr.shape != field.shape:
+                raise RowError(f"key '{key}': shape {list(arr.shape)} does not match the spec's {list(field.shape)}")
+            if not _fits(arr, field.dtype):
+                raise RowError(f"key '{key}': dtype {arr.dtype} cannot be stored as {field.dtype} without loss")
+            rows[key] = np.array(arr, dtype=field.dtype, order="C")
+        return rows
+
+    def write_row(self, index: int, outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate ``outputs`` then write them as row ``index``, flush, and mark the row complete."""
+        index = self.check_index(index)
+        rows = self.write_data(index, outputs)
+        for key in rows:
+            _flush_rows(self.array(key), index)
+        done = self.array(COMPLETED)
+        done[index] = True
+        _flush_rows(done, index)
+        return rows
+
+    def write_data(self, index: int, outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate and write row ``index`` without flushing or marking it complete (see ``commit``)."""
+        index = self.check_index(index)
+        rows = self.validate_row(outputs)
+        for key, value in rows.items():
+            self.array(key)[index] = value
+        return rows
+
+    def commit(self, indices: list[int]) -> None:
+        """Mark rows written by ``write_data`` (in any process) complete: a group commit.
+
+        Every data file is synced to disk once (all dirty pages, whichever process wrote them),
+        then the flags are set and synced. Rows reach the disk before their flags do, so even an OS
+        crash cannot leave a row marked complete with partial data.
+        """
+        if not indices:
+            return
+        for key in self.spec.schema:
+            _fdatasync(self.path / f"{key}.npy")
+        done = self.array(COMPLETED)
+        for index in indices:
+            done[self.check_index(index)] = True
+        _fdatasync(self.path / f"{COMPLETED}.npy")
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def write_failures(self, failures: dict[int, str]) -> None:
+        tmp = self.path / f".{FAILURES_FILE}.tmp"
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(failures.items())}, indent=1))
+        os.replace(tmp, self.path / FAILURES_FILE)
+
+    def read_failures(self) -> dict[int, str] | None:
+        file = self.path / FAILURES_FILE
+        if not file.is_file():
+            return None
+        try:
+            return {int(k): v for k, v in json.loads(file.read_text()).items()}
+        except (ValueError, json.JSONDecodeError):
+            return None
+
+
+def compress_ranges(indices: np.ndarray, limit: int = 20) -> str:
+    """``[0,1,2,5,7,8]`` -> ``'0-2, 5, 7-8'`` (at most ``limit`` ranges, then '...')."""
+    parts: list[str] = []
+    idx = [int(i) for i in indices]
+    i = 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        parts.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
+        i = j + 1
+        if len(parts) == limit and i < len(idx):
+            parts.append("...")
+            break
+    return ", ".join(parts)
+
+
+def status_report(store: Store) -> str:
+    """Human-readable completed/total, missing indices and the last train's failures."""
+    done = store.completed
+    missing = np.flatnonzero(~done)
+    lines = [f"store: {store.path}", f"completed: {int(done.sum())}/{store.num_models}"]
+    lines.append("missing: none" if missing.size == 0 else f"missing ({missing.size}): {compress_ranges(missing)}")
+    failures = store.read_failures()
+    if failures is None:
+        lines.append("failures of the last train: unknown (no train recorded)")
+    elif not failures:
+        lines.append("failures of the last train: none")
+    else:
+        lines.append(f"failures of the last train ({len(failures)}):")
+        for idx, err in list(failures.items())[:20]:
+            lines.append(f"  {idx}: {err.strip().splitlines()[-1] if err.strip() else 'failed'}")
+        if len(failures) > 20:
+            lines.append(f"  ... and {len(failures) - 20} more")
+    return "\n".join(lines)
+
+
+__all__ = ["Store", "create_store", "status_report", "compress_ranges", "parse_spec", "COMPLETED"]

@@ -1,0 +1,364 @@
+"""Every MLflow call of the project lives here: runs, parameters, metrics, artifacts, child runs.
+
+Tracking goes to ``MLFLOW_TRACKING_URI`` when set, else to MLflow's default local SQLite store
+(``mlflow.db`` in the working directory). For SQLite, many processes share one file, so this module
+
+* creates the database under a file lock (MLflow's schema migration is not safe to run twice at once),
+* puts it in WAL mode with a long busy timeout, so concurrent writers wait instead of failing on
+  "database is locked", and retries the rare call that still hits a lock;
+* writes the child runs of ``train`` in batches, many runs per transaction, through MLflow's own
+  ORM models (one run costs ~48 SQL statements through the public API, about 16 ms of CPU).
+  Any other store (a tracking server) gets the same records through the public API, from a
+  background thread.
+
+A tracking failure never loses training results: callers write the store first and treat
+tracking errors as warnings (``safe``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import os
+import queue
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+_PREPARED: set[str] = set()
+_LOCK = threading.Lock()
+MAX_PARAM_LEN = 6000
+
+
+# -- set-up ------------------------------------------------------------------------------------
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def _install_sqlite_pragmas() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if getattr(_install_sqlite_pragmas, "done", False):
+        return
+
+    @event.listens_for(Engine, "connect")
+    def _on_connect(dbapi_con, _record):  # pragma: no cover - exercised through MLflow
+        if type(dbapi_con).__module__.startswith("sqlite3"):
+            cur = dbapi_con.cursor()
+            cur.execute("PRAGMA busy_timeout=120000")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    _install_sqlite_pragmas.done = True  # type: ignore[attr-defined]
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def prepare() -> str:
+    """Make the tracking store ready in this process (idempotent); return its URI."""
+    uri = tracking_uri()
+    with _LOCK:
+        if uri in _PREPARED:
+            return uri
+        db = _sqlite_path(uri)
+        if db is not None:
+            _install_sqlite_pragmas()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with open(str(db) + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    _retry(lambda: MlflowClient(uri).search_experiments(max_results=1))
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        _PREPARED.add(uri)
+    return uri
+
+
+def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
+    """Call ``fn``, retrying with backoff when SQLite reports a lock."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps sqlite errors in several types
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def safe(fn: Callable[[], Any], what: str) -> Any:
+    """Run a tracking call; on failure warn (the data is already on disk) and return None."""
+    try:
+        return _retry(fn)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"MLflow tracking failed ({what}): {exc}; results on disk are unaffected", stacklevel=2)
+        return None
+
+
+def _as_param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
+
+
+# -- runs --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def run(name: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run for one command; it attaches to the run ``mlflow run`` created when there is one.
+
+    The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+    """
+    prepare()
+    run_tags = dict(tags or {})
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    attached = bool(os.environ.get("MLFLOW_RUN_ID"))
+    active = _retry(lambda: mlflow.start_run(run_name=None if attached else name, tags=run_tags or None,
+                                             nested=mlflow.active_run() is not None))
+    status = "FINISHED"
+    try:
+        if params:
+            log_params(params)
+        yield active
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        safe(lambda: mlflow.end_run(status=status), "end run")
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log parameters, skipping keys the active run already has.
+
+    Under ``mlflow run`` the run was created with its ``-P`` parameters already logged under the same
+    names; they are kept as they are, never logged twice.
+    """
+    active = mlflow.active_run()
+    if active is None:
+        return
+    existing = _retry(lambda: MlflowClient().get_run(active.info.run_id)).data.params
+    fresh = {k: _as_param(v) for k, v in params.items() if k not in existing}
+    if fresh:
+        safe(lambda: mlflow.log_params(fresh), "log params")
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    if clean:
+        safe(lambda: mlflow.log_metrics(clean, step=step), "log metrics")
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    safe(lambda: mlflow.set_tags({k: str(v) for k, v in tags.items()}), "set tags")
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    safe(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path), f"log artifact {path}")
+
+
+def log_text(text: str, name: str) -> None:
+    safe(lambda: mlflow.log_text(text, name), f"log {name}")
+
+
+def log_dict(obj: Any, name: str) -> None:
+    safe(lambda: mlflow.log_dict(obj, name), f"log {name}")
+
+
+def log_figure(fig: Any, name: str) -> None:
+    safe(lambda: mlflow.log_figure(fig, name), f"log {name}")
+
+
+def active_run_id() -> str | None:
+    active = mlflow.active_run()
+    return active.info.run_id if active else None
+
+
+# -- child runs of train -------------------------------------------------------------------------
+@dataclass
+class ChildRecord:
+    """One finished model for the MLflow record: a child run of the train run."""
+
+    index: int
+    status: str  # "FINISHED" or "FAILED" (MLflow run status)
+    start_ms: int
+    end_ms: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class ChildRunWriter:
+    """Writes child runs of ``parent_run_id`` from a background thread, in batches."""
+
+    def __init__(self, parent_run_id: str, *, flush_every: float = 0.5, max_batch: int = 500):
+        prepare()
+        self.parent_run_id = parent_run_id
+        self.client = MlflowClient()
+        parent = self.client.get_run(parent_run_id)
+        self.experiment_id = parent.info.experiment_id
+        self.user = parent.info.user_id or _user()
+        self.flush_every = flush_every
+        self.max_batch = max_batch
+        self.written = 0
+        self.errors: list[str] = []
+        self._queue: queue.Queue[ChildRecord | None] = queue.Queue()
+        self._sql = self._sql_store()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-child-runs", daemon=True)
+        self._thread.start()
+
+    def _sql_store(self):
+        """MLflow's SQL store when tracking goes to a database directly, else None."""
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = self.client._tracking_client.store
+            if isinstance(store, SqlAlchemyStore):
+                experiment = store.get_experiment(self.experiment_id)
+                self._artifact_root = experiment.artifact_location
+                return store
+        except Exception:  # noqa: BLE001 - any surprise: use the public API
+            pass
+        return None
+
+    def add(self, record: ChildRecord) -> None:
+        self._queue.put(record)
+
+    def close(self) -> None:
+        """Write everything queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        pending: list[ChildRecord] = []
+        done = False
+        while not done:
+            deadline = time.monotonic() + self.flush_every
+            while len(pending) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    done = True
+                    break
+                pending.append(item)
+            if pending:
+                self._write(pending)
+                pending = []
+
+    def _write(self, records: list[ChildRecord]) -> None:
+        try:
+            if self._sql is not None:
+                _retry(lambda: self._write_sql(records))
+            else:
+                for rec in records:
+                    _retry(lambda rec=rec: self._write_api(rec))
+            self.written += len(records)
+        except Exception as exc:  # noqa: BLE001
+            if self._sql is not None:  # fall back to the public API for this batch and the next ones
+                self._sql = None
+                self._write(records)
+                return
+            self.errors.append(str(exc))
+            warnings.warn(f"MLflow tracking failed for {len(records)} child runs: {exc}; the store is unaffected")
+
+    def _tags(self, rec: ChildRecord) -> dict[str, str]:
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "mlflow.runName": f"model-{rec.index}",
+            "mlflow.user": self.user,
+            "status": "completed" if rec.status == "FINISHED" else "failed",
+        }
+        tags.update({k: str(v)[:7900] for k, v in rec.tags.items()})
+        return tags
+
+    def _write_api(self, rec: ChildRecord) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        tags = self._tags(rec)
+        child = self.client.create_run(self.experiment_id, start_time=rec.start_ms, tags=tags,
+                                       run_name=tags["mlflow.runName"])
+        run_id = child.info.run_id
+        metrics = [Metric(k, float(v), rec.end_ms, 0) for k, v in rec.metrics.items()]
+        self.client.log_batch(run_id, metrics=metrics, params=[Param("index", str(rec.index))])
+        self.client.set_terminated(run_id, rec.status, end_time=rec.end_ms)
+
+    def _write_sql(self, records: list[ChildRecord]) -> None:
+        import math
+
+        from sqlalchemy import insert
+
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
+
+        runs, tags, params, metrics = [], [], [], []
+        for rec in records:
+            run_id = uuid.uuid4().hex
+            run_tags = self._tags(rec)
+            runs.append(dict(
+                run_uuid=run_id, name=run_tags["mlflow.runName"], source_type="UNKNOWN", source_name="",
+                entry_point_name="", user_id=self.user, status=rec.status, start_time=rec.start_ms,
+                end_time=rec.end_ms, deleted_time=None, source_version="", lifecycle_stage="active",
+                artifact_uri=f"{self._artifact_root.rstrip('/')}/{run_id}/artifacts",
+                experiment_id=int(self.experiment_id),
+            ))
+            tags.extend(dict(key=k, value=v, run_uuid=run_id) for k, v in run_tags.items())
+            params.append(dict(key="index", value=str(rec.index), run_uuid=run_id))
+            for key, value in rec.metrics.items():
+                value = float(value)
+                is_nan = math.isnan(value)
+                row = dict(key=key, value=0.0 if is_nan else value, timestamp=rec.end_ms, step=0,
+                           is_nan=is_nan, run_uuid=run_id)
+                metrics.append(row)
+        with self._sql.ManagedSessionMaker() as session:
+            session.execute(insert(SqlRun.__table__), runs)
+            session.execute(insert(SqlTag.__table__), tags)
+            session.execute(insert(SqlParam.__table__), params)
+            if metrics:
+                session.execute(insert(SqlMetric.__table__), metrics)
+                session.execute(insert(SqlLatestMetric.__table__), metrics)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# -- models ------------------------------------------------------------------------------------
+def log_pyfunc_model(python_model: Any, *, name: str, artifacts: Mapping[str, str] | None = None,
+                     signature: Any = None, input_example: Any = None,
+                     pip_requirements: list[str] | None = None) -> str | None:
+    """Log an ``mlflow.pyfunc.PythonModel`` to the active run; return its model URI (None on failure)."""
+    def _log():
+        info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=dict(artifacts or {}),
+                                       signature=signature, input_example=input_example,
+                                       pip_requirements=pip_requirements)
+        return info.model_uri
+    return safe(_log, f"log model {name}")
+
+
+def infer_signature(model_input: Any, model_output: Any) -> Any:
+    from mlflow.models import infer_signature as _infer
+
+    return _infer(model_input, model_output)

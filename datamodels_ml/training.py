@@ -1,0 +1,85 @@
+"""The training-stage commands that act on one store: ``init``, ``status`` and ``worker``.
+
+``train`` (the fan-out over many indices) lives in ``fanout``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from datamodels_ml.config import MISSING
+from datamodels_ml.errors import UserError
+from datamodels_ml.spec import load_spec
+from datamodels_ml.store import Store, create_store, status_report
+
+
+@dataclass
+class InitConfig:
+    spec: str = field(default=MISSING, metadata={"help": "spec JSON file (num_models, schema)"})
+    store: str = field(default=MISSING, metadata={"help": "store directory to create"})
+    force: bool = field(default=False, metadata={"help": "replace an existing store with another spec"})
+
+
+def init(cfg: InitConfig) -> int:
+    """Create the store's memmapped arrays from the spec (a no-op when it already exists)."""
+    spec = load_spec(cfg.spec)
+    existed = os.path.isfile(os.path.join(cfg.store, "spec.json"))
+    store = create_store(cfg.store, spec, force=cfg.force)
+    if existed and not cfg.force:
+        print(f"store {store.path} already exists with this spec: nothing to do")
+    else:
+        keys = ", ".join(f"{k} {list(f.shape)} {f.dtype}" for k, f in spec.schema.items())
+        print(f"created store {store.path} for {spec.num_models} models: {keys}")
+    return 0
+
+
+@dataclass
+class StatusConfig:
+    store: str = field(default=MISSING, metadata={"help": "store directory"})
+
+
+def status(cfg: StatusConfig) -> int:
+    """Print completed/total, the missing indices and the last train's failures."""
+    print(status_report(Store(cfg.store, writable=False)))
+    return 0
+
+
+@dataclass
+class WorkerConfig:
+    store: str = field(default=MISSING, metadata={"help": "store directory (created by init or train)"})
+    index: int = field(default=MISSING, metadata={"help": "model index to train"})
+    main: str = field(default=MISSING, metadata={"help": "dotted module or .py file with main(*, index, logdir, ...)"})
+    args: dict[str, Any] = field(default_factory=dict, metadata={"help": "args.NAME=VALUE reach main as keyword arguments"})
+    overwrite: bool = field(default=False, metadata={"help": "retrain an index that is already complete"})
+    timeout: float = field(default=0.0, metadata={"help": "per-model timeout in seconds (0: none)"})
+
+
+def worker(cfg: WorkerConfig) -> int:
+    """Train one model and write its row; an MLflow run of its own (or the one `mlflow run` made)."""
+    from datamodels_ml import tracking
+    from datamodels_ml.worker import load_main, run_model
+
+    store = Store(cfg.store)
+    index = store.check_index(cfg.index)
+    if store.completed[index] and not cfg.overwrite:
+        print(f"model {index} is already complete in {store.path}: skipped (overwrite=true to retrain)")
+        return 0
+    main = load_main(cfg.main)
+    params = {"store": cfg.store, "index": index, "main": cfg.main}
+    params.update({f"args.{k}": v for k, v in cfg.args.items()})
+    with tracking.run(f"model-{index}", params=params):
+        result = run_model(store, index, main, dict(cfg.args), timeout=cfg.timeout or None)
+        metrics = {"duration": result.duration, **result.scalars}
+        tracking.log_metrics(metrics)
+        tags = {"status": result.status}
+        if result.error:
+            tags["error"] = result.error[-7000:]
+        tracking.set_tags(tags)
+        if result.status != "completed":
+            last = result.error.strip().splitlines()[-1] if result.error.strip() else "failed"
+            raise UserError(f"model {index} failed: {last} (full error in the MLflow run's 'error' tag)")
+    print(f"model {index} completed in {result.duration:.2f} s -> {store.path}")
+    return 0
+

@@ -1,0 +1,124 @@
+"""Run one model: import the user's ``main``, call it for an index, validate and write its row.
+
+``run_model`` is the shared core used by the ``worker`` command (one index, its own MLflow run) and
+by the long-lived slot processes of ``train`` (many indices, child runs logged by the parent).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from datamodels_ml.errors import UserError
+from datamodels_ml.store import RowError, Store
+
+
+class ModelTimeout(Exception):
+    """Raised inside main when the per-model timeout expires."""
+
+
+@dataclass
+class ModelResult:
+    """What happened to one index; ``error`` holds the traceback text of a failure."""
+
+    index: int
+    status: str  # "completed", "failed" or "skipped"
+    duration: float = 0.0
+    scalars: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "status": self.status, "duration": self.duration,
+                "scalars": self.scalars, "error": self.error}
+
+
+def load_main(target: str) -> Callable[..., Any]:
+    """Import ``main`` from a dotted module (importable from the current directory) or a .py path."""
+    if not target:
+        raise UserError("main is empty: give a dotted module (e.g. datamodels_ml.examples.minimal) or a .py file")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        if target.endswith(".py") or os.sep in target:
+            path = Path(target)
+            if not path.is_file():
+                raise UserError(f"main file not found: {target}")
+            name = f"_datamodels_main_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[name] = module
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(target)
+    except UserError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and target.startswith(exc.name):
+            raise UserError(f"cannot import main module '{target}': no module named '{exc.name}' "
+                            "(give a dotted module importable from the current directory, or a path to a .py file)") from None
+        raise UserError(f"cannot import main module '{target}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed at import time
+        raise UserError(f"cannot import main module '{target}': {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, "main", None)
+    if not callable(fn):
+        raise UserError(f"module '{target}' has no function main(*, index, logdir, ...)")
+    return fn
+
+
+def scalar_outputs(store: Store, rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """The scalar (shape ``[]``) outputs of a model, to log as metrics."""
+    out = {}
+    for key, fld in store.spec.schema.items():
+        if fld.shape == () and key in rows:
+            out[key] = float(rows[key])
+    return out
+
+
+def _on_alarm(_signum, _frame):
+    raise ModelTimeout()
+
+
+def run_model(store: Store, index: int, main: Callable[..., Any], args: dict[str, Any], *,
+              timeout: float | None = None, flag: bool = True) -> ModelResult:
+    """Call ``main(index=, logdir=, **args)``; on success write row ``index`` of the store.
+
+    A main that raises, returns something that does not fit the spec, or runs past ``timeout``
+    seconds (checked with SIGALRM, so only between Python bytecodes) gives a failed result; nothing
+    is written for it. With ``flag=False`` the row is written but not marked complete: the caller
+    commits it later with ``Store.commit`` (``train`` does, in batches).
+    """
+    logdir = store.logdir(index)
+    logdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    use_alarm = bool(timeout) and timeout > 0
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, float(timeout))
+    try:
+        outputs = main(index=index, logdir=str(logdir), **args)
+    except ModelTimeout:
+        return ModelResult(index, "failed", time.perf_counter() - start, error=f"timed out after {timeout:g} s")
+    except Exception:  # noqa: BLE001 - a failing main is recorded, never fatal to the fan-out
+        return ModelResult(index, "failed", time.perf_counter() - start, error=traceback.format_exc())
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    try:
+        rows = store.write_row(index, outputs) if flag else store.write_data(index, outputs)
+    except RowError as exc:
+        return ModelResult(index, "failed", time.perf_counter() - start, error=f"invalid result: {exc}")
+    except Exception:  # noqa: BLE001 - e.g. a full disk: recorded as a failure, the row stays incomplete
+        return ModelResult(index, "failed", time.perf_counter() - start, error=traceback.format_exc())
+    return ModelResult(index, "completed", time.perf_counter() - start, scalars=scalar_outputs(store, rows))

@@ -1,0 +1,92 @@
+"""Shared test helpers: run the real CLI in a subprocess, with its own MLflow store in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+_TEMPLATE_DB: Path | None = None
+
+
+def _template_db() -> Path:
+    """An MLflow SQLite store migrated once per session; each test starts from a copy.
+
+    Creating the schema costs seconds per database; copying a migrated file costs nothing. Artifacts
+    of every copy land under the template's folder (the Default experiment's location), which
+    tests reach through each run's artifact_uri like any other.
+    """
+    global _TEMPLATE_DB
+    if _TEMPLATE_DB is None:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="datamodels-mlflow-template-"))
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _TEMPLATE_DB = folder / "mlflow.db"
+    return _TEMPLATE_DB
+
+
+def cli_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a CLI subprocess: the package importable, MLflow tracking in ``cwd/mlflow.db``."""
+    db = Path(cwd) / "mlflow.db"
+    if not db.exists():
+        shutil.copyfile(_template_db(), db)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(cwd) / 'mlflow.db'}"
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600,
+            check: bool | None = None) -> subprocess.CompletedProcess:
+    """``python -m datamodels_ml ARGS`` in ``cwd``; ``check=True/False`` asserts success/failure."""
+    proc = subprocess.run([sys.executable, "-m", "datamodels_ml", *args], cwd=cwd, env=cli_env(cwd, env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check is True:
+        assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    elif check is False:
+        assert proc.returncode != 0, f"expected failure\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def tracking_client(cwd: Path):
+    """An MlflowClient on the test's own SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{Path(cwd) / 'mlflow.db'}")
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """``cli(*args, check=...)`` runs the CLI with cwd=tmp_path."""
+    def _run(*args, **kw):
+        return run_cli(*args, cwd=tmp_path, **kw)
+    return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,3 @@
+"""Test main whose import fails."""
+
+raise ImportError("this module cannot be imported on purpose")
