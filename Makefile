@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
-	@$(PY) -c "import torch, ffcv, mlflow, omegaconf, joblib, sklearn; print('setup ok: torch', torch.__version__, '| ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else '1.0.2', '| mlflow', mlflow.__version__)"
+	@$(PY) -c "import torch, ffcv, mlflow, omegaconf, joblib, sklearn; from importlib.metadata import version as v; print('setup ok: torch', torch.__version__, '| ffcv', v('ffcv'), '| mlflow', mlflow.__version__)"
 	@touch $(STAMP)
 
 test: setup ## run the test suite (what CI runs)
