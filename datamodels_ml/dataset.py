@@ -1,0 +1,370 @@
+"""The regression dataset: a store's completed rows as an FFCV ``.beton``, and the batches read from it.
+
+Writing (``write_dataset``): the fields are the original library's, ``mask`` (the x key, its dtype,
+flattened to one dimension), ``targets`` (the y key as float32, flattened) and ``idx`` (the model's
+index in the store). Only completed models are written; rows whose targets hold NaN or inf are left
+out with a warning. The file is written next to ``out`` under a temporary name and moved into place
+at the end, so a failed write never destroys an existing file; a sidecar ``out + ".json"`` manifest
+records what went in (store, keys, written indices) so a pipeline can skip a stage that already ran.
+
+Reading: ``BetonBatches`` is a solver batch source over a subset of the rows (FFCV ``Loader``),
+``read_beton`` reads rows into numpy, ``beton_info`` and ``read_manifest`` describe a file.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from datamodels_ml.config import MISSING
+from datamodels_ml.errors import UserError
+
+MANIFEST_SUFFIX = ".json"
+FIELDS = ("mask", "targets", "idx")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class WriteDatasetConfig:
+    store: str = field(default=MISSING, metadata={"help": "store directory (its completed models are written)"})
+    out: str = field(default=MISSING, metadata={"help": "FFCV file to write, e.g. data/digits/reg_data.beton"})
+    x_name: str = field(default="masks", metadata={"help": "store key of the covariates (boolean or 0/1 masks)"})
+    y_name: str = field(default="margins", metadata={"help": "store key of the outputs to predict (the targets)"})
+    force: bool = field(default=False, metadata={"help": "overwrite an existing out file"})
+    num_workers: int = field(default=0, metadata={"help": "FFCV writer processes (0: min(4, CPU cores))"})
+    chunk: int = field(default=2048, metadata={"help": "rows read at a time while checking the data"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+def manifest_path(out: str | Path) -> Path:
+    """The sidecar manifest of a ``.beton``: ``out + ".json"``."""
+    return Path(str(out) + MANIFEST_SUFFIX)
+
+
+def indices_hash(indices: Sequence[int]) -> str:
+    """A short, order-independent fingerprint of a set of store indices."""
+    arr = np.sort(np.asarray(indices, dtype=np.int64))
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- writing -------------------------------------------------------------------------------------
+class _Rows:
+    """The indexable dataset FFCV's writer reads: row j -> (mask, targets, idx) of model ``keep[j]``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, keep: np.ndarray):
+        self.x, self.y, self.keep = x, y, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, j: int) -> tuple[np.ndarray, np.ndarray, int]:
+        i = int(self.keep[j])
+        mask = np.ascontiguousarray(np.asarray(self.x[i]).reshape(-1))
+        targets = np.ascontiguousarray(np.asarray(self.y[i], dtype=np.float32).reshape(-1))
+        return mask, targets, i
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise UserError(f"out {out} is a directory; give a file path such as {out / 'reg_data.beton'}")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; use force=true to overwrite it")
+
+
+def _per_model(name: str, role: str, arr: np.ndarray) -> int:
+    """Number of values per model once flattened; say so when the key is not 1-D per model."""
+    shape = tuple(arr.shape[1:])
+    size = int(np.prod(shape, dtype=np.int64))
+    if size == 0:
+        raise UserError(f"{role} '{name}' holds no values per model (shape {list(shape)})")
+    if len(shape) != 1:
+        print(f"note: {role} '{name}' has per-model shape {list(shape)}; flattened to [{size}]", file=sys.stderr)
+    return size
+
+
+def _scan(x: np.ndarray, y: np.ndarray, rows: np.ndarray, x_name: str, chunk: int,
+          progress: bool) -> np.ndarray:
+    """Check the x values are 0/1 and return a boolean ``[len(rows)]``: targets all finite."""
+    from tqdm import tqdm
+
+    finite = np.ones(len(rows), dtype=bool)
+    check_x = x.dtype != np.bool_
+    with tqdm(total=len(rows), desc="checking rows", unit="model", disable=not progress,
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            if check_x:
+                xs = np.asarray(x[part]).reshape(len(part), -1)
+                bad = ~((xs == 0) | (xs == 1))
+                if bad.any():
+                    r, c = np.argwhere(bad)[0]
+                    raise UserError(f"x '{x_name}' must be boolean or hold only 0 and 1 (training-set masks), "
+                                    f"but model {int(part[r])} holds {xs[r, c].item()!r} (dtype {x.dtype})")
+            ys = np.asarray(y[part], dtype=np.float32).reshape(len(part), -1)
+            finite[start:start + len(part)] = np.isfinite(ys).all(axis=1)
+            bar.update(len(part))
+    return finite
+
+
+@dataclass
+class _Inputs:
+    """A store's x and y arrays, checked for shape and dtype, and its completed indices."""
+
+    store: Any
+    x: np.ndarray
+    y: np.ndarray
+    completed: np.ndarray
+    n_features: int
+    n_targets: int
+
+
+def _open_inputs(store_path: str | Path, x_name: str, y_name: str) -> _Inputs:
+    """Every check that needs no pass over the data (cheap: run before MLflow or FFCV start)."""
+    from datamodels_ml.store import Store
+
+    store = Store(store_path, writable=False)
+    x = store.array(x_name)
+    y = store.array(y_name)
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"x '{x_name}' has {x.shape[0]} rows but y '{y_name}' has {y.shape[0]}; "
+                        "they must hold one row per model")
+    completed = store.completed_indices()
+    if completed.size == 0:
+        raise UserError(f"no completed model in the store at {store.path}: train some models first")
+    if x.dtype.kind not in "biuf":
+        raise UserError(f"x '{x_name}' must be boolean or 0/1-valued, got dtype {x.dtype}")
+    return _Inputs(store, x, y, completed, _per_model(x_name, "x", x), _per_model(y_name, "y", y))
+
+
+def _select_rows(inputs: _Inputs, x_name: str, y_name: str, chunk: int,
+                 progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the completed rows: check x is 0/1, split rows into kept and non-finite."""
+    if chunk < 1:
+        raise UserError(f"chunk must be >= 1, got {chunk}")
+    completed = inputs.completed
+    finite = _scan(inputs.x, inputs.y, completed, x_name, chunk, progress)
+    keep, dropped = completed[finite], completed[~finite]
+    if dropped.size:
+        print(f"warning: left out {dropped.size} of {completed.size} completed models whose '{y_name}' "
+              f"holds NaN or inf", file=sys.stderr)
+    if keep.size == 0:
+        raise UserError(f"every completed model's '{y_name}' holds NaN or inf: nothing to write")
+    return keep, dropped
+
+
+def write_beton(store_path: str | Path, out: str | Path, *, x_name: str = "masks", y_name: str = "margins",
+                force: bool = False, num_workers: int = 0, chunk: int = 2048, progress: bool = True) -> dict[str, Any]:
+    """Write the completed rows of a store to an FFCV file; return the manifest (also written beside it).
+
+    No MLflow here (``write_dataset`` adds it), so other stages and tests can call it directly.
+    """
+    out = Path(out)
+    _check_out(out, force)
+    inputs = _open_inputs(store_path, x_name, y_name)
+    keep, dropped = _select_rows(inputs, x_name, y_name, chunk, progress)
+    return _write(out, inputs, keep, dropped, x_name, y_name, num_workers)
+
+
+def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_name: str, y_name: str,
+           num_workers: int) -> dict[str, Any]:
+    store, x, y, completed = inputs.store, inputs.x, inputs.y, inputs.completed
+    n_features, n_targets = inputs.n_features, inputs.n_targets
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    workers = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
+    workers = min(workers, max(1, keep.size // 64))
+    fields = {
+        "mask": NDArrayField(dtype=np.dtype(x.dtype), shape=(n_features,)),
+        "targets": NDArrayField(dtype=np.dtype(np.float32), shape=(n_targets,)),
+        "idx": IntField(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+        writer.from_indexed_dataset(_Rows(x, y, keep), chunksize=max(1, min(100, keep.size // workers)))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "beton": str(out.resolve()),
+        "store": str(store.path.resolve()),
+        "x_name": x_name,
+        "y_name": y_name,
+        "x_dtype": np.dtype(x.dtype).name,
+        "x_shape": list(x.shape[1:]),
+        "y_shape": list(y.shape[1:]),
+        "num_rows": int(keep.size),
+        "num_features": n_features,
+        "num_targets": n_targets,
+        "num_completed": int(completed.size),
+        "indices_hash": indices_hash(keep),
+        "indices": [int(i) for i in keep],
+        "dropped": [int(i) for i in dropped],
+    }
+    _atomic_write_text(manifest_path(out), json.dumps(manifest) + "\n")
+    return manifest
+
+
+def write_dataset(cfg: WriteDatasetConfig) -> int:
+    """Write a store's completed models to an FFCV .beton (fields mask, targets, idx) plus a manifest."""
+    # Every cheap check before MLflow starts: a refused command is quick and leaves no run behind.
+    out = Path(cfg.out)
+    _check_out(out, cfg.force)
+    inputs = _open_inputs(cfg.store, cfg.x_name, cfg.y_name)
+    keep, dropped = _select_rows(inputs, cfg.x_name, cfg.y_name, cfg.chunk, cfg.progress)
+    from datamodels_ml import tracking
+
+    params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force}
+    with tracking.run("write_dataset", params=params):
+        manifest = _write(out, inputs, keep, dropped, cfg.x_name, cfg.y_name, cfg.num_workers)
+        tracking.log_metrics({"rows_written": manifest["num_rows"], "rows_dropped": len(manifest["dropped"])})
+        small = {k: v for k, v in manifest.items() if k not in ("indices", "dropped")}
+        tracking.set_tags({"indices_hash": manifest["indices_hash"]})
+        tracking.log_dict(small, "manifest.json")
+    print(f"wrote {manifest['num_rows']} models to {cfg.out} (mask [{manifest['num_features']}] "
+          f"{manifest['x_dtype']}, targets [{manifest['num_targets']}] float32"
+          + (f"; left out {len(manifest['dropped'])} with NaN/inf targets)" if manifest["dropped"] else ")"))
+    return 0
+
+
+# -- reading -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BetonInfo:
+    """What a ``.beton`` holds: its rows, features and targets, and the store index of each row."""
+
+    path: str
+    num_rows: int
+    n_features: int
+    n_targets: int
+    x_dtype: np.dtype
+    idx: np.ndarray  # [num_rows] store index of each row
+
+
+def beton_info(path: str | Path) -> BetonInfo:
+    """Read a ``.beton``'s header; a ``UserError`` when it is missing or lacks the mask/targets/idx fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"dataset not found: {path} (write it with write_dataset)")
+    from ffcv.reader import Reader
+
+    try:
+        reader = Reader(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"{path} is not a readable FFCV file ({type(exc).__name__}: {exc})") from None
+    names = list(reader.field_names)
+    missing = [f for f in FIELDS if f not in names]
+    if missing:
+        raise UserError(f"{path} has no field '{missing[0]}' (fields: {', '.join(names)}; expected mask, targets, idx)")
+    mask, targets = reader.handlers["mask"], reader.handlers["targets"]
+    idx = np.asarray(reader.metadata[f"f{names.index('idx')}"], dtype=np.int64).copy()
+    if len(np.unique(idx)) != len(idx):
+        raise UserError(f"{path}: the idx field holds duplicate store indices")
+    return BetonInfo(str(path), int(reader.num_samples), int(np.prod(mask.shape)), int(np.prod(targets.shape)),
+                     np.dtype(mask.dtype), idx)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar manifest written with a ``.beton`` (None when absent or unreadable)."""
+    file = manifest_path(path)
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _pipelines() -> dict[str, list]:
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.transforms import ToTensor
+
+    return {"mask": [NDArrayDecoder(), ToTensor()], "targets": [NDArrayDecoder(), ToTensor()],
+            "idx": [IntDecoder(), ToTensor()]}
+
+
+def _target_range(info: BetonInfo, start: int, end: int | None) -> tuple[int, int]:
+    end = info.n_targets if end is None or end == -1 else end
+    if not 0 <= start < end <= info.n_targets:
+        raise UserError(f"target range [{start}, {end}) is not inside the {info.n_targets} targets of {info.path}")
+    return start, end
+
+
+class BetonBatches:
+    """A solver batch source over rows ``rows`` of a ``.beton`` (FFCV ``Loader``).
+
+    Iterating yields ``(X_b [b, p], Y_b [b, T] float32, rows_b [b] int64)`` where ``rows_b`` are
+    positions 0..n_rows-1 in ``rows`` (FFCV's ``idx`` mapped through a lookup table) and ``Y_b`` is
+    the slice ``[target_start:target_end]`` of the targets. With ``shuffle`` the order is random,
+    seeded, and different each epoch; the last batch may be short.
+    """
+
+    def __init__(self, path: str | Path, rows: Sequence[int] | None = None, *, batch_size: int,
+                 num_workers: int = 1, shuffle: bool = True, seed: int = 0, target_start: int = 0,
+                 target_end: int | None = None, info: BetonInfo | None = None):
+        from ffcv.loader import Loader, OrderOption
+
+        self.info = info or beton_info(path)
+        rows = np.arange(self.info.num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            raise UserError("no rows selected from the dataset")
+        if rows.min() < 0 or rows.max() >= self.info.num_rows or len(np.unique(rows)) != rows.size:
+            raise UserError(f"rows must be distinct positions in 0..{self.info.num_rows - 1}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.rows = rows
+        self.target_start, self.target_end = _target_range(self.info, target_start, target_end)
+        self.store_indices = self.info.idx[rows]
+        self.lookup = np.full(int(self.info.idx.max()) + 1, -1, dtype=np.int64)
+        self.lookup[self.store_indices] = np.arange(rows.size)
+        self._lookup_t = None
+        self.n_rows = int(rows.size)
+        self.n_features = self.info.n_features
+        self.n_targets = self.target_end - self.target_start
+        self.batch_size = int(batch_size)
+        self.loader = Loader(str(path), batch_size=self.batch_size, num_workers=max(1, num_workers),
+                             order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=int(seed),
+                             indices=[int(r) for r in np.sort(rows)], pipelines=_pipelines(), drop_last=False)
+
+    def __len__(self) -> int:
+        return -(-self.n_rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
+        import torch
+
+        if self._lookup_t is None:
+            self._lookup_t = torch.from_numpy(self.lookup)
+        full = self.target_start == 0 and self.target_end == self.info.n_targets
+        for mask, targets, idx in self.loader:
+            # FFCV reuses its batch buffers: copy so a consumer may keep a batch.
+            y = targets.clone() if full else targets[:, self.target_start:self.target_end].clone()
+            yield mask.clone(), y, self._lookup_t[idx.reshape(-1)]
+
+
+def read_beton(path: str | Path, rows: Sequence[int] | None = None, *, target_start: int = 0,
+               target_end: int | None = None, batch_size: int = 1024,
+               num_workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a ``.beton`` as numpy ``(x [n, p], y [n, T] float32, idx [n] store indices)``, in ``rows`` order."""
+    source = BetonBatches(path, rows, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                          target_start=target_start, target_end=target_end)
+    x = np.empty((source.n_rows, source.n_features), dtype=source.info.x_dtype)
+    y = np.empty((source.n_rows, source.n_targets), dtype=np.float32)
+    for xb, yb, rb in source:
+        pos = rb.numpy()
+        x[pos] = xb.numpy()
+        y[pos] = yb.numpy()
+    return x, y, source.store_indices.copy()

@@ -1,0 +1,212 @@
+"""regress: the command end to end on the digits example, its outputs and MLflow run, its errors, and
+``fit`` recovering a planted sparse model."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, run_cli, tracking_client
+from datamodels_ml.config import load
+from datamodels_ml.dataset import write_beton
+from datamodels_ml.errors import UserError
+from datamodels_ml.regress import RegressConfig, fit, is_up_to_date, predict
+from datamodels_ml.spec import parse_spec
+from datamodels_ml.store import Store, create_store
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
+
+TINY = str(CONFIGS / "reg_tiny.yaml")
+N_DIGITS = 48
+K = 10  # cfg.k of reg_tiny.yaml
+T = 20  # targets [0:20] in reg_tiny.yaml
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A store of 48 digits models (trained by the real CLI) and its .beton."""
+    root = tmp_path_factory.mktemp("digits")
+    run_cli("train", "store=store", f"spec={CONFIGS / 'digits_spec.json'}", "main=datamodels_ml.examples.digits",
+            f"n={N_DIGITS}", "jobs=2", "args.epochs=30", "progress=false", cwd=root, check=True)
+    write_beton(root / "store", root / "reg.beton", progress=False)  # the command itself: test_dataset.py
+    return root
+
+
+def _tree_digest(path):
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_regress_end_to_end(digits, tmp_path):
+    out = tmp_path / "results"
+    run_cli("regress", f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
+            f"cfg.min_lambdas={K}", cwd=tmp_path, check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "datamodels.pt", "manifest.json", "path.png",
+                                                     "targets.csv"]
+    dm = torch.load(out / "datamodels.pt", weights_only=False)
+    p = 1000
+    shapes = {"weight": (p, T), "bias": (T,), "lam": (T,), "mean": (p,), "std": (p,), "lam_path": (K, T),
+              "val_mse": (K, T), "train_mse": (K, T), "nnz": (K, T), "best_index": (T,)}
+    for key, shape in shapes.items():
+        assert tuple(dm[key].shape) == shape, key
+    assert dm["weight"].dtype == torch.float32
+    assert dm["format_version"] == 1
+    assert (dm["target_start"], dm["target_end"], dm["x_name"], dm["y_name"]) == (0, T, "masks", "margins")
+    assert dm["store"] == str((digits / "store").resolve())
+    assert dm["config"]["data"]["num_train"] == 30 and dm["config"]["cfg"]["method"] == "saga"
+    train, val = dm["train_indices"].numpy(), dm["val_indices"].numpy()
+    assert dm["train_indices"].dtype == torch.long and (len(train), len(val)) == (30, 10)
+    assert not set(train) & set(val) and set(train) | set(val) <= set(range(N_DIGITS))
+
+    # predictions from raw masks beat the training mean on the validation models
+    store = Store(digits / "store", writable=False)
+    x, y = store.array("masks")[val], store.array("margins")[val][:, :T]
+    pred = ((x - dm["mean"].numpy()) / dm["std"].numpy()) @ dm["weight"].numpy() + dm["bias"].numpy()
+    np.testing.assert_allclose(pred, predict(dm, x), rtol=1e-5, atol=1e-5)
+    baseline = store.array("margins")[train][:, :T].astype(np.float64).mean(0)
+    assert ((pred - y) ** 2).mean() < ((baseline - y) ** 2).mean()
+
+    lines = (out / "targets.csv").read_text().splitlines()
+    assert lines[0] == "target,lam,lam_ratio,best_val_mse,nnz_at_best,val_r2" and len(lines) == T + 1
+
+    client = tracking_client(tmp_path)
+    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert run.info.run_name == "regress" and run.info.status == "FINISHED"
+    for metric in ("val_mse", "train_mse", "nnz", "lam_ratio", "active_fraction"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(m.step for m in history) == list(range(K)), metric
+    lam_ratio = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lam_ratio")}
+    assert lam_ratio[0] == pytest.approx(1.0) and lam_ratio[K - 1] == pytest.approx(0.01)
+    for metric in ("best_val_mse", "mean_nnz_at_best", "mean_val_r2", "epochs", "fit_seconds"):
+        assert metric in run.data.metrics
+    assert run.data.params["data.num_train"] == "30" and run.data.params["cfg.k"] == str(K)
+    assert run.data.params["data.data_path"] == str(digits / "reg.beton")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "datamodels.pt", "path.png", "targets.csv"} <= artifacts
+
+    cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
+                               f"cfg.min_lambdas={K}"], config_key="config")
+    assert is_up_to_date(cfg)
+    cfg.cfg.k = 11
+    assert not is_up_to_date(cfg)
+
+
+BAD = {
+    "unknown key": (["cfg.bogus=1"], "unknown config key 'cfg.bogus' (from the command line)"),
+    "missing data_path": (["data.data_path=__drop__"], "missing required config key 'data.data_path'"),
+    "too many models": (["data.num_train=40", "data.num_val=10"],
+                        "data.num_train + data.num_val = 50 exceeds the 48 models in {beton}"),
+    "bad k": (["cfg.k=0"], "cfg.k must be >= 1, got 0"),
+    "existing out_dir": (["cfg.force=false"], "cfg.out_dir {out} already exists; use cfg.force=true to overwrite it"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_keep_existing_out_dir(digits, tmp_path, case):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "datamodels.pt").write_bytes(b"older results")
+    before = _tree_digest(out)
+    overrides, message = BAD[case]
+    args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}"]
+    if case != "existing out_dir":
+        args.append("cfg.force=true")  # even with force, a refused command keeps the old results
+    if case == "missing data_path":
+        args = [a for a in args if not a.startswith("data.data_path")]
+    else:
+        args += overrides
+    proc = run_cli("regress", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + message.format(beton=digits / "reg.beton", out=out)
+    assert _tree_digest(out) == before
+
+
+# -- fit on a planted sparse model -----------------------------------------------------------------
+N_SYN, P_SYN, T_SYN = 600, 30, 3
+SUPPORT = {0: [1, 5, 9, 20], 1: [0, 2, 3, 29], 2: [7, 8, 14, 15]}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A .beton of masks -> outputs with a known 4-sparse linear model per target (+ offset 3)."""
+    root = tmp_path_factory.mktemp("planted")
+    spec = {"num_models": N_SYN, "schema": {"masks": {"shape": [P_SYN], "dtype": "bool_"},
+                                            "with_bias": {"shape": [T_SYN], "dtype": "float32"},
+                                            "no_bias": {"shape": [T_SYN], "dtype": "float32"}}}
+    store = create_store(root / "store", parse_spec(spec))
+    rng = np.random.default_rng(0)
+    w = np.zeros((P_SYN, T_SYN))
+    for t, cols in SUPPORT.items():
+        w[cols, t] = rng.choice([-1.0, 1.0], size=len(cols)) * rng.uniform(1.0, 2.0, size=len(cols))
+    x = rng.random((N_SYN, P_SYN)) < 0.5
+    signal = (2.0 * x - 1.0) @ w  # (x - 0.5) / 0.5: the standardized scale
+    noise = 0.1 * rng.normal(size=(N_SYN, T_SYN))
+    for i in range(N_SYN):
+        store.write_row(i, {"masks": x[i], "with_bias": (signal[i] + 3.0 + noise[i]).astype(np.float32),
+                            "no_bias": (signal[i] + noise[i]).astype(np.float32)})
+    for y_name in ("with_bias", "no_bias"):
+        write_beton(store.path, root / f"{y_name}.beton", y_name=y_name, progress=False)
+    return root, w, x, signal
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("method", ["saga", "fista"])
+def test_fit_recovers_planted_support(planted, method, use_bias):
+    root, w, x, signal = planted
+    y_name = "with_bias" if use_bias else "no_bias"
+    cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={root / y_name}.beton", "cfg.out_dir=unused",
+                               "data.num_train=400", "data.num_val=150", "data.target_end_ind=-1", "cfg.k=20",
+                               "cfg.eps=0.001", "cfg.batch_size=50", f"cfg.method={method}", f"cfg.use_bias={use_bias}",
+                               "cfg.max_epochs=100", "early_stopping.eps=1e-8"], config_key="config")
+    dm = fit(cfg, progress=False, log=False)
+    weight = dm["weight"].numpy()
+    assert weight.shape == (P_SYN, T_SYN)
+    for t, cols in SUPPORT.items():
+        top = np.argsort(-np.abs(weight[:, t]))[:len(cols)]
+        assert sorted(top.tolist()) == cols
+        np.testing.assert_allclose(weight[cols, t], w[cols, t], atol=0.15)
+        assert np.abs(np.delete(weight[:, t], cols)).max() < 0.1
+    truth = signal + (3.0 if use_bias else 0.0)  # the noise-free outputs
+    # without an intercept, the offset left by centering on the train mean (~0.1) is not fitted
+    assert np.sqrt(((predict(dm, x) - truth) ** 2).mean()) < (0.1 if use_bias else 0.25)
+    assert (dm["val_r2"].numpy() > 0.95).all()
+    assert len(set(dm["train_indices"].tolist()) | set(dm["val_indices"].tolist())) == 550
+
+
+def test_fit_split_is_seeded(planted):
+    root = planted[0]
+    args = [f"config={TINY}", f"data.data_path={root / 'with_bias.beton'}", "cfg.out_dir=unused", "cfg.k=2",
+            "data.target_end_ind=-1",
+            "cfg.method=fista", "cfg.refit=false"]
+    a = fit(load(RegressConfig, args, config_key="config"), progress=False, log=False)
+    b = fit(load(RegressConfig, args, config_key="config"), progress=False, log=False)
+    c = fit(load(RegressConfig, args + ["data.seed=1"], config_key="config"), progress=False, log=False)
+    assert a["train_indices"].tolist() == b["train_indices"].tolist()
+    assert a["train_indices"].tolist() != c["train_indices"].tolist()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.target_end_ind=4", "target range data.target_start_ind=0, data.target_end_ind=4 is not inside the 3 targets"),
+    ("cfg.eps=0", "cfg.eps must be in (0, 1], got 0.0"),
+    ("cfg.method=lars", "cfg.method must be saga or fista, got 'lars'"),
+    ("cfg.batch_size=0", "cfg.batch_size must be >= 1, got 0"),
+])
+def test_fit_rejects_bad_values(planted, override, message):
+    root = planted[0]
+    cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={root / 'with_bias.beton'}", "cfg.out_dir=unused",
+                               "data.target_end_ind=-1", override], config_key="config")
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        fit(cfg, progress=False, log=False)
+
+
+def test_missing_beton_is_a_user_error(tmp_path):
+    cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={tmp_path / 'nope.beton'}", "cfg.out_dir=x"],
+               config_key="config")
+    with pytest.raises(UserError, match="^" + re.escape(f"dataset not found: {tmp_path / 'nope.beton'}")):
+        fit(cfg, progress=False, log=False)
