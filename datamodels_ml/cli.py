@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str, str | None]] = {
                  "score datamodels on held-out models (LDS, correlations)", None),
     "budget": ("datamodels_ml.evaluate", "BudgetConfig", "budget",
                "LDS against the number of models used for the regression", "config"),
+    "demo": ("datamodels_ml.pipeline", "DemoConfig", "demo",
+             "the whole workflow on the digits example (init, train, write_dataset, regress, evaluate)", "config"),
 }
 
 

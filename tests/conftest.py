@@ -31,6 +31,14 @@ def _template_db() -> Path:
 
         folder = Path(tempfile.mkdtemp(prefix="datamodels-mlflow-template-"))
         MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        # an engine in WAL mode may hold the last migration in mlflow.db-wal: fold it into the file
+        import sqlite3
+
+        con = sqlite3.connect(folder / "mlflow.db")
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()
         _TEMPLATE_DB = folder / "mlflow.db"
     return _TEMPLATE_DB
 

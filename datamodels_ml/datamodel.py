@@ -1,0 +1,188 @@
+"""Fitted datamodels as an object: load ``datamodels.pt``, predict outputs from masks, rank training examples.
+
+``datamodels.pt`` (written by ``regress``) holds, per target, a linear model fitted on standardized
+masks: ``pred = ((x - mean) / std) @ weight + bias``. ``Datamodels`` folds the standardization into
+raw-scale weights once (``weights_raw_scale``), so predicting is one matrix product on raw 0/1 masks,
+and the raw-scale weight of training example ``i`` reads as "the change in the output when example
+``i`` is in the training set".
+
+Features with ``std == 0`` (a training example that was in every or no training subset) carry no
+information; their standardized value is taken as 0 whatever the mask says (``regress`` itself
+stores ``std = 1`` for them, and the lasso gives them no weight).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodels_ml.errors import UserError
+
+REQUIRED_KEYS = ("weight", "bias", "mean", "std")
+FORMAT_VERSION = 1
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _load_pt(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # written with objects the safe loader refuses; the file is the user's own
+        pass
+    except Exception as exc:  # noqa: BLE001 - not a torch file at all
+        raise UserError(f"{path}: cannot read as a datamodels file ({type(exc).__name__}: {exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: cannot read as a datamodels file ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The training examples that move one target's prediction the most.
+
+    ``target`` is relative to the fitted slice (0 .. n_targets-1); ``absolute_target`` is its index in
+    the store's y output. Indices are feature indices (training examples), weights are on the raw
+    scale (the effect of including the example), most positive first / most negative first. Only
+    non-zero weights are listed, so there may be fewer than ``k`` of each.
+    """
+
+    target: int
+    absolute_target: int
+    positive_indices: np.ndarray
+    positive_weights: np.ndarray
+    negative_indices: np.ndarray
+    negative_weights: np.ndarray
+
+
+@dataclass
+class Datamodels:
+    """One sparse linear model per target, from raw masks ``[n, n_features]`` to outputs ``[n, n_targets]``."""
+
+    weight: np.ndarray  # [n_features, n_targets], standardized scale
+    bias: np.ndarray  # [n_targets]
+    mean: np.ndarray  # [n_features]
+    std: np.ndarray  # [n_features]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        src = str(self.path) if self.path else "datamodels"
+        self.weight = np.asarray(self.weight, dtype=np.float64)
+        self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
+        self.mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
+        self.std = np.asarray(self.std, dtype=np.float64).reshape(-1)
+        if self.weight.ndim != 2:
+            raise UserError(f"{src}: 'weight' must be 2-D [n_features, n_targets], got shape {list(self.weight.shape)}")
+        p, t = self.weight.shape
+        for name, arr, n in (("bias", self.bias, t), ("mean", self.mean, p), ("std", self.std, p)):
+            if arr.shape != (n,):
+                raise UserError(f"{src}: '{name}' has {arr.shape[0]} entries, expected {n} to match 'weight' {[p, t]}")
+        inv_std = np.divide(1.0, self.std, out=np.zeros_like(self.std), where=self.std > 0)
+        self._w_raw = self.weight * inv_std[:, None]
+        self._b_raw = self.bias - (self.mean * inv_std) @ self.weight
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "datamodels") -> "Datamodels":
+        """Build from the dict ``regress`` saves (tensors or arrays)."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: not a datamodels file (expected a dict, got {type(data).__name__})")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise UserError(f"{source}: not a datamodels file (missing key '{missing[0]}'; "
+                            f"expected {', '.join(REQUIRED_KEYS)})")
+        arrays = {k: _numpy(data[k]) for k in REQUIRED_KEYS}
+        meta = {k: v for k, v in data.items() if k not in REQUIRED_KEYS}
+        return cls(**arrays, meta=meta, path=Path(source) if source != "datamodels" else None)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Datamodels":
+        """Read ``datamodels.pt``; a missing file or a dict without the needed keys is a ``UserError``."""
+        path = Path(path)
+        if path.is_dir() and (path / "datamodels.pt").is_file():
+            path = path / "datamodels.pt"
+        if not path.is_file():
+            raise UserError(f"datamodels file not found: {path}")
+        return cls.from_dict(_load_pt(path), source=str(path))
+
+    # -- shape and provenance ------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def target_start(self) -> int:
+        """First target of the fitted slice in the store's y output (0 when not recorded)."""
+        return int(self.meta.get("target_start") or 0)
+
+    @property
+    def target_end(self) -> int:
+        """End (exclusive) of the fitted slice in the store's y output."""
+        end = self.meta.get("target_end")
+        return int(end) if end is not None else self.target_start + self.n_targets
+
+    @property
+    def x_name(self) -> str | None:
+        return self.meta.get("x_name") or None
+
+    @property
+    def y_name(self) -> str | None:
+        return self.meta.get("y_name") or None
+
+    @property
+    def store(self) -> str | None:
+        return self.meta.get("store") or None
+
+    def indices(self, key: str) -> np.ndarray:
+        """``train_indices`` / ``val_indices`` as int64 store indices (empty when not recorded)."""
+        value = self.meta.get(key)
+        return np.zeros(0, dtype=np.int64) if value is None else _numpy(value).astype(np.int64).reshape(-1)
+
+    # -- use -----------------------------------------------------------------------------------
+    def weights_raw_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W [n_features, n_targets], b [n_targets])`` with ``predict(x) == x @ W + b`` on raw masks."""
+        return self._w_raw, self._b_raw
+
+    def predict(self, masks: Any) -> np.ndarray:
+        """Predicted outputs ``[n, n_targets]`` (float64) for raw masks ``[n, n_features]`` (bool or 0/1)."""
+        x = _numpy(masks)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise UserError(f"masks have shape {list(x.shape)}; expected [n, {self.n_features}] "
+                            f"(one column per training example)")
+        return x.astype(np.float64) @ self._w_raw + self._b_raw
+
+    def top_k(self, target: int, k: int = 5) -> TopK:
+        """The ``k`` most positive and ``k`` most negative raw-scale weights of ``target`` (slice-relative)."""
+        if not 0 <= int(target) < self.n_targets:
+            raise UserError(f"target {target} out of range: the datamodels cover targets 0..{self.n_targets - 1} "
+                            f"(store targets {self.target_start}..{self.target_end - 1})")
+        if k <= 0:
+            raise UserError(f"k must be positive, got {k}")
+        w = self._w_raw[:, int(target)]
+        order = np.argsort(-w, kind="stable")
+        pos = order[: k][w[order[: k]] > 0]
+        order_neg = np.argsort(w, kind="stable")
+        neg = order_neg[: k][w[order_neg[: k]] < 0]
+        return TopK(int(target), self.target_start + int(target), pos, w[pos], neg, w[neg])
+
+
+__all__ = ["Datamodels", "TopK", "REQUIRED_KEYS"]

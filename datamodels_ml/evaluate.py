@@ -1,0 +1,520 @@
+"""Scoring datamodels on held-out models: LDS, correlations, R², MSE; and the model-budget curve.
+
+The held-out models are models the regression never saw: every completed model of a second store
+(``heldout_store``), or else the completed models of the datamodels' own store outside the
+regression's ``train_indices`` and ``val_indices``. Their masks go through the datamodels; the
+predictions are compared, target by target, with the outputs those models actually produced.
+
+Metric conventions (pure functions below, shapes ``[n_models, n_targets]``):
+
+* ``spearman_per_target`` / ``pearson_per_target``: the correlation over models, per target. Ties
+  get average ranks (as ``scipy.stats.spearmanr``).
+* A target whose *actual* output is constant over the held-out models has no ranking to predict: its
+  correlations and R² are NaN, left out of every mean, and counted (``n_constant``).
+* A target whose *prediction* is constant (e.g. the lasso kept no weight) while the actual output
+  varies predicts no ranking at all: its correlations count as 0 (counted in ``n_constant_pred``).
+* ``lds`` is the mean Spearman correlation over the remaining targets (the linear datamodeling
+  score of the paper); ``pearson`` and ``r2`` are means the same way; ``mse`` is over all entries.
+"""
+
+import csv
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodels_ml.config import MISSING
+from datamodels_ml.datamodel import Datamodels
+from datamodels_ml.errors import UserError
+
+MIN_HELDOUT = 3
+
+
+# -- metrics (pure) ------------------------------------------------------------------------------
+def _as_2d(pred: Any, actual: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(pred, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if p.ndim == 1:
+        p, a = p[:, None], a.reshape(-1, 1)
+    if p.shape != a.shape or p.ndim != 2:
+        raise ValueError(f"pred and actual must have the same shape [n_models, n_targets], got {p.shape} and {a.shape}")
+    return p, a
+
+
+def _constant(x: np.ndarray) -> np.ndarray:
+    """Per column: exactly constant (max == min), immune to rounding in the mean."""
+    if x.shape[0] == 0:
+        return np.ones(x.shape[1], dtype=bool)
+    return x.max(axis=0) == x.min(axis=0)
+
+
+def pearson_per_target(pred: Any, actual: Any) -> np.ndarray:
+    """Pearson correlation per column; NaN for a constant actual column, 0 for a constant prediction."""
+    p, a = _as_2d(pred, actual)
+    const_a, const_p = _constant(a), _constant(p)
+    pc = p - p.mean(axis=0)
+    ac = a - a.mean(axis=0)
+    den = np.sqrt((pc * pc).sum(axis=0) * (ac * ac).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (pc * ac).sum(axis=0) / den
+    r = np.clip(r, -1.0, 1.0)
+    r[const_p] = 0.0
+    r[const_a] = np.nan
+    return r
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, method="average", axis=0) if x.shape[0] else x
+
+
+def spearman_per_target(pred: Any, actual: Any) -> np.ndarray:
+    """Spearman rank correlation per column (average ranks for ties), same NaN/0 rules as Pearson."""
+    p, a = _as_2d(pred, actual)
+    return pearson_per_target(_ranks(p), _ranks(a))
+
+
+def r2_per_target(pred: Any, actual: Any) -> np.ndarray:
+    """Coefficient of determination per column; NaN for a constant actual column."""
+    p, a = _as_2d(pred, actual)
+    ss_res = ((a - p) ** 2).sum(axis=0)
+    ss_tot = ((a - a.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = 1.0 - ss_res / ss_tot
+    r2[_constant(a)] = np.nan
+    return r2
+
+
+def _nanmean(x: np.ndarray) -> float:
+    finite = x[np.isfinite(x)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def lds(pred: Any, actual: Any) -> float:
+    """Linear datamodeling score: mean over targets of the Spearman correlation (constant targets left out)."""
+    return _nanmean(spearman_per_target(pred, actual))
+
+
+def pearson(pred: Any, actual: Any) -> float:
+    """Mean over targets of the Pearson correlation (constant targets left out)."""
+    return _nanmean(pearson_per_target(pred, actual))
+
+
+def r2(pred: Any, actual: Any) -> float:
+    """Mean over targets of R² (constant targets left out)."""
+    return _nanmean(r2_per_target(pred, actual))
+
+
+def mse(pred: Any, actual: Any) -> float:
+    """Mean squared error over all models and targets."""
+    p, a = _as_2d(pred, actual)
+    return float(((p - a) ** 2).mean()) if p.size else float("nan")
+
+
+@dataclass
+class Scores:
+    """Every metric of one evaluation; the per-target arrays are indexed like the fitted slice."""
+
+    lds: float
+    pearson: float
+    r2: float
+    mse: float
+    n_models: int
+    n_targets: int
+    n_constant: int
+    n_constant_pred: int
+    spearman_t: np.ndarray = field(repr=False)
+    pearson_t: np.ndarray = field(repr=False)
+    r2_t: np.ndarray = field(repr=False)
+    mse_t: np.ndarray = field(repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        return {"lds": self.lds, "pearson": self.pearson, "r2": self.r2, "mse": self.mse,
+                "n_heldout": self.n_models, "n_targets": self.n_targets, "n_constant_targets": self.n_constant,
+                "n_constant_predictions": self.n_constant_pred}
+
+
+def score(pred: Any, actual: Any) -> Scores:
+    """All metrics at once (see the module docstring for the conventions)."""
+    p, a = _as_2d(pred, actual)
+    sp, pe, r = spearman_per_target(p, a), pearson_per_target(p, a), r2_per_target(p, a)
+    const_a, const_p = _constant(a), _constant(p)
+    return Scores(lds=_nanmean(sp), pearson=_nanmean(pe), r2=_nanmean(r), mse=mse(p, a),
+                  n_models=int(p.shape[0]), n_targets=int(p.shape[1]), n_constant=int(const_a.sum()),
+                  n_constant_pred=int((const_p & ~const_a).sum()), spearman_t=sp, pearson_t=pe, r2_t=r,
+                  mse_t=((p - a) ** 2).mean(axis=0) if p.shape[0] else np.full(p.shape[1], np.nan))
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """The held-out models' masks and actual outputs (the fitted slice of y), read from a store."""
+
+    store: str
+    indices: np.ndarray
+    masks: np.ndarray
+    actual: np.ndarray
+    x_name: str
+    y_name: str
+    y_shape: tuple[int, ...]
+
+
+def _open_store(path: str, what: str):
+    from datamodels_ml.store import Store
+
+    if not path:
+        raise UserError(f"no {what}: give store=DIR")
+    if not os.path.isdir(path):
+        raise UserError(f"{what} not found: {path}")
+    return Store(path, writable=False)
+
+
+def _check_arrays(store, dm: Datamodels, x_name: str, y_name: str, source: str):
+    x = store.array(x_name)
+    y = store.array(y_name)
+    n_x = int(np.prod(x.shape[1:], dtype=np.int64))
+    if x.ndim != 2 or n_x != dm.n_features:
+        raise UserError(f"{source} has {dm.n_features} features but '{x_name}' in the store at {store.path} "
+                        f"has shape {list(x.shape[1:])} per model; evaluate the datamodels on the store they were fitted on")
+    n_y = int(np.prod(y.shape[1:], dtype=np.int64))
+    if dm.target_end > n_y or dm.target_end - dm.target_start != dm.n_targets:
+        raise UserError(f"{source} covers targets {dm.target_start}..{dm.target_end - 1} but '{y_name}' in the store "
+                        f"at {store.path} has {n_y} targets per model")
+    return x, y
+
+
+def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name: str = "", y_name: str = "",
+                 source: str = "the datamodels", exclude: np.ndarray | None = None) -> HeldOut:
+    """Masks and actual outputs of the held-out models (see the module docstring for which models).
+
+    ``exclude`` adds store indices to leave out besides the datamodels' own train/val indices
+    (``budget`` passes the union over all its fits).
+    """
+    x_name = x_name or dm.x_name or "masks"
+    y_name = y_name or dm.y_name or "margins"
+    if heldout_store:
+        st = _open_store(heldout_store, "held-out store")
+        _check_arrays(st, dm, x_name, y_name, source)
+        idx = st.completed_indices()
+        where = f"the held-out store {st.path} has no completed models"
+    else:
+        st = _open_store(store, "store")
+        _check_arrays(st, dm, x_name, y_name, source)
+        used = np.concatenate([dm.indices("train_indices"), dm.indices("val_indices"),
+                               np.asarray(exclude if exclude is not None else [], dtype=np.int64)])
+        if dm.indices("train_indices").size == 0:
+            raise UserError(f"{source} does not record which models the regression used (train_indices); "
+                            "give heldout_store=DIR with models trained apart from the regression")
+        idx = np.setdiff1d(st.completed_indices(), used)
+        where = (f"all {st.completed_indices().size} completed models of {st.path} were used by the regression "
+                 f"(train/val); train more models (train n=...) or give heldout_store=DIR")
+    if idx.size == 0:
+        raise UserError(f"no held-out models: {where}")
+    if idx.size < MIN_HELDOUT:
+        raise UserError(f"only {idx.size} held-out models; at least {MIN_HELDOUT} are needed for rank correlations")
+    x = st.array(x_name)
+    y = st.array(y_name)
+    actual = np.asarray(y[idx], dtype=np.float64).reshape(idx.size, -1)[:, dm.target_start: dm.target_end]
+    finite = np.isfinite(actual).all(axis=1)
+    if not finite.all():  # as write_dataset does: a model whose outputs hold NaN/inf cannot be scored
+        print(f"note: left out {int((~finite).sum())} held-out models whose '{y_name}' holds NaN or inf")
+        idx, actual = idx[finite], actual[finite]
+        if idx.size < MIN_HELDOUT:
+            raise UserError(f"only {idx.size} held-out models with finite outputs; at least {MIN_HELDOUT} are needed")
+    masks = np.asarray(x[idx])
+    return HeldOut(str(st.path), idx, masks, actual, x_name, y_name, tuple(y.shape[1:]))
+
+
+# -- artifacts -------------------------------------------------------------------------------------
+def write_per_target_csv(path: Path, scores: Scores, dm: Datamodels, pred: np.ndarray, actual: np.ndarray) -> Path:
+    """One row per target: absolute index, the four metrics, spreads and the datamodel's non-zeros."""
+    w, _ = dm.weights_raw_scale()
+    nnz = (w != 0).sum(axis=0)
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["target", "spearman", "pearson", "r2", "mse", "actual_mean", "actual_std", "pred_std", "nnz"])
+        for t in range(scores.n_targets):
+            out.writerow([dm.target_start + t, f"{scores.spearman_t[t]:.6g}", f"{scores.pearson_t[t]:.6g}",
+                          f"{scores.r2_t[t]:.6g}", f"{scores.mse_t[t]:.6g}", f"{actual[:, t].mean():.6g}",
+                          f"{actual[:, t].std():.6g}", f"{pred[:, t].std():.6g}", int(nnz[t])])
+    return path
+
+
+def scatter_figure(pred: np.ndarray, actual: np.ndarray, scores: Scores, *, max_points: int = 20000, seed: int = 0):
+    """Predicted vs actual (all targets pooled, subsampled), the median target, and the Spearman histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    flat_p, flat_a = pred.reshape(-1), actual.reshape(-1)
+    if flat_p.size > max_points:
+        pick = np.random.default_rng(seed).choice(flat_p.size, max_points, replace=False)
+        flat_p, flat_a = flat_p[pick], flat_a[pick]
+    ax = axes[0]
+    ax.scatter(flat_a, flat_p, s=3, alpha=0.25, linewidths=0)
+    lo, hi = float(min(flat_a.min(), flat_p.min())), float(max(flat_a.max(), flat_p.max()))
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--")
+    ax.set(xlabel="actual output", ylabel="predicted output",
+           title=f"all targets pooled ({scores.n_models} held-out models)")
+    finite = np.flatnonzero(np.isfinite(scores.spearman_t))
+    ax = axes[1]
+    if finite.size:
+        order = finite[np.argsort(scores.spearman_t[finite])]
+        t = int(order[order.size // 2])
+        ax.scatter(actual[:, t], pred[:, t], s=8, alpha=0.6)
+        ax.set(xlabel="actual output", ylabel="predicted output",
+               title=f"median target (slice index {t}): Spearman {scores.spearman_t[t]:.3f}")
+        axes[2].hist(scores.spearman_t[finite], bins=40, color="tab:green")
+    axes[2].axvline(scores.lds, color="black", ls="--", lw=1)
+    axes[2].set(xlabel="Spearman correlation per target", ylabel="targets", title=f"LDS = {scores.lds:.3f}")
+    fig.tight_layout()
+    return fig
+
+
+# -- the evaluate command --------------------------------------------------------------------------
+@dataclass
+class EvaluateConfig:
+    datamodels: str = field(default=MISSING, metadata={"help": "datamodels.pt written by regress (or its directory)"})
+    store: str = field(default="", metadata={"help": "store of the models (default: the one recorded in datamodels.pt)"})
+    heldout_store: str = field(default="", metadata={
+        "help": "a second store whose completed models are the held-out set (default: the store's models the regression did not use)"})
+    x_name: str = field(default="", metadata={"help": "mask key in the store (default: from datamodels.pt)"})
+    y_name: str = field(default="", metadata={"help": "output key in the store (default: from datamodels.pt)"})
+    out: str = field(default="", metadata={"help": "directory for the CSV, plots and metrics.json (default: MLflow only)"})
+    log_model: bool = field(default=True, metadata={"help": "log the datamodels as an MLflow pyfunc model"})
+    figure: bool = field(default=True, metadata={"help": "draw the digits influence figure when the store is the digits example"})
+
+
+@dataclass
+class EvaluationResult:
+    """What ``run_evaluation`` found; ``files`` are the artifacts written (name -> path)."""
+
+    scores: Scores
+    heldout: HeldOut
+    files: dict[str, str]
+    run_id: str | None
+    model_uri: str | None
+    seconds: float
+
+
+def format_scores(s: Scores) -> str:
+    lines = [f"held-out models: {s.n_models}   targets: {s.n_targets}",
+             f"LDS (mean Spearman): {s.lds:.4f}",
+             f"mean Pearson:        {s.pearson:.4f}",
+             f"mean R^2:            {s.r2:.4f}",
+             f"MSE:                 {s.mse:.6g}"]
+    if s.n_constant:
+        lines.append(f"({s.n_constant} targets constant over the held-out models: left out of the means)")
+    if s.n_constant_pred:
+        lines.append(f"({s.n_constant_pred} targets with a constant prediction: correlation counted as 0)")
+    return "\n".join(lines)
+
+
+def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationResult:
+    """Score the datamodels on the held-out models, write/log the artifacts; the core of ``evaluate``."""
+    from datamodels_ml import tracking
+
+    start = time.perf_counter()
+    dm = Datamodels.load(cfg.datamodels)
+    source = str(dm.path)
+    store = cfg.store or dm.store or ""
+    if not store and not cfg.heldout_store:
+        raise UserError(f"{source} records no store: give store=DIR")
+    if not cfg.store and store and not os.path.isdir(store) and not cfg.heldout_store:
+        raise UserError(f"the store recorded in {source} does not exist: {store}; give store=DIR")
+    held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name, y_name=cfg.y_name,
+                        source=source)
+    pred = dm.predict(held.masks)
+    scores = score(pred, held.actual)
+    if not quiet:
+        print(format_scores(scores))
+
+    params = {"datamodels": source, "store": store, "heldout_store": cfg.heldout_store, "x_name": held.x_name,
+              "y_name": held.y_name, "target_start": dm.target_start, "target_end": dm.target_end,
+              "n_features": dm.n_features}
+    files: dict[str, str] = {}
+    model_uri = None
+    with tempfile.TemporaryDirectory() as tmp, tracking.run("evaluate", params=params) as active:
+        out = Path(cfg.out) if cfg.out else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        tracking.log_metrics(scores.metrics())
+        metrics_doc = {**scores.metrics(), **params, "heldout_indices": [int(i) for i in held.indices]}
+        (out / "metrics.json").write_text(json.dumps(metrics_doc, indent=1) + "\n")
+        files["metrics"] = str(out / "metrics.json")
+        files["per_target"] = str(write_per_target_csv(out / "per_target.csv", scores, dm, pred, held.actual))
+        for name in ("metrics", "per_target"):
+            tracking.log_artifact(files[name], "evaluate")
+        import matplotlib.pyplot as plt
+
+        fig = scatter_figure(pred, held.actual, scores)
+        fig.savefig(out / "scatter.png", dpi=110)
+        files["scatter"] = str(out / "scatter.png")
+        tracking.log_figure(fig, "evaluate/scatter.png")
+        plt.close(fig)
+        if cfg.figure:
+            from datamodels_ml.examples import digits_figure
+
+            st = _open_store(held.store, "store")
+            if digits_figure.is_digits(st, held.x_name, held.y_name):
+                fig = digits_figure.influence_figure(dm, scores.spearman_t)
+                fig.savefig(out / "digits_influence.png", dpi=110)
+                files["digits_influence"] = str(out / "digits_influence.png")
+                tracking.log_figure(fig, "evaluate/digits_influence.png")
+                plt.close(fig)
+        if cfg.log_model:
+            from datamodels_ml.pyfunc import log_datamodels_model
+
+            model_uri = log_datamodels_model(source)
+        run_id = active.info.run_id
+    seconds = time.perf_counter() - start
+    if not quiet:
+        if cfg.out:
+            print(f"artifacts: {', '.join(sorted(files.values()))}")
+        print(f"MLflow run {run_id} ({seconds:.1f} s)")
+    if not cfg.out:
+        files = {}
+    return EvaluationResult(scores, held, files, run_id, model_uri, seconds)
+
+
+def evaluate(cfg: EvaluateConfig) -> int:
+    """Score datamodels on held-out models: LDS, mean Pearson, R², MSE, per-target CSV and plots, in MLflow."""
+    run_evaluation(cfg)
+    return 0
+
+
+# -- the model-budget curve ------------------------------------------------------------------------
+@dataclass
+class BudgetConfig:
+    reg_config: str = field(default="configs/reg.yaml", metadata={"help": "regression config (YAML) to start from"})
+    reg: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "overrides of the regression config, e.g. reg.data.data_path=... reg.cfg.k=20"})
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0], metadata={
+        "help": "fractions of data.num_train to fit on (each a separate regression)"})
+    store: str = field(default="", metadata={"help": "store of the models (default: the one the regression records)"})
+    heldout_store: str = field(default="", metadata={"help": "a second store with the held-out models (optional)"})
+    x_name: str = field(default="", metadata={"help": "mask key (default: from the regression)"})
+    y_name: str = field(default="", metadata={"help": "output key (default: from the regression)"})
+    out: str = field(default="", metadata={"help": "directory for budget.csv and budget.png (default: MLflow only)"})
+    progress: bool = field(default=False, metadata={"help": "show the regressions' progress bars"})
+
+
+def flatten_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"cfg": {"k": 20}}`` -> ``["cfg.k=20"]`` (omegaconf dot-list tokens, values as YAML)."""
+    tokens: list[str] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            tokens.extend(flatten_overrides(value, name + "."))
+        elif isinstance(value, bool):
+            tokens.append(f"{name}={'true' if value else 'false'}")
+        elif value is None:
+            tokens.append(f"{name}=null")
+        elif isinstance(value, (list, tuple)):
+            tokens.append(f"{name}={json.dumps(list(value))}")
+        else:
+            tokens.append(f"{name}={value}")
+    return tokens
+
+
+def load_regress_config(path: str, overrides: dict[str, Any] | list[str]):
+    """The regression's ``RegressConfig`` from its YAML plus overrides (nested dict or dot-list tokens)."""
+    from datamodels_ml.config import load
+    from datamodels_ml.regress import RegressConfig
+
+    tokens = flatten_overrides(overrides) if isinstance(overrides, dict) else list(overrides)
+    argv = ([f"config={path}"] if path else []) + tokens
+    return load(RegressConfig, argv, config_key="config")
+
+
+def budget_figure(rows: list[dict[str, Any]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    xs = [r["num_models"] for r in rows]
+    ax.plot(xs, [r["lds"] for r in rows], marker="o", label="LDS (mean Spearman)")
+    ax.plot(xs, [r["pearson"] for r in rows], marker="s", ls="--", label="mean Pearson")
+    ax.set_xscale("log")
+    ax.set(xlabel="models used for the regression (train)", ylabel="correlation on held-out models",
+           title=f"model budget ({rows[-1]['n_heldout']} held-out models, {rows[-1]['n_targets']} targets)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def budget(cfg: BudgetConfig) -> int:
+    """Fit the datamodels on growing numbers of models and score each on the same held-out models."""
+    import dataclasses
+
+    from datamodels_ml import tracking
+    from datamodels_ml.regress import fit
+
+    fractions = sorted(set(float(f) for f in cfg.fractions))
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise UserError(f"fractions must be in (0, 1], got {list(cfg.fractions)}")
+    base = load_regress_config(cfg.reg_config, cfg.reg)
+    full = int(base.data.num_train)
+    if full <= 0:
+        raise UserError(f"data.num_train must be a positive number of models for a budget curve, got {full}")
+    sizes = sorted(set(max(1, int(round(f * full))) for f in fractions))
+    fits: list[tuple[int, Datamodels]] = []
+    for n in sizes:
+        sub = dataclasses.replace(base, data=dataclasses.replace(base.data, num_train=n))
+        t0 = time.perf_counter()
+        print(f"budget: fitting on {n} models ...", flush=True)
+        fitted = Datamodels.from_dict(fit(sub, progress=cfg.progress, log=False), source=f"fit on {n} models")
+        print(f"budget: fitted on {n} models in {time.perf_counter() - t0:.1f} s", flush=True)
+        fits.append((n, fitted))
+    used = np.unique(np.concatenate([np.concatenate([d.indices("train_indices"), d.indices("val_indices")])
+                                     for _, d in fits]))
+    first = fits[-1][1]
+    store = cfg.store or first.store or ""
+    rows: list[dict[str, Any]] = []
+    held = None
+    for n, dm in fits:
+        held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name,
+                            y_name=cfg.y_name, source=f"the fit on {n} models", exclude=used)
+        s = score(dm.predict(held.masks), held.actual)
+        rows.append({"num_models": n, "lds": s.lds, "pearson": s.pearson, "r2": s.r2, "mse": s.mse,
+                     "n_heldout": s.n_models, "n_targets": s.n_targets})
+    print(f"{'models':>8} {'LDS':>8} {'Pearson':>8} {'R^2':>8} {'MSE':>10}   ({held.indices.size} held-out models)")
+    for r in rows:
+        print(f"{r['num_models']:>8} {r['lds']:>8.4f} {r['pearson']:>8.4f} {r['r2']:>8.4f} {r['mse']:>10.4g}")
+
+    import matplotlib.pyplot as plt
+
+    params = {"reg_config": cfg.reg_config, "fractions": fractions, "store": store,
+              "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size)}
+    params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in flatten_overrides(cfg.reg)})
+    with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", params=params):
+        out = Path(cfg.out) if cfg.out else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for r in rows:
+            tracking.log_metrics({k: r[k] for k in ("lds", "pearson", "r2", "mse")}, step=r["num_models"])
+        with open(out / "budget.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tracking.log_artifact(out / "budget.csv", "budget")
+        fig = budget_figure(rows)
+        fig.savefig(out / "budget.png", dpi=110)
+        tracking.log_figure(fig, "budget/budget.png")
+        plt.close(fig)
+    if cfg.out:
+        print(f"artifacts: {out / 'budget.csv'}, {out / 'budget.png'}")
+    return 0
+
+
+__all__ = ["lds", "pearson", "r2", "mse", "spearman_per_target", "pearson_per_target", "r2_per_target", "score",
+           "Scores", "EvaluateConfig", "evaluate", "run_evaluation", "BudgetConfig", "budget", "load_heldout"]

@@ -1,0 +1,109 @@
+"""The demo pipeline end to end on configs/demo_tiny.yaml (real training, FFCV, lasso, MLflow), its
+reuse of finished stages on a second run, and the model-budget curve on the same data."""
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CONFIGS, cli_env, tracking_client
+
+STAGES = ("init", "train", "write_dataset", "regress")
+
+
+def run_demo(cwd, *args):
+    """``python -m datamodels_ml demo ...`` in ``cwd``; returns (process, seconds)."""
+    cmd = [sys.executable, "-m", "datamodels_ml", "demo", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(cwd), capture_output=True, text=True, timeout=600)
+    return proc, time.perf_counter() - t0
+
+
+TINY = [f"config={CONFIGS / 'demo_tiny.yaml'}", f"spec={CONFIGS / 'digits_spec.json'}",
+        f"reg_config={CONFIGS / 'reg_tiny.yaml'}"]
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The tiny demo run twice in the same directory: (cwd, first, second, seconds1, seconds2)."""
+    cwd = tmp_path_factory.mktemp("demo")
+    tracking_client(cwd).search_experiments()  # its own MLflow store (see test_evaluate.own_mlflow_db)
+    first, t1 = run_demo(cwd, *TINY)
+    assert first.returncode == 0, f"stdout:\n{first.stdout}\nstderr:\n{first.stderr}"
+    second, t2 = run_demo(cwd, *TINY)
+    assert second.returncode == 0, f"stdout:\n{second.stdout}\nstderr:\n{second.stderr}"
+    return cwd, first, second, t1, t2
+
+
+def _lds(stdout):
+    match = re.search(r"^LDS = (-?[0-9.]+) on (\d+) held-out models, (\d+) targets", stdout, re.M)
+    assert match, stdout
+    return float(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def test_first_run_does_every_stage_and_prints_the_lds(demo_runs):
+    cwd, first, _, _, _ = demo_runs
+    lds, n_heldout, n_targets = _lds(first.stdout)
+    assert -1 <= lds <= 1 and n_heldout == 60 - 30 - 10 and n_targets == 20
+    for stage in (*STAGES, "evaluate"):
+        assert re.search(rf"^{stage}\s+ran\s", first.stdout, re.M), first.stdout
+    assert "make ui" in first.stdout
+    for name in ("data/digits/reg_data.beton", "data/digits/reg_results/datamodels.pt",
+                 "data/digits/evaluate/per_target.csv", "data/digits/evaluate/scatter.png",
+                 "data/digits/evaluate/digits_influence.png"):
+        assert (cwd / name).is_file(), name
+
+
+def test_second_run_reuses_the_finished_stages(demo_runs):
+    _, first, second, t1, t2 = demo_runs
+    for stage in STAGES:
+        assert re.search(rf"^{stage}: .*: skipped$", second.stdout, re.M), second.stdout
+        assert re.search(rf"^{stage}\s+reused\s", second.stdout, re.M), second.stdout
+    assert re.search(r"^evaluate\s+ran\s", second.stdout, re.M)
+    assert _lds(second.stdout) == _lds(first.stdout)  # same datamodels, same held-out models
+    assert t2 < t1
+
+
+def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_runs):
+    cwd, _, _, _, _ = demo_runs
+    client = tracking_client(cwd)
+    parents = client.search_runs(["0"], filter_string="tags.`pipeline.stage` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    for parent, reused in zip(parents, (False, True)):
+        children = client.search_runs(["0"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        names = {c.info.run_name: c for c in children}
+        assert set(names) == {*STAGES, "evaluate"}, sorted(names)
+        for stage in STAGES:
+            assert (names[stage].data.tags.get("pipeline.reused") == "true") == reused, stage
+        assert parent.data.metrics["lds"] == pytest.approx(names["evaluate"].data.metrics["lds"])
+        assert parent.info.status == "FINISHED"
+
+
+def test_budget_curve_on_the_demo_data(demo_runs):
+    cwd, _, _, _, _ = demo_runs
+    args = ["budget", f"reg_config={CONFIGS / 'reg_tiny.yaml'}", "reg.data.data_path=data/digits/reg_data.beton",
+            "reg.cfg.out_dir=unused", "reg.cfg.method=fista", "fractions=[0.5,1.0]", "out=budget"]
+    proc = subprocess.run([sys.executable, "-m", "datamodels_ml", *args], cwd=cwd, env=cli_env(cwd),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = re.findall(r"^\s+(\d+)\s+(-?[0-9.]+|nan)\s", proc.stdout, re.M)
+    assert [int(n) for n, _ in rows] == [15, 30], proc.stdout
+    assert (cwd / "budget" / "budget.csv").read_text().splitlines()[0].startswith("num_models,lds")
+    assert (cwd / "budget" / "budget.png").is_file()
+    run = tracking_client(cwd).search_runs(["0"], filter_string="attributes.run_name = 'budget'")[0]
+    history = tracking_client(cwd).get_metric_history(run.info.run_id, "lds")
+    assert sorted(m.step for m in history) == [15, 30]
+    assert not (cwd / "unused").exists()  # fit writes no files
+
+
+def test_demo_refuses_a_split_that_leaves_nothing_to_evaluate(demo_runs):
+    cwd, _, _, _, _ = demo_runs
+    proc, _ = run_demo(cwd, *TINY, "reg.data.num_train=50")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: the regression uses data.num_train + data.num_val = 60 models but there are only 60: "
+        "none would be left to evaluate on; raise n or lower them (reg.data.num_train=...)")
+    assert (cwd / "data/digits/reg_results/datamodels.pt").is_file()  # the finished regression is kept
