@@ -75,7 +75,7 @@ regress: setup ## fit the datamodels with CONFIG (lasso paths, tracked in MLflow
 	$(DM) regress config=$(CONFIG) $(ARGS)
 
 evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STORE
-	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) $(ARGS)
+	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) out=data/digits/evaluate $(ARGS)
 
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)

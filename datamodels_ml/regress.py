@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -383,7 +384,8 @@ def write_results(result: dict[str, Any], cfg: RegressConfig, out: Path, *, run_
         torch.save(result, tmp / RESULTS_FILE)
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         (tmp / "targets.csv").write_text(_targets_csv(result))
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # λ indices where every target had stopped are all-NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
             curves = [np.nanmean(result[key].numpy(), axis=1) if result[key].numel() else np.array([])
                       for key in ("val_mse", "train_mse", "nnz")]
         lam_ratio = result["lam_ratio"].numpy().mean(axis=1)
