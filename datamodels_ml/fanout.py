@@ -53,8 +53,8 @@ def slot_environments(gpus: int, jobs: int) -> list[dict[str, str]]:
     if gpus == 0:
         n_slots = jobs or (os.cpu_count() or 1)
         return [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(n_slots)]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # "" hides every GPU; unset shows them all
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else [str(i) for i in range(gpus)]
     if len(ids) < gpus:
         raise UserError(f"gpus={gpus} but CUDA_VISIBLE_DEVICES lists only {len(ids)} devices ({visible})")
     n_slots = jobs or gpus
