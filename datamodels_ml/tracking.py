@@ -293,7 +293,7 @@ class ChildRunWriter:
         return tags
 
     def _write_api(self, rec: ChildRecord) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         tags = self._tags(rec)
         child = self.client.create_run(self.experiment_id, start_time=rec.start_ms, tags=tags,

@@ -1,7 +1,6 @@
 """GPU slots and tracking servers, exercised without a GPU: each slot process must see only its own
 GPU through CUDA_VISIBLE_DEVICES, and train must log its child runs to an MLflow tracking server."""
 
-import os
 import socket
 import subprocess
 import sys
