@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from datamodels_ml.errors import UserError
 
-__all__ = ["MISSING", "load", "describe", "to_flat_dict"]
+__all__ = ["MISSING", "load", "describe", "to_flat_dict", "to_dotlist"]
 
 
 def _key_of(exc: OmegaConfBaseException) -> str:
@@ -95,6 +95,26 @@ def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def to_dotlist(tree: Any) -> list[str]:
+    """``{"cfg": {"k": 20}}`` -> ``["cfg.k=20"]``: dot-list tokens for ``load``, values written as YAML."""
+    import json
+
+    tokens: list[str] = []
+    for key, value in to_flat_dict(tree).items():
+        if isinstance(value, dict):  # an empty mapping overrides nothing
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif value is None:
+            text = "null"
+        elif isinstance(value, (list, tuple)):
+            text = json.dumps(list(value))
+        else:
+            text = str(value)
+        tokens.append(f"{key}={text}")
+    return tokens
 
 
 def describe(schema: type, prefix: str = "") -> list[str]:

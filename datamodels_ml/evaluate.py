@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodels_ml.config import MISSING
+from datamodels_ml.config import MISSING, to_dotlist
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
 
@@ -406,30 +406,12 @@ class BudgetConfig:
     progress: bool = field(default=False, metadata={"help": "show the regressions' progress bars"})
 
 
-def flatten_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """``{"cfg": {"k": 20}}`` -> ``["cfg.k=20"]`` (omegaconf dot-list tokens, values as YAML)."""
-    tokens: list[str] = []
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            tokens.extend(flatten_overrides(value, name + "."))
-        elif isinstance(value, bool):
-            tokens.append(f"{name}={'true' if value else 'false'}")
-        elif value is None:
-            tokens.append(f"{name}=null")
-        elif isinstance(value, (list, tuple)):
-            tokens.append(f"{name}={json.dumps(list(value))}")
-        else:
-            tokens.append(f"{name}={value}")
-    return tokens
-
-
 def load_regress_config(path: str, overrides: dict[str, Any] | list[str]):
     """The regression's ``RegressConfig`` from its YAML plus overrides (nested dict or dot-list tokens)."""
     from datamodels_ml.config import load
     from datamodels_ml.regress import RegressConfig
 
-    tokens = flatten_overrides(overrides) if isinstance(overrides, dict) else list(overrides)
+    tokens = to_dotlist(overrides) if isinstance(overrides, dict) else list(overrides)
     argv = ([f"config={path}"] if path else []) + tokens
     return load(RegressConfig, argv, config_key="config")
 
@@ -496,7 +478,7 @@ def budget(cfg: BudgetConfig) -> int:
 
     params = {"reg_config": cfg.reg_config, "fractions": fractions, "store": store,
               "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size)}
-    params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in flatten_overrides(cfg.reg)})
+    params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in to_dotlist(cfg.reg)})
     with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", params=params):
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
