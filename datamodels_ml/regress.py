@@ -309,13 +309,6 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def predict(result: dict[str, Any], x: Any) -> np.ndarray:
-    """Predictions ``[n, T]`` of a datamodels dict for raw masks ``x`` ``[n, p]``."""
-    x = np.asarray(x, dtype=np.float32)
-    mean, std = result["mean"].numpy(), result["std"].numpy()
-    return ((x - mean) / std) @ result["weight"].numpy() + result["bias"].numpy()
-
-
 # -- outputs -------------------------------------------------------------------------------------
 def _beton_fingerprint(path: str, manifest: dict | None) -> dict[str, Any]:
     st = os.stat(path)

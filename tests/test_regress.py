@@ -14,7 +14,8 @@ from conftest import CONFIGS, run_cli, tracking_client
 from datamodels_ml.config import load
 from datamodels_ml.dataset import write_beton
 from datamodels_ml.errors import UserError
-from datamodels_ml.regress import RegressConfig, fit, is_up_to_date, predict
+from datamodels_ml.datamodel import Datamodels
+from datamodels_ml.regress import RegressConfig, fit, is_up_to_date
 from datamodels_ml.spec import parse_spec
 from datamodels_ml.store import Store, create_store
 
@@ -68,7 +69,7 @@ def test_regress_end_to_end(digits, tmp_path):
     store = Store(digits / "store", writable=False)
     x, y = store.array("masks")[val], store.array("margins")[val][:, :T]
     pred = ((x - dm["mean"].numpy()) / dm["std"].numpy()) @ dm["weight"].numpy() + dm["bias"].numpy()
-    np.testing.assert_allclose(pred, predict(dm, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pred, Datamodels.from_dict(dm).predict(x), rtol=1e-5, atol=1e-5)
     baseline = store.array("margins")[train][:, :T].astype(np.float64).mean(0)
     assert ((pred - y) ** 2).mean() < ((baseline - y) ** 2).mean()
 
@@ -174,7 +175,7 @@ def test_fit_recovers_planted_support(planted, method, use_bias):
         assert np.abs(np.delete(weight[:, t], cols)).max() < 0.1
     truth = signal + (3.0 if use_bias else 0.0)  # the noise-free outputs
     # without an intercept, the offset left by centering on the train mean (~0.1) is not fitted
-    assert np.sqrt(((predict(dm, x) - truth) ** 2).mean()) < (0.1 if use_bias else 0.25)
+    assert np.sqrt(((Datamodels.from_dict(dm).predict(x) - truth) ** 2).mean()) < (0.1 if use_bias else 0.25)
     assert (dm["val_r2"].numpy() > 0.95).all()
     assert len(set(dm["train_indices"].tolist()) | set(dm["val_indices"].tolist())) == 550
 
