@@ -23,6 +23,7 @@ import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
+from datamodels_ml.files import atomic_write_text
 
 MANIFEST_SUFFIX = ".json"
 FIELDS = ("mask", "targets", "idx")
@@ -50,12 +51,6 @@ def indices_hash(indices: Sequence[int]) -> str:
     """A short, order-independent fingerprint of a set of store indices."""
     arr = np.sort(np.asarray(indices, dtype=np.int64))
     return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
         "indices": [int(i) for i in keep],
         "dropped": [int(i) for i in dropped],
     }
-    _atomic_write_text(manifest_path(out), json.dumps(manifest) + "\n")
+    atomic_write_text(manifest_path(out), json.dumps(manifest) + "\n")
     return manifest
 
 

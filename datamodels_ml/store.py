@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.files import atomic_write_text
 from datamodels_ml.spec import Spec, load_spec, parse_spec
 
 COMPLETED = "_completed"
@@ -69,9 +70,7 @@ def create_store(path: str | Path, spec: Spec, *, force: bool = False) -> "Store
         del arr
         os.replace(tmp, path / f"{key}.npy")
     # The spec is written last: its presence marks a fully created store.
-    tmp = path / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-    os.replace(tmp, spec_file)
+    atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=2) + "\n")
     return Store(path)
 
 
@@ -248,9 +247,7 @@ class Store:
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def write_failures(self, failures: dict[int, str]) -> None:
-        tmp = self.path / f".{FAILURES_FILE}.tmp"
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(failures.items())}, indent=1))
-        os.replace(tmp, self.path / FAILURES_FILE)
+        atomic_write_text(self.path / FAILURES_FILE, json.dumps({str(k): v for k, v in sorted(failures.items())}, indent=1))
 
     def read_failures(self) -> dict[int, str] | None:
         file = self.path / FAILURES_FILE
