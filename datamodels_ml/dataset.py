@@ -158,16 +158,23 @@ def _select_rows(inputs: _Inputs, x_name: str, y_name: str, chunk: int,
     return keep, dropped
 
 
+def _prepare(store_path: str | Path, out: str | Path, x_name: str, y_name: str, force: bool, chunk: int,
+             progress: bool) -> tuple[Path, _Inputs, np.ndarray, np.ndarray]:
+    """Every check and the one pass over the rows, before anything is written."""
+    out = Path(out)
+    _check_out(out, force)
+    inputs = _open_inputs(store_path, x_name, y_name)
+    keep, dropped = _select_rows(inputs, x_name, y_name, chunk, progress)
+    return out, inputs, keep, dropped
+
+
 def write_beton(store_path: str | Path, out: str | Path, *, x_name: str = "masks", y_name: str = "margins",
                 force: bool = False, num_workers: int = 0, chunk: int = 2048, progress: bool = True) -> dict[str, Any]:
     """Write the completed rows of a store to an FFCV file; return the manifest (also written beside it).
 
     No MLflow here (``write_dataset`` adds it), so other stages and tests can call it directly.
     """
-    out = Path(out)
-    _check_out(out, force)
-    inputs = _open_inputs(store_path, x_name, y_name)
-    keep, dropped = _select_rows(inputs, x_name, y_name, chunk, progress)
+    out, inputs, keep, dropped = _prepare(store_path, out, x_name, y_name, force, chunk, progress)
     return _write(out, inputs, keep, dropped, x_name, y_name, num_workers)
 
 
@@ -218,10 +225,8 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
 def write_dataset(cfg: WriteDatasetConfig) -> int:
     """Write a store's completed models to an FFCV .beton (fields mask, targets, idx) plus a manifest."""
     # Every cheap check before MLflow starts: a refused command is quick and leaves no run behind.
-    out = Path(cfg.out)
-    _check_out(out, cfg.force)
-    inputs = _open_inputs(cfg.store, cfg.x_name, cfg.y_name)
-    keep, dropped = _select_rows(inputs, cfg.x_name, cfg.y_name, cfg.chunk, cfg.progress)
+    out, inputs, keep, dropped = _prepare(cfg.store, cfg.out, cfg.x_name, cfg.y_name, cfg.force, cfg.chunk,
+                                          cfg.progress)
     from datamodels_ml import tracking
 
     params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force}
