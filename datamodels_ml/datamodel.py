@@ -32,21 +32,27 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _load_pt(path: Path) -> Any:
+def load_tensors(path: str | os.PathLike, *, what: str = "a datamodels file") -> Any:
+    """``torch.load`` with ``weights_only=True`` only: tensors, numbers, strings, lists and dicts.
+
+    A file that needs anything else (pickled classes or functions, which run code as they load) is
+    refused with one line; nothing in it is executed. Every file this project reads that a user may
+    have received goes through here.
+    """
     import pickle
 
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # written with objects the safe loader refuses; the file is the user's own
-        pass
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # the safe unpickler met no class or function: a corrupt file
+            raise UserError(f"{path}: cannot read as {what} (not a valid torch file)") from None
+        raise UserError(f"{path}: refused to load: it holds Python objects beyond tensors, numbers, strings, "
+                        f"lists and dicts, which could run code when unpickled (only safe files are read; "
+                        f"re-create it with regress)") from None
     except Exception as exc:  # noqa: BLE001 - not a torch file at all
-        raise UserError(f"{path}: cannot read as a datamodels file ({type(exc).__name__}: {exc})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: cannot read as a datamodels file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: cannot read as {what} ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class Datamodels:
             path = path / "datamodels.pt"
         if not path.is_file():
             raise UserError(f"datamodels file not found: {path}")
-        return cls.from_dict(_load_pt(path), source=str(path))
+        return cls.from_dict(load_tensors(path), source=str(path))
 
     # -- shape and provenance ------------------------------------------------------------------
     @property

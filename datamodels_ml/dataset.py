@@ -165,7 +165,22 @@ def _prepare(store_path: str | Path, out: str | Path, x_name: str, y_name: str, 
     _check_out(out, force)
     inputs = _open_inputs(store_path, x_name, y_name)
     keep, dropped = _select_rows(inputs, x_name, y_name, chunk, progress)
+    _check_space(out, inputs, keep.size)
     return out, inputs, keep, dropped
+
+
+_FFCV_PAGE = 4 << 20  # FFCV's DatasetWriter page size: each writer process fills whole pages
+
+
+def _check_space(out: Path, inputs: _Inputs, rows: int) -> None:
+    """A full disk mid-write crashes FFCV's writer processes (the command would hang): check first."""
+    from datamodels_ml.store_layout import require_free_space
+
+    row = inputs.n_features * np.dtype(inputs.x.dtype).itemsize + 4 * inputs.n_targets + 8 + 32
+    need = rows * row + 6 * _FFCV_PAGE
+    require_free_space(out.parent, need, what=f"writing {rows} models to {out}",
+                       reclaimed=out.stat().st_size if out.is_file() else 0,
+                       hint="free space or write the .beton to another disk (out=...)")
 
 
 def write_beton(store_path: str | Path, out: str | Path, *, x_name: str = "masks", y_name: str = "margins",

@@ -31,6 +31,7 @@ import numpy as np
 from datamodels_ml.config import MISSING, to_dotlist
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
+from datamodels_ml.provenance import check_store
 
 MIN_HELDOUT = 3
 
@@ -206,6 +207,7 @@ def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name:
     else:
         st = _open_store(store, "store")
         _check_arrays(st, dm, x_name, y_name, source)
+        check_store(st, x_name, dm, source=source)
         used = np.concatenate([dm.indices("train_indices"), dm.indices("val_indices"),
                                np.asarray(exclude if exclude is not None else [], dtype=np.int64)])
         if dm.indices("train_indices").size == 0:

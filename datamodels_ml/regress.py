@@ -223,6 +223,7 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True) -> dict[str, A
     from datamodels_ml import tracking
     from datamodels_ml.dataset import BetonBatches
     from datamodels_ml.lasso import lasso_path
+    from datamodels_ml.provenance import fingerprint_from_beton
 
     cfg, c = p.cfg, p.cfg.cfg
     common = dict(batch_size=c.batch_size, num_workers=c.num_workers or (os.cpu_count() or 1), target_start=p.target_start,
@@ -274,6 +275,7 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True) -> dict[str, A
         "x_name": m.get("x_name"),
         "y_name": m.get("y_name"),
         "store": m.get("store"),
+        "store_fingerprint": fingerprint_from_beton(p.cfg.data.data_path, p.train_rows, p.info.idx[p.train_rows]),
         "data_path": str(p.cfg.data.data_path),
         "config": config_dict(cfg),
         "epochs": int(path.epochs),

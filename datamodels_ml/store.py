@@ -19,9 +19,8 @@ import numpy as np
 from datamodels_ml.errors import UserError
 from datamodels_ml.files import atomic_write_text
 from datamodels_ml.spec import Spec, load_spec, parse_spec
-
-COMPLETED = "_completed"
-SPEC_FILE = "spec.json"
+from datamodels_ml.store_layout import (COMPLETED, SPEC_FILE, check_free_space, has_store_files, reserve,
+                                        spec_from_headers, store_bytes)
 FAILURES_FILE = "_failures.json"
 WORKERS_DIR = "workers"
 
@@ -34,44 +33,77 @@ def _same_spec(a: Spec, b: Spec) -> bool:
     return a.to_json() == b.to_json()
 
 
-def create_store(path: str | Path, spec: Spec, *, force: bool = False) -> "Store":
-    """Create the store at ``path``; a no-op when the same spec is already there.
+def create_store(path: str | Path, spec: Spec, *, force: bool = False, write_spec: bool = False) -> "Store":
+    """Create the store at ``path``; a no-op when a store with the same spec is already there.
 
-    An existing store with another spec is an error unless ``force``; then only the store's own
-    files are replaced (nothing else in the directory is touched).
+    Existing array files are never overwritten without ``force``: a store with another spec, or
+    one in the original layout (no ``spec.json``) whose headers differ from ``spec``, is an error.
+    An original-layout store with the same spec is adopted as it is (``spec.json`` is written only
+    when ``write_spec``). With ``force`` only the store's own files are replaced, nothing else in
+    the directory. The space is checked and reserved first, so a full disk is one clear error.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"store path exists and is not a directory: {path}")
-    spec_file = path / SPEC_FILE
-    if spec_file.exists() and not force:
-        existing = load_spec(spec_file)
+    existing = _existing_spec(path, spec)
+    if existing is not None and not force:
         if _same_spec(existing, spec):
+            if write_spec and not (path / SPEC_FILE).is_file():
+                atomic_write_text(path / SPEC_FILE, json.dumps(spec.to_json(), indent=2) + "\n")
             return Store(path)
         raise UserError(
             f"a store with a different spec already exists at {path} "
             f"({_spec_diff(existing, spec)}); use another store or force=true to replace it"
         )
-    if spec_file.exists() and force:
-        old = load_spec(spec_file)
-        for key in list(old.schema) + [COMPLETED]:
+    # checked before anything is removed: a store that cannot be created leaves the old one whole
+    check_free_space(path, spec, reclaimed=store_bytes(existing) if existing is not None else 0)
+    path.mkdir(parents=True, exist_ok=True)
+    if existing is not None:  # force: remove only the store's own files
+        for key in list(existing.schema) + list(spec.schema) + [COMPLETED]:
             (path / f"{key}.npy").unlink(missing_ok=True)
         (path / FAILURES_FILE).unlink(missing_ok=True)
-        spec_file.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+        (path / SPEC_FILE).unlink(missing_ok=True)
     arrays = {key: (spec.num_models, *field.shape) for key, field in spec.schema.items()}
     dtypes = {key: field.dtype for key, field in spec.schema.items()}
     arrays[COMPLETED] = (spec.num_models,)
     dtypes[COMPLETED] = np.dtype(bool)
-    for key, shape in arrays.items():
-        tmp = path / f".{key}.npy.tmp"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtypes[key], shape=shape)
-        arr.flush()
-        del arr
-        os.replace(tmp, path / f"{key}.npy")
+    created: list[Path] = []
+    try:
+        for key, shape in arrays.items():
+            tmp = path / f".{key}.npy.tmp-{os.getpid()}"
+            try:
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtypes[key], shape=shape)
+                del arr
+                reserve(tmp)
+                os.replace(tmp, path / f"{key}.npy")
+                created.append(path / f"{key}.npy")
+            except (OSError, ValueError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise UserError(f"cannot create {path / (key + '.npy')}: {why}") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+    except BaseException:
+        for file in created:  # a half-made store would block the next init: remove what this call made
+            file.unlink(missing_ok=True)
+        raise
     # The spec is written last: its presence marks a fully created store.
-    atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=2) + "\n")
+    atomic_write_text(path / SPEC_FILE, json.dumps(spec.to_json(), indent=2) + "\n")
     return Store(path)
+
+
+def _existing_spec(path: Path, spec: Spec) -> Spec | None:
+    """The spec of the store already at ``path`` (``spec.json`` or the original layout's headers);
+    None when there is none. Stray array files of ``spec``'s keys without a store around them are
+    refused: they may be somebody's data."""
+    if (path / SPEC_FILE).is_file():
+        return load_spec(path / SPEC_FILE)
+    if (path / f"{COMPLETED}.npy").is_file():
+        return spec_from_headers(path)
+    stray = has_store_files(path, list(spec.schema))
+    if stray:
+        raise UserError(f"{stray[0]} already exists and is not part of a store (no {SPEC_FILE} or "
+                        f"{COMPLETED}.npy beside it); move it away or use another store directory")
+    return None
 
 
 def _spec_diff(old: Spec, new: Spec) -> str:
@@ -135,11 +167,28 @@ class Store:
     def __init__(self, path: str | Path, *, writable: bool = True):
         self.path = Path(path)
         spec_file = self.path / SPEC_FILE
-        if not spec_file.is_file():
-            raise UserError(f"no store at {self.path} (missing {SPEC_FILE}); create it with init or train spec=...")
-        self.spec = load_spec(spec_file)
+        if spec_file.is_file():
+            self.spec = load_spec(spec_file)
+            self.original_layout = False
+        else:  # the original library's layout: the spec is in the .npy headers
+            self.spec = spec_from_headers(self.path)
+            self.original_layout = True
         self.writable = writable
+        if writable:
+            self._check_writable()
         self._arrays: dict[str, np.memmap] = {}
+
+    def _check_writable(self) -> None:
+        """access(2) answers for permissions and for a read-only file system alike, root included."""
+        for file in [self.path, *(self.path / f"{k}.npy" for k in [*self.spec.schema, COMPLETED])]:
+            if file.exists() and not os.access(file, os.W_OK):
+                raise UserError(f"store at {self.path} is not writable ({file.name}: permission denied or a "
+                                f"read-only file system)")
+
+    def reserve_space(self) -> None:
+        """Allocate every array file's blocks now (see ``store_layout.reserve``); contents unchanged."""
+        for key in [*self.spec.schema, COMPLETED]:
+            reserve(self.path / f"{key}.npy")
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -276,12 +325,36 @@ def compress_ranges(indices: np.ndarray, limit: int = 20) -> str:
     return ", ".join(parts)
 
 
+def nonfinite_counts(store: Store, *, chunk_bytes: int = 1 << 26) -> dict[str, int]:
+    """Per floating-point key, how many completed rows hold a NaN or an infinity (read in chunks)."""
+    done = store.completed
+    counts: dict[str, int] = {}
+    for key, fld in store.spec.schema.items():
+        if fld.dtype.kind != "f":
+            continue
+        arr = store.array(key)
+        row_bytes = max(1, int(np.prod(fld.shape, dtype=np.int64)) * fld.dtype.itemsize)
+        step = max(1, chunk_bytes // row_bytes)
+        bad = 0
+        for start in range(0, store.num_models, step):
+            rows = np.asarray(arr[start:start + step]).reshape(min(step, store.num_models - start), -1)
+            bad += int((~np.isfinite(rows).all(axis=1) & done[start:start + step]).sum())
+        if bad:
+            counts[key] = bad
+    return counts
+
+
 def status_report(store: Store) -> str:
-    """Human-readable completed/total, missing indices and the last train's failures."""
+    """Human-readable completed/total, missing indices, NaN/inf rows and the last train's failures."""
     done = store.completed
     missing = np.flatnonzero(~done)
-    lines = [f"store: {store.path}", f"completed: {int(done.sum())}/{store.num_models}"]
+    layout = " (original layout: spec read from the .npy headers)" if store.original_layout else ""
+    lines = [f"store: {store.path}{layout}", f"completed: {int(done.sum())}/{store.num_models}"]
     lines.append("missing: none" if missing.size == 0 else f"missing ({missing.size}): {compress_ranges(missing)}")
+    bad = nonfinite_counts(store)
+    if bad:
+        lines.append("completed rows with NaN/inf: " + ", ".join(f"{k} {n}" for k, n in bad.items())
+                     + " (write_dataset drops them)")
     failures = store.read_failures()
     if failures is None:
         lines.append("failures of the last train: unknown (no train recorded)")

@@ -13,6 +13,7 @@ from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
 from datamodels_ml.spec import load_spec
 from datamodels_ml.store import Store, create_store, status_report
+from datamodels_ml.store_layout import SPEC_FILE, is_store
 
 
 @dataclass
@@ -20,15 +21,24 @@ class InitConfig:
     spec: str = field(default=MISSING, metadata={"help": "spec JSON file (num_models, schema)"})
     store: str = field(default=MISSING, metadata={"help": "store directory to create"})
     force: bool = field(default=False, metadata={"help": "replace an existing store with another spec"})
+    write_spec: bool = field(default=False, metadata={
+        "help": "write spec.json into an existing store of the original layout (which has none)"})
 
 
 def init(cfg: InitConfig) -> int:
     """Create the store's memmapped arrays from the spec (a no-op when it already exists)."""
     spec = load_spec(cfg.spec)
-    existed = os.path.isfile(os.path.join(cfg.store, "spec.json"))
-    store = create_store(cfg.store, spec, force=cfg.force)
+    existed = is_store(cfg.store)
+    original = existed and not os.path.isfile(os.path.join(cfg.store, SPEC_FILE))
+    store = create_store(cfg.store, spec, force=cfg.force, write_spec=cfg.write_spec)
     if existed and not cfg.force:
-        print(f"store {store.path} already exists with this spec: nothing to do")
+        if original:
+            done = int(store.completed.sum())
+            wrote = "wrote spec.json" if cfg.write_spec else "left as it is (write_spec=true adds spec.json)"
+            print(f"store {store.path} (original layout, {done}/{spec.num_models} complete) already matches "
+                  f"this spec: {wrote}")
+        else:
+            print(f"store {store.path} already exists with this spec: nothing to do")
     else:
         keys = ", ".join(f"{k} {list(f.shape)} {f.dtype}" for k, f in spec.schema.items())
         print(f"created store {store.path} for {spec.num_models} models: {keys}")
