@@ -104,7 +104,7 @@ def test_worker_failure_is_recorded(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["store=nowhere", "index=0", "main=datamodels_ml.examples.minimal"], "error: no store at nowhere (missing spec.json)"),
+    (["store=nowhere", "index=0", "main=datamodels_ml.examples.minimal"], "error: no store at nowhere (neither spec.json nor _completed.npy)"),
     (["store=st", "index=100", "main=datamodels_ml.examples.minimal"], "error: index 100 out of range: the store holds models 0..99"),
     (["store=st", "index=0", "main=no_such_module"], "error: cannot import main module 'no_such_module': no module named 'no_such_module'"),
     (["store=st", "index=0", f"main={MAINS / 'broken_import.py'}"], "error: cannot import main module"),
