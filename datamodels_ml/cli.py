@@ -48,14 +48,25 @@ def _help(name: str, schema: type, func, yaml_key: str | None) -> str:
     return "\n".join(lines)
 
 
-def normalize_args(args: list[str]) -> list[str]:
-    """Accept ``--key value`` and ``--key=value`` (how ``mlflow run`` passes extra ``-P`` parameters)
-    as well as ``key=value``."""
+def normalize_args(args: list[str], *, config_key: str | None = None) -> list[str]:
+    """Accept ``--key value`` and ``--key=value`` (how ``mlflow run`` passes extra ``-P`` parameters and
+    how the original tools' fastargs spell options) as well as ``key=value``; for a command that
+    reads a YAML file, ``-C FILE`` / ``--config-file FILE`` (the original's spelling) name it."""
     out: list[str] = []
     i = 0
     while i < len(args):
         token = args[i]
-        if token.startswith("--") and len(token) > 2 and token not in ("--help",):
+        if token in ("-C", "--config-file") or token.startswith(("-C=", "--config-file=")):
+            if config_key is None:
+                raise UserError(f"option '{token.split('=')[0]}' names a config file, which this command does not read")
+            if "=" in token:
+                out.append(f"{config_key}={token.split('=', 1)[1]}")
+            elif i + 1 < len(args):
+                out.append(f"{config_key}={args[i + 1]}")
+                i += 1
+            else:
+                raise UserError(f"option '{token}' needs a file")
+        elif token.startswith("--") and len(token) > 2 and token not in ("--help",):
             body = token[2:]
             if "=" in body:
                 out.append(body)
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from datamodels_ml.config import load
 
     try:
-        cfg = load(schema, normalize_args(rest), config_key=yaml_key)
+        cfg = load(schema, normalize_args(rest, config_key=yaml_key), config_key=yaml_key)
         return int(func(cfg) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
