@@ -95,7 +95,7 @@ class Fanout:
         fatal = runner.wait_ready()
         if fatal is not None:
             if not self.stop.is_set():  # not a runner that kill_all stopped while it started
-                self.fatal = fatal if "runner process" not in fatal else f"{self._name(slot)}: {fatal}"
+                self.fatal = fatal if not fatal.startswith("the runner process") else f"{self._name(slot)}: {fatal}"
                 self.stop.set()
             self._close(runner, kill=True)
             return None
