@@ -169,6 +169,23 @@ def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):
     assert not np.load(store / "_completed.npy").any()
 
 
+def test_runner_exits_quietly_when_its_parent_is_gone(store, tmp_path):
+    read_fd, write_fd = os.pipe()
+    runner = subprocess.Popen([sys.executable, "-m", "datamodels_ml.runner", "--reply-fd", str(write_fd)],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,), cwd=tmp_path,
+                              env=cli_env(tmp_path), text=True)
+    os.close(write_fd)
+    runner.stdin.write(json.dumps({"store": str(store), "main": FAULTS, "args": {}, "parent": os.getpid()}) + "\n")
+    runner.stdin.flush()
+    with os.fdopen(read_fd) as reply:
+        assert json.loads(reply.readline()) == {"ready": True}
+    runner.stdin.write("0\n")  # trained, but nobody is left to hear the reply
+    runner.stdin.close()
+    assert runner.wait(timeout=60) == 0
+    assert runner.stderr.read() == ""
+    assert not np.load(store / "_completed.npy").any()
+
+
 def test_runners_that_keep_dying_stop_train_with_one_message(store, tmp_path):
     out = run_cli(*train_args(20, "args.die_from=5", jobs=1), cwd=tmp_path, check=False)
     assert out.returncode == 2
