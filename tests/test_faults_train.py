@@ -169,21 +169,26 @@ def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):
     assert not np.load(store / "_completed.npy").any()
 
 
-def test_runner_exits_quietly_when_its_parent_is_gone(store, tmp_path):
+def test_runner_skips_a_complete_row_and_exits_quietly_when_its_parent_is_gone(store, tmp_path):
+    done = np.load(store / "_completed.npy", mmap_mode="r+")
+    done[2] = True  # completed by another writer, e.g. a tool that takes no lock
+    done.flush()
     read_fd, write_fd = os.pipe()
     runner = subprocess.Popen([sys.executable, "-m", "datamodels_ml.runner", "--reply-fd", str(write_fd)],
                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,), cwd=tmp_path,
                               env=cli_env(tmp_path), text=True)
     os.close(write_fd)
-    runner.stdin.write(json.dumps({"store": str(store), "main": FAULTS, "args": {}, "parent": os.getpid()}) + "\n")
+    runner.stdin.write(json.dumps({"store": str(store), "main": FAULTS, "args": {}, "parent": os.getpid()}) + "\n2\n")
     runner.stdin.flush()
     with os.fdopen(read_fd) as reply:
         assert json.loads(reply.readline()) == {"ready": True}
+        assert json.loads(reply.readline())["status"] == "skipped"
     runner.stdin.write("0\n")  # trained, but nobody is left to hear the reply
     runner.stdin.close()
     assert runner.wait(timeout=60) == 0
     assert runner.stderr.read() == ""
-    assert not np.load(store / "_completed.npy").any()
+    assert calls(store) == [0]
+    assert np.flatnonzero(np.load(store / "_completed.npy")).tolist() == [2]
 
 
 def test_runners_that_keep_dying_stop_train_with_one_message(store, tmp_path):
