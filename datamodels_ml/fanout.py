@@ -216,6 +216,8 @@ class _Recorder:
         from datamodels_ml import tracking
 
         tags = {"error": result.error[-7000:]} if result.error else {}
+        if result.nonfinite:
+            tags["nonfinite"] = ",".join(result.nonfinite)  # keys holding NaN/inf, visible in the UI
         metrics = {"duration": result.duration, **result.scalars}
         self.children.add(tracking.ChildRecord(result.index, "FINISHED" if ok else "FAILED",
                                                now - int(result.duration * 1000), now, metrics, tags))

@@ -94,6 +94,8 @@ def worker(cfg: WorkerConfig) -> int:
             tags = {"status": result.status}
             if result.error:
                 tags["error"] = result.error[-7000:]
+            if result.nonfinite:
+                tags["nonfinite"] = ",".join(result.nonfinite)
             tracking.set_tags(tags)
             if result.status == "failed":
                 last = result.error.strip().splitlines()[-1] if result.error.strip() else "failed"
