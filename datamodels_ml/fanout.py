@@ -4,30 +4,29 @@ Design. A slot is a thread (joblib's threading backend) that supervises one long
 process (``datamodels_ml.runner``) started with ``CUDA_VISIBLE_DEVICES`` set to the slot's GPU (or
 to nothing on CPU slots). The runner imports main, torch and friends once and then trains index
 after index, so a model costs only its own work plus a pipe round trip, not a Python start-up.
-If main hangs past the timeout or kills its process, the slot records the failure, starts a fresh
-runner and goes on. The parent logs one MLflow child run per model, in batches (``tracking``),
+If main hangs past the timeout (the slot kills the runner's process group: ``runner_process``) or
+kills its process, the slot records the failure, starts a fresh runner and goes on; a slot whose
+runner keeps dying stops the run with one message. The parent logs one MLflow child run per model, in batches (``tracking``),
 after the runner has written the row to the store.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import select
-import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
+from datamodels_ml.interrupts import Terminated, terminate_as_interrupt
+from datamodels_ml.lock import store_lock
+from datamodels_ml.runner_process import RunnerProcess
 from datamodels_ml.spec import load_spec
 from datamodels_ml.store import SPEC_FILE, Store, compress_ranges, create_store
 from datamodels_ml.worker import ModelResult
@@ -61,66 +60,15 @@ def slot_environments(gpus: int, jobs: int) -> list[dict[str, str]]:
     return [{"CUDA_VISIBLE_DEVICES": ids[s % gpus]} for s in range(n_slots)]
 
 
-class _Runner:
-    """One runner process and its pipes."""
-
-    def __init__(self, job: dict[str, Any], env: dict[str, str]):
-        read_fd, write_fd = os.pipe()
-        full_env = dict(os.environ)
-        full_env.update(env)
-        root = str(Path(__file__).resolve().parent.parent)
-        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), root, full_env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "datamodels_ml.runner", "--reply-fd", str(write_fd), "--job", json.dumps(job)],
-            stdin=subprocess.PIPE, pass_fds=(write_fd,), env=full_env, text=True, start_new_session=True,
-        )
-        os.close(write_fd)
-        self.reply = os.fdopen(read_fd, "r")
-
-    TIMEOUT = "timeout"
-    DEAD = "dead"
-
-    def read(self, timeout: float | None) -> dict | str:
-        """The next reply; ``TIMEOUT`` if none came in time, ``DEAD`` if the runner exited."""
-        ready, _, _ = select.select([self.reply], [], [], timeout)
-        if not ready:
-            return self.TIMEOUT
-        line = self.reply.readline()
-        return json.loads(line) if line else self.DEAD
-
-    def exit_code(self) -> int | None:
-        try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def send(self, index: int) -> bool:
-        try:
-            self.proc.stdin.write(f"{index}\n")  # type: ignore[union-attr]
-            self.proc.stdin.flush()  # type: ignore[union-attr]
-            return True
-        except (BrokenPipeError, OSError):
-            return False
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                try:
-                    self.proc.stdin.close()  # type: ignore[union-attr]
-                except OSError:
-                    pass
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-        self.proc.wait()
-        self.reply.close()
-
-
 class Fanout:
-    """Runs indices on slots; results arrive on ``self.results``."""
+    """Runs indices on slots; results arrive on ``self.results``.
+
+    A slot whose runner dies ``MAX_DEATHS_IN_ROW`` times in a row without completing a model (a
+    full disk under the store's memmaps kills every writer with SIGBUS; a broken GPU kills its slot)
+    stops the whole run: ``self.deaths`` then says which indices were burned and how each runner died.
+    """
+
+    MAX_DEATHS_IN_ROW = 3
 
     def __init__(self, job: dict[str, Any], envs: list[dict[str, str]], todo: list[int], timeout: float | None):
         self.job = job
@@ -132,24 +80,28 @@ class Fanout:
         self.results: queue.Queue[ModelResult | tuple[str, str]] = queue.Queue()
         self.stop = threading.Event()
         self.fatal: str | None = None
-        self._runners: set[_Runner] = set()
+        self.deaths: str | None = None
+        self._runners: set[RunnerProcess] = set()
         self._lock = threading.Lock()
 
-    def _start(self, slot: int) -> _Runner | None:
-        runner = _Runner(self.job, self.envs[slot])
+    def _name(self, slot: int) -> str:
+        gpu = self.envs[slot].get("CUDA_VISIBLE_DEVICES")
+        return f"slot {slot}" + (f" (GPU {gpu})" if gpu else "")
+
+    def _start(self, slot: int) -> RunnerProcess | None:
+        runner = RunnerProcess(self.job, self.envs[slot])
         with self._lock:
             self._runners.add(runner)
-        first = runner.read(timeout=600)
-        if not isinstance(first, dict) or "fatal" in first:
-            self.fatal = (first.get("fatal") if isinstance(first, dict) else None) or (
-                f"slot {slot}: the runner process exited during start-up (exit code {runner.exit_code()})"
-                if first == _Runner.DEAD else f"slot {slot}: the runner process did not start within 600 s")
-            self.stop.set()
+        fatal = runner.wait_ready()
+        if fatal is not None:
+            if not self.stop.is_set():  # not a runner that kill_all stopped while it started
+                self.fatal = fatal if not fatal.startswith("the runner process") else f"{self._name(slot)}: {fatal}"
+                self.stop.set()
             self._close(runner, kill=True)
             return None
         return runner
 
-    def _close(self, runner: _Runner, kill: bool) -> None:
+    def _close(self, runner: RunnerProcess, kill: bool) -> None:
         with self._lock:
             self._runners.discard(runner)
         runner.stop(kill=kill)
@@ -157,6 +109,7 @@ class Fanout:
     def slot(self, slot: int) -> None:
         """Pull indices until none are left (one joblib task per slot)."""
         runner = None
+        burned: list[tuple[int, str]] = []  # deaths since this slot last completed a model
         while not self.stop.is_set():
             try:
                 index = self.todo.get_nowait()
@@ -167,22 +120,33 @@ class Fanout:
                 if runner is None:
                     self.todo.put(index)
                     return
-            start = time.perf_counter()
-            hard = None if not self.timeout else self.timeout + 30.0
-            reply = runner.read(timeout=hard) if runner.send(index) else _Runner.DEAD
-            if not isinstance(reply, dict):  # hung past the timeout, or the process died
-                if self.stop.is_set():
-                    self.todo.put(index)
-                    break
-                why = (f"timed out after {self.timeout:g} s (process killed)" if reply == _Runner.TIMEOUT
-                       else f"the worker process died with exit code {runner.exit_code()} while training this model")
+            result, outcome = runner.train(index, self.timeout)
+            death = runner.death
+            if outcome != RunnerProcess.OK:  # timed out (killed already) or died: a fresh runner next
                 self._close(runner, kill=True)
                 runner = None
-                self.results.put(ModelResult(index, "failed", time.perf_counter() - start, error=why))
-                continue
-            self.results.put(ModelResult(**reply))
+                if self.stop.is_set():  # killed by kill_all: not the model's fault
+                    self.todo.put(index)
+                    break
+            self.results.put(result)
+            if result.status == "completed":
+                burned.clear()
+            elif outcome == RunnerProcess.DEAD:
+                burned.append((index, death))
+                if len(burned) >= self.MAX_DEATHS_IN_ROW:
+                    self._stop_after_deaths(slot, burned)
+                    break
         if runner is not None:
             self._close(runner, kill=self.stop.is_set())
+
+    def _stop_after_deaths(self, slot: int, burned: list[tuple[int, str]]) -> None:
+        with self._lock:
+            if self.deaths is None:
+                deaths = "; ".join(f"index {i}: {why}" for i, why in burned)
+                self.deaths = (f"train stopped: the runner of {self._name(slot)} died {len(burned)} times in a row "
+                               f"without completing a model ({deaths}); those indices stay incomplete, "
+                               "rerun the same command to retry them once the cause is fixed")
+        self.stop.set()
 
     def run(self) -> None:
         from joblib import Parallel, delayed
@@ -197,11 +161,7 @@ class Fanout:
         with self._lock:
             runners = list(self._runners)
         for r in runners:
-            if r.proc.poll() is None:
-                try:
-                    os.killpg(r.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    r.proc.kill()
+            r.kill()
 
 
 class _Recorder:
@@ -218,6 +178,9 @@ class _Recorder:
         self.pending: list[tuple[ModelResult, int]] = []
         self.failures: dict[int, str] = {}
         self.completed = 0
+        self.skipped = 0  # found complete (another writer) when their turn came
+        self.nonfinite: dict[str, int] = {}  # key -> models whose row holds NaN/inf there
+        self.nonfinite_models = 0
         self._last_commit = time.monotonic()
         self._last_metric = 0.0
 
@@ -225,6 +188,13 @@ class _Recorder:
         now = int(time.time() * 1000)
         if result.status == "completed":
             self.pending.append((result, now))
+            if result.nonfinite:
+                self.nonfinite_models += 1
+                for key in result.nonfinite:
+                    self.nonfinite[key] = self.nonfinite.get(key, 0) + 1
+        elif result.status == "skipped":
+            self.skipped += 1
+            self.bar.update(1)
         else:
             self.failures[result.index] = result.error
             self._record(result, now, ok=False)
@@ -246,6 +216,8 @@ class _Recorder:
         from datamodels_ml import tracking
 
         tags = {"error": result.error[-7000:]} if result.error else {}
+        if result.nonfinite:
+            tags["nonfinite"] = ",".join(result.nonfinite)  # keys holding NaN/inf, visible in the UI
         metrics = {"duration": result.duration, **result.scalars}
         self.children.add(tracking.ChildRecord(result.index, "FINISHED" if ok else "FAILED",
                                                now - int(result.duration * 1000), now, metrics, tags))
@@ -294,7 +266,11 @@ def _open_store(cfg: TrainConfig) -> Store:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Create the store if needed, run the incomplete indices below n, record everything in MLflow."""
+    """Create the store if needed, run the incomplete indices below n, record everything in MLflow.
+
+    The store stays locked for the whole run (``lock``): a second ``train`` or a ``worker`` on it is
+    refused at once. SIGTERM stops it as Ctrl-C does (``interrupts``), then it exits 143.
+    """
     if cfg.n <= 0:
         raise UserError(f"n must be a positive number of models, got {cfg.n}")
     if cfg.timeout < 0:
@@ -303,6 +279,11 @@ def train(cfg: TrainConfig) -> int:
     store = _open_store(cfg)
     if cfg.n > store.num_models:
         raise UserError(f"n={cfg.n} but the store at {store.path} holds only {store.num_models} models (num_models in its spec)")
+    with terminate_as_interrupt(), store_lock(store.path, "train"):
+        return _train(cfg, store, envs)
+
+
+def _train(cfg: TrainConfig, store: Store, envs: list[dict[str, str]]) -> int:
     done = store.completed[: cfg.n]
     todo = [int(i) for i in np.flatnonzero(~done)]
     if not todo:
@@ -314,7 +295,7 @@ def train(cfg: TrainConfig) -> int:
 
     from datamodels_ml import tracking
 
-    job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "timeout": cfg.timeout or None}
+    job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args)}
     params = {"n": cfg.n, "gpus": cfg.gpus, "jobs": len(envs), "main": cfg.main, "store": cfg.store}
     params.update({f"args.{k}": v for k, v in cfg.args.items()})
     print(f"training {len(todo)} models ({int(done.sum())} of {cfg.n} already complete) on "
@@ -325,7 +306,7 @@ def train(cfg: TrainConfig) -> int:
         rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))
         fan = Fanout(job, envs, todo, cfg.timeout or None)
         thread = threading.Thread(target=fan.run, name="fanout", daemon=True)
-        interrupted = False
+        interrupted: KeyboardInterrupt | None = None
         try:
             thread.start()
             while True:
@@ -338,28 +319,42 @@ def train(cfg: TrainConfig) -> int:
                     break
                 rec.add(item)
             thread.join()
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            interrupted = exc
             fan.kill_all()
             thread.join(timeout=30)
             _drain(fan, rec)
         finally:
             rec.close()
-        completed, failures = rec.completed, rec.failures
         if fan.fatal:
             raise UserError(f"cannot start the workers: {fan.fatal}")
-        remaining = len(todo) - completed - len(failures)
-        print(f"train: {completed} completed, {len(failures)} failed, {remaining} not run "
-              f"({int(store.completed[: cfg.n].sum())}/{cfg.n} complete in {store.path})")
-        if failures:
-            print(f"failed indices: {compress_ranges(np.array(sorted(failures)))}")
-            first = sorted(failures)[0]
-            last = failures[first].strip().splitlines()[-1] if failures[first].strip() else "failed"
-            print(f"first failure ({first}): {last}\n(see `status store={cfg.store}`; "
-                  f"rerun the same command to retry only the incomplete models)")
-        if interrupted:
-            print("interrupted: completed models are kept; rerun the same command to resume")
-            raise KeyboardInterrupt
-        if failures:
+        _summary(cfg, store, rec, len(todo))
+        if fan.deaths:
+            raise UserError(fan.deaths)
+        if interrupted is not None:
+            what = "terminated (SIGTERM)" if isinstance(interrupted, Terminated) else "interrupted"
+            print(f"{what}: completed models are kept; rerun the same command to resume", flush=True)
+            raise interrupted
+        if rec.failures:
             raise SystemExit(1)
     return 0
+
+
+def _summary(cfg: TrainConfig, store: Store, rec: _Recorder, total: int) -> None:
+    completed, failures = rec.completed, rec.failures
+    remaining = total - completed - len(failures) - rec.skipped
+    print(f"train: {completed} completed, {len(failures)} failed, {remaining} not run "
+          f"({int(store.completed[: cfg.n].sum())}/{cfg.n} complete in {store.path})")
+    if rec.skipped:
+        print(f"{rec.skipped} models were already complete when their turn came (written by another process): skipped")
+    if rec.nonfinite_models:
+        keys = ", ".join(f"{k}: {c}" for k, c in sorted(rec.nonfinite.items()))
+        print(f"warning: {rec.nonfinite_models} models returned NaN/inf ({keys}); they are stored as complete, "
+              "and write_dataset drops such rows")
+    if failures:
+        print(f"failed indices: {compress_ranges(np.array(sorted(failures)))}")
+        first = sorted(failures)[0]
+        last = failures[first].strip().splitlines()[-1] if failures[first].strip() else "failed"
+        print(f"first failure ({first}): {last}\n(see `status store={cfg.store}`; "
+              f"rerun the same command to retry only the incomplete models)")
+    sys.stdout.flush()

@@ -67,29 +67,53 @@ class WorkerConfig:
 
 
 def worker(cfg: WorkerConfig) -> int:
-    """Train one model and write its row; an MLflow run of its own (or the one `mlflow run` made)."""
+    """Train one model and write its row; an MLflow run of its own (or the one `mlflow run` made).
+
+    Workers may share a store (one row each), never with a ``train``; two on one row are refused.
+    With a timeout the model runs in a child runner process that is killed when time is up.
+    SIGTERM stops it as Ctrl-C does (exit 143); nothing is written for an unfinished model.
+    """
     from datamodels_ml import tracking
+    from datamodels_ml.interrupts import terminate_as_interrupt
+    from datamodels_ml.lock import row_lock, store_lock
     from datamodels_ml.worker import load_main, run_model
 
     store = Store(cfg.store)
     index = store.check_index(cfg.index)
-    if store.completed[index] and not cfg.overwrite:
-        print(f"model {index} is already complete in {store.path}: skipped (overwrite=true to retrain)")
+    if cfg.timeout < 0:
+        raise UserError("timeout must be >= 0 seconds")
+    main = load_main(cfg.main) if not cfg.timeout else None  # with a timeout, the runner imports it
+    stopped = f"terminated (SIGTERM): model {index} was not written"
+    with terminate_as_interrupt(stopped), store_lock(store.path, "worker", shared=True), \
+            row_lock(store.path, index, f"worker index={index}"):
+        if store.completed[index] and not cfg.overwrite:
+            print(f"model {index} is already complete in {store.path}: skipped (overwrite=true to retrain)")
+            return 0
+        params = {"store": cfg.store, "index": index, "main": cfg.main}
+        params.update({f"args.{k}": v for k, v in cfg.args.items()})
+        with tracking.run(f"model-{index}", params=params):
+            if cfg.timeout:  # killed from outside when time is up, wherever main hangs
+                from datamodels_ml.runner_process import run_isolated
+
+                job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "overwrite": cfg.overwrite}
+                result = run_isolated(store, index, job, cfg.timeout)
+            else:
+                result = run_model(store, index, main, dict(cfg.args))
+            metrics = {"duration": result.duration, **result.scalars}
+            tracking.log_metrics(metrics)
+            tags = {"status": result.status}
+            if result.error:
+                tags["error"] = result.error[-7000:]
+            if result.nonfinite:
+                tags["nonfinite"] = ",".join(result.nonfinite)
+            tracking.set_tags(tags)
+            if result.status == "failed":
+                last = result.error.strip().splitlines()[-1] if result.error.strip() else "failed"
+                raise UserError(f"model {index} failed: {last} (full error in the MLflow run's 'error' tag)")
+    if result.status == "skipped":
+        print(f"model {index} was completed by another process meanwhile: skipped")
         return 0
-    main = load_main(cfg.main)
-    params = {"store": cfg.store, "index": index, "main": cfg.main}
-    params.update({f"args.{k}": v for k, v in cfg.args.items()})
-    with tracking.run(f"model-{index}", params=params):
-        result = run_model(store, index, main, dict(cfg.args), timeout=cfg.timeout or None)
-        metrics = {"duration": result.duration, **result.scalars}
-        tracking.log_metrics(metrics)
-        tags = {"status": result.status}
-        if result.error:
-            tags["error"] = result.error[-7000:]
-        tracking.set_tags(tags)
-        if result.status != "completed":
-            last = result.error.strip().splitlines()[-1] if result.error.strip() else "failed"
-            raise UserError(f"model {index} failed: {last} (full error in the MLflow run's 'error' tag)")
+    if result.nonfinite:
+        print(f"warning: model {index} returned NaN/inf in {', '.join(result.nonfinite)} (stored; write_dataset drops such rows)")
     print(f"model {index} completed in {result.duration:.2f} s -> {store.path}")
     return 0
-

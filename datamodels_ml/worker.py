@@ -1,7 +1,9 @@
 """Run one model: import the user's ``main``, call it for an index, validate and write its row.
 
 ``run_model`` is the shared core used by the ``worker`` command (one index, its own MLflow run) and
-by the long-lived slot processes of ``train`` (many indices, child runs logged by the parent).
+by the long-lived runner processes of ``train`` (many indices, child runs logged by the parent).
+Timeouts are not enforced here: the parent of a runner process kills it (``runner_process``), which
+stops a main wherever it hangs and leaves no half-imported module in a process that goes on.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import signal
 import sys
 import time
 import traceback
@@ -23,23 +24,20 @@ from datamodels_ml.errors import UserError
 from datamodels_ml.store import RowError, Store
 
 
-class ModelTimeout(Exception):
-    """Raised inside main when the per-model timeout expires."""
-
-
 @dataclass
 class ModelResult:
     """What happened to one index; ``error`` holds the traceback text of a failure."""
 
     index: int
-    status: str  # "completed", "failed" or "skipped"
+    status: str  # "completed", "failed" or "skipped" (completed by another writer meanwhile)
     duration: float = 0.0
     scalars: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    nonfinite: list[str] = field(default_factory=list)  # keys whose row holds NaN or inf (still stored)
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "status": self.status, "duration": self.duration,
-                "scalars": self.scalars, "error": self.error}
+                "scalars": self.scalars, "error": self.error, "nonfinite": self.nonfinite}
 
 
 def load_main(target: str) -> Callable[..., Any]:
@@ -85,40 +83,35 @@ def scalar_outputs(store: Store, rows: dict[str, np.ndarray]) -> dict[str, float
     return out
 
 
-def _on_alarm(_signum, _frame):
-    raise ModelTimeout()
+def nonfinite_keys(rows: dict[str, np.ndarray]) -> list[str]:
+    """The keys of a validated row that hold NaN or inf (floating-point keys only)."""
+    return [key for key, arr in rows.items() if arr.dtype.kind in "fc" and not np.isfinite(arr).all()]
 
 
 def run_model(store: Store, index: int, main: Callable[..., Any], args: dict[str, Any], *,
-              timeout: float | None = None, flag: bool = True) -> ModelResult:
+              flag: bool = True, still_wanted: Callable[[], bool] | None = None) -> ModelResult:
     """Call ``main(index=, logdir=, **args)``; on success write row ``index`` of the store.
 
-    A main that raises, returns something that does not fit the spec, or runs past ``timeout``
-    seconds (checked with SIGALRM, so only between Python bytecodes) gives a failed result; nothing
-    is written for it. With ``flag=False`` the row is written but not marked complete: the caller
-    commits it later with ``Store.commit`` (``train`` does, in batches).
+    A main that raises or returns something that does not fit the spec gives a failed result;
+    nothing is written for it. With ``flag=False`` the row is written but not marked complete: the
+    caller commits it later with ``Store.commit`` (``train`` does, in batches). ``still_wanted`` is
+    asked after main returns, right before writing: False (another writer completed the row, or
+    the parent that asked for it is gone) gives a "skipped" result and writes nothing.
     """
     logdir = store.logdir(index)
     logdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    use_alarm = bool(timeout) and timeout > 0
-    if use_alarm:
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, float(timeout))
     try:
         outputs = main(index=index, logdir=str(logdir), **args)
-    except ModelTimeout:
-        return ModelResult(index, "failed", time.perf_counter() - start, error=f"timed out after {timeout:g} s")
     except Exception:  # noqa: BLE001 - a failing main is recorded, never fatal to the fan-out
         return ModelResult(index, "failed", time.perf_counter() - start, error=traceback.format_exc())
-    finally:
-        if use_alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+    if still_wanted is not None and not still_wanted():
+        return ModelResult(index, "skipped", time.perf_counter() - start)
     try:
         rows = store.write_row(index, outputs) if flag else store.write_data(index, outputs)
     except RowError as exc:
         return ModelResult(index, "failed", time.perf_counter() - start, error=f"invalid result: {exc}")
     except Exception:  # noqa: BLE001 - e.g. a full disk: recorded as a failure, the row stays incomplete
         return ModelResult(index, "failed", time.perf_counter() - start, error=traceback.format_exc())
-    return ModelResult(index, "completed", time.perf_counter() - start, scalars=scalar_outputs(store, rows))
+    return ModelResult(index, "completed", time.perf_counter() - start, scalars=scalar_outputs(store, rows),
+                       nonfinite=nonfinite_keys(rows))

@@ -173,7 +173,7 @@ def test_train_timeout_dead_process_bad_result(cli, tmp_path):
     assert done[:6].nonzero()[0].tolist() == [0, 4, 5]
     children = {int(c.data.params["index"]): c for c in runs_of(tmp_path, parent_run(tmp_path).info.run_id)}
     assert "timed out after 2 s" in children[1].data.tags["error"]
-    assert "died with exit code 3" in children[2].data.tags["error"]
+    assert "runner process died while training this model: exit code 3" in children[2].data.tags["error"]
     assert "invalid result: key 'values': shape [11] does not match the spec's [10]" in children[3].data.tags["error"]
 
 

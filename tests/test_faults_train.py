@@ -1,0 +1,257 @@
+"""Faults during training, through real processes on small stores: a runner or the driver killed with
+kill -9, two writers on one store, a main that hangs past its timeout, runners that keep dying,
+SIGTERM. Each test checks the store afterwards: no completed row lost or changed, no row marked
+complete without its data, no row trained twice, and one clear message."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli_env, run_cli, tracking_client
+from datamodels_ml.errors import UserError
+from datamodels_ml.lock import row_lock, store_lock
+
+FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
+SPEC = {"num_models": 64, "schema": {"values": {"shape": [10], "dtype": "uint8"},
+                                     "index": {"shape": [], "dtype": "int64"},
+                                     "loss": {"shape": [], "dtype": "float32"}}}
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "spec.json").write_text(json.dumps(SPEC))
+    run_cli("init", "spec=spec.json", "store=st", cwd=tmp_path, check=True)
+    return tmp_path / "st"
+
+
+def train_args(n, *args, jobs=2):
+    return ["train", "store=st", f"main={FAULTS}", f"n={n}", f"jobs={jobs}", "progress=false", *args]
+
+
+def start(tmp_path, *args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "datamodels_ml", *args], cwd=tmp_path, env=cli_env(tmp_path, env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def calls(store):
+    log = store / "calls.log"
+    return [int(x) for x in log.read_text().split()] if log.exists() else []
+
+
+def wait_for(predicate, what, timeout=60.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """Whether ``pid`` runs (a zombie, dead but not reaped by a container's init, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def runner_pids(driver):
+    """The runner processes a driver started (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == driver and b"datamodels_ml.runner" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def check_rows(store, multiple_of):
+    """Every complete row holds its model's data; returns the complete indices and their rows."""
+    done = np.flatnonzero(np.load(store / "_completed.npy"))
+    values, index = np.load(store / "values.npy"), np.load(store / "index.npy")
+    for i in done:
+        assert index[i] == i and values[i].tolist() == [(i * multiple_of(i)) % 256] * 10, f"row {i} is wrong"
+    return set(done.tolist()), values[done].copy()
+
+
+def test_hanging_main_is_killed_after_its_timeout_and_only_it_fails(store, tmp_path):
+    # the import takes longer than the timeout (a runner's start-up never counts against a model),
+    # and the hanging main swallows any exception raised inside it: only killing its process stops it
+    out = run_cli(*train_args(10, "timeout=2", "args.hang=4"), cwd=tmp_path, env={"FAULTS_IMPORT_SECONDS": "2.2"})
+    assert out.returncode == 1, out.stderr
+    assert "train: 9 completed, 1 failed, 0 not run (9/10 complete in st)" in out.stdout
+    assert "failed indices: 4\nfirst failure (4): timed out after 2 s" in out.stdout
+    done, _ = check_rows(store, lambda i: 1)
+    assert done == set(range(10)) - {4}
+    runner, child = (int(p) for p in (store / "hang.pid").read_text().split())
+    assert not alive(runner) and not alive(child)  # the runner's whole process group was killed
+    assert sorted(calls(store)) == list(range(10))  # no other model retried, none run twice
+    assert json.loads((store / "_failures.json").read_text())["4"] == "timed out after 2 s"
+
+
+def test_runner_killed_mid_run_fails_its_model_only_and_hides_args(store, tmp_path):
+    driver = start(tmp_path, *train_args(24, "args.sleep=0.15", "args.multiple=7"))
+    wait_for(lambda: len(calls(store)) >= 4 and len(runner_pids(driver.pid)) == 2, "two busy runners")
+    victim = runner_pids(driver.pid)[0]
+    cmdline = Path(f"/proc/{victim}/cmdline").read_bytes()
+    assert b"multiple" not in cmdline and b"sleep" not in cmdline  # args travel on stdin, not in argv
+    os.kill(victim, signal.SIGKILL)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 1, err
+    assert "1 failed" in out and "the runner process died while training this model: killed by SIGKILL (signal 9)" in out
+    assert "Traceback" not in err
+    done, _ = check_rows(store, lambda i: 7)
+    assert len(done) == 23
+    out = run_cli(*train_args(24, "args.multiple=7"), cwd=tmp_path, check=True)
+    assert "train: 1 completed, 0 failed" in out.stdout
+    assert check_rows(store, lambda i: 7)[0] == set(range(24))
+
+
+def test_driver_killed_mid_run_then_rerun_resumes(store, tmp_path):
+    driver = start(tmp_path, *train_args(40, "args.sleep=0.15"))
+    wait_for(lambda: np.load(store / "_completed.npy").sum() >= 6, "six committed rows")
+    runners = runner_pids(driver.pid)
+    driver.kill()
+    driver.communicate(timeout=60)
+    wait_for(lambda: not any(alive(p) for p in runners), "the orphaned runners to die with their parent", 10)
+    before, rows = check_rows(store, lambda i: 1)
+    assert 6 <= len(before) < 40
+    (store / "calls.log").unlink()
+    # rerun with another multiple: a row kept from the first run still holds multiple=1
+    out = run_cli(*train_args(40, "args.multiple=3"), cwd=tmp_path, check=True)
+    assert f"train: {40 - len(before)} completed, 0 failed" in out.stdout
+    after, _ = check_rows(store, lambda i: 1 if i in before else 3)
+    assert after == set(range(40))
+    assert np.array_equal(np.load(store / "values.npy")[sorted(before)], rows)
+    assert not set(calls(store)) & before and sorted(calls(store)) == sorted(set(range(40)) - before)
+
+
+def test_second_writer_is_refused_and_sigterm_stops_cleanly(store, tmp_path):
+    first = start(tmp_path, *train_args(60, "args.sleep=0.5"))
+    wait_for(lambda: len(calls(store)) >= 2, "the first driver to train")
+    second = run_cli(*train_args(60), cwd=tmp_path, check=False)
+    assert second.returncode == 2
+    assert second.stderr == f"error: store st is in use by PID {first.pid} (train); wait for it to finish or stop it\n"
+    worker = run_cli("worker", "store=st", "index=59", f"main={FAULTS}", cwd=tmp_path, check=False)
+    assert worker.returncode == 2 and f"error: store st is in use by PID {first.pid} (train)" in worker.stderr
+    runners = runner_pids(first.pid)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err
+    assert "terminated (SIGTERM): completed models are kept; rerun the same command to resume" in out
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert not any(alive(p) for p in runners)
+    done, _ = check_rows(store, lambda i: 1)
+    assert 0 < len(done) < 60 and sorted(calls(store)) == sorted(set(calls(store)))  # no row trained twice
+    assert f"train: {len(done)} completed, 0 failed, {60 - len(done)} not run" in out
+    assert json.loads((store / "_failures.json").read_text()) == {}
+    status = run_cli("status", "store=st", cwd=tmp_path, check=True).stdout
+    assert f"completed: {len(done)}/64" in status and "failures of the last train: none" in status
+
+
+def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):
+    worker = start(tmp_path, "worker", "store=st", "index=3", f"main={FAULTS}", "args.sleep=60")
+    wait_for(lambda: calls(store) == [3], "the worker to train")
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 143
+    assert err == "terminated (SIGTERM): model 3 was not written\n"
+    assert not np.load(store / "_completed.npy").any()
+
+
+def test_runner_skips_a_complete_row_and_exits_quietly_when_its_parent_is_gone(store, tmp_path):
+    done = np.load(store / "_completed.npy", mmap_mode="r+")
+    done[2] = True  # completed by another writer, e.g. a tool that takes no lock
+    done.flush()
+    read_fd, write_fd = os.pipe()
+    runner = subprocess.Popen([sys.executable, "-m", "datamodels_ml.runner", "--reply-fd", str(write_fd)],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,), cwd=tmp_path,
+                              env=cli_env(tmp_path), text=True)
+    os.close(write_fd)
+    runner.stdin.write(json.dumps({"store": str(store), "main": FAULTS, "args": {}, "parent": os.getpid()}) + "\n2\n")
+    runner.stdin.flush()
+    with os.fdopen(read_fd) as reply:
+        assert json.loads(reply.readline()) == {"ready": True}
+        assert json.loads(reply.readline())["status"] == "skipped"
+    runner.stdin.write("0\n")  # trained, but nobody is left to hear the reply
+    runner.stdin.close()
+    assert runner.wait(timeout=60) == 0
+    assert runner.stderr.read() == ""
+    assert calls(store) == [0]
+    assert np.flatnonzero(np.load(store / "_completed.npy")).tolist() == [2]
+
+
+def test_runners_that_keep_dying_stop_train_with_one_message(store, tmp_path):
+    out = run_cli(*train_args(20, "args.die_from=5", jobs=1), cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert "train: 5 completed, 3 failed, 12 not run (5/20 complete in st)" in out.stdout
+    sigbus = "killed by SIGBUS (signal 7) (SIGBUS: is the disk that holds the store full?)"
+    assert out.stderr == (f"error: train stopped: the runner of slot 0 died 3 times in a row without completing a "
+                          f"model (index 5: {sigbus}; index 6: {sigbus}; index 7: {sigbus}); those indices stay "
+                          "incomplete, rerun the same command to retry them once the cause is fixed\n")
+    assert check_rows(store, lambda i: 1)[0] == set(range(5))
+
+
+def test_nan_results_are_counted_and_files_honour_the_umask(store, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "datamodels_ml", *train_args(6, "args.nan=1-4", jobs=1)],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300, umask=0o027)
+    assert proc.returncode == 0, proc.stderr
+    assert ("warning: 2 models returned NaN/inf (loss: 2); they are stored as complete, "
+            "and write_dataset drops such rows") in proc.stdout
+    assert np.isnan(np.load(store / "loss.npy")[[1, 4]]).all()
+    children = {int(r.data.params["index"]): r for r in tracking_client(tmp_path).search_runs(["0"])
+                if "mlflow.parentRunId" in r.data.tags}
+    assert {i for i, r in children.items() if r.data.tags.get("nonfinite") == "loss"} == {1, 4}
+    out = run_cli("worker", "store=st", "index=9", f"main={FAULTS}", "args.nan=9", cwd=tmp_path, check=True)
+    assert "warning: model 9 returned NaN/inf in loss (stored; write_dataset drops such rows)" in out.stdout
+    for file in (store / ".lock", store / "workers" / "1" / "output.log", store / "_failures.json"):
+        assert file.stat().st_mode & 0o777 == 0o640, file
+
+
+def test_store_lock_refuses_a_second_holder(tmp_path):
+    with store_lock(tmp_path, "train"):
+        with pytest.raises(UserError, match=rf"^store {tmp_path} is in use by PID {os.getpid()} \(train\); "
+                                            "wait for it to finish or stop it$"):
+            with store_lock(tmp_path, "init force=true"):
+                pass
+        with pytest.raises(UserError, match=r"in use by PID \d+ \(train\)"):
+            with store_lock(tmp_path, "worker", shared=True):
+                pass
+    with store_lock(tmp_path, "worker", shared=True), store_lock(tmp_path, "worker", shared=True):
+        with row_lock(tmp_path, 3, "worker index=3"), row_lock(tmp_path, 4, "worker index=4"):
+            with pytest.raises(UserError, match=rf"^model 3 of store {tmp_path} is in use by PID \d+ \(worker index=3\)"):
+                with row_lock(tmp_path, 3, "worker index=3"):
+                    pass
+    with store_lock(tmp_path, "init force=true"):  # every lock is released on leaving its block
+        pass
+
+
+def test_read_only_store_is_refused_with_one_line(store, tmp_path):
+    command = [sys.executable, "-m", "datamodels_ml", *train_args(4)]
+    if os.geteuid() == 0:  # root writes through permissions: mount the store read-only in a private namespace
+        if shutil.which("unshare") is None:
+            pytest.skip("needs unshare for a read-only mount")
+        script = f'mount --bind st st && mount -o remount,bind,ro st && exec "$@"'
+        command = ["unshare", "-m", "sh", "-c", script, "sh", *command]
+        why = "Read-only file system"
+    else:
+        store.chmod(0o555)
+        why = "Permission denied"
+    try:
+        out = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    finally:
+        store.chmod(0o755)
+    if "unshare" in command[0] and out.returncode != 2 and "error: store" not in out.stderr:
+        pytest.skip(f"cannot mount here: {out.stderr.strip()[-200:]}")
+    assert out.returncode == 2
+    assert out.stderr == f"error: store st is not writable ({why}: st/.lock); train needs to write to it\n"
