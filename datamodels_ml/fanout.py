@@ -29,6 +29,7 @@ from datamodels_ml.lock import store_lock
 from datamodels_ml.runner_process import RunnerProcess
 from datamodels_ml.spec import load_spec
 from datamodels_ml.store import SPEC_FILE, Store, compress_ranges, create_store
+from datamodels_ml.store_layout import is_store
 from datamodels_ml.worker import ModelResult
 
 
@@ -257,7 +258,7 @@ def _drain(fan: "Fanout", rec: _Recorder) -> None:
 
 
 def _open_store(cfg: TrainConfig) -> Store:
-    exists = os.path.isfile(os.path.join(cfg.store, SPEC_FILE))
+    exists = is_store(cfg.store)  # ours (spec.json) or the original layout (.npy headers only)
     if cfg.spec:
         return create_store(cfg.store, load_spec(cfg.spec))  # a no-op for the same spec
     if not exists:
@@ -280,6 +281,7 @@ def train(cfg: TrainConfig) -> int:
     if cfg.n > store.num_models:
         raise UserError(f"n={cfg.n} but the store at {store.path} holds only {store.num_models} models (num_models in its spec)")
     with terminate_as_interrupt(), store_lock(store.path, "train"):
+        store.reserve_space()  # a store made sparse (by the original tools, or before 0.2) gets its blocks now
         return _train(cfg, store, envs)
 
 
@@ -301,7 +303,7 @@ def _train(cfg: TrainConfig, store: Store, envs: list[dict[str, str]]) -> int:
     print(f"training {len(todo)} models ({int(done.sum())} of {cfg.n} already complete) on "
           f"{len(envs)} {'GPU' if cfg.gpus else 'CPU'} slot{'s' if len(envs) > 1 else ''}", flush=True)
     with tracking.run("train", params=params) as parent:
-        tracking.log_artifact(store.path / SPEC_FILE)
+        tracking.log_dict(store.spec.to_json(), SPEC_FILE)
         bar = tqdm(total=len(todo), unit="model", disable=not cfg.progress, dynamic_ncols=True)
         rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))
         fan = Fanout(job, envs, todo, cfg.timeout or None)

@@ -30,7 +30,13 @@ def init(cfg: InitConfig) -> int:
     spec = load_spec(cfg.spec)
     existed = is_store(cfg.store)
     original = existed and not os.path.isfile(os.path.join(cfg.store, SPEC_FILE))
-    store = create_store(cfg.store, spec, force=cfg.force, write_spec=cfg.write_spec)
+    if cfg.force and existed:  # replacing a store: not while a train or worker writes it
+        from datamodels_ml.lock import store_lock
+
+        with store_lock(cfg.store, "init force=true"):
+            store = create_store(cfg.store, spec, force=True)
+    else:
+        store = create_store(cfg.store, spec, force=cfg.force, write_spec=cfg.write_spec)
     if existed and not cfg.force:
         if original:
             done = int(store.completed.sum())

@@ -247,3 +247,37 @@ def test_evaluate_refuses_another_store_with_the_same_sizes(tmp_path):
     make_store(short, n=160, seed=0, complete=range(50))
     proc = run_cli("evaluate", f"datamodels={dm}", f"store={short}", cwd=tmp_path)
     _one_error_line(proc, r"fitted on \d+ models that are not complete in the store at .*short")
+
+
+def test_train_completes_an_original_store_keeping_its_rows(tmp_path):
+    """An original store of the minimal example's keys: train fills only the missing rows, writes no spec.json."""
+    path = tmp_path / "orig"
+    path.mkdir()
+    values = np.lib.format.open_memmap(path / "values.npy", mode="w+", dtype=np.uint8, shape=(6, 10))
+    index = np.lib.format.open_memmap(path / "index.npy", mode="w+", dtype=np.int64, shape=(6,))
+    done = np.lib.format.open_memmap(path / "_completed.npy", mode="w+", dtype=np.bool_, shape=(6,))
+    values[2], index[2], done[2] = 77, 2, True  # trained by the original tools with another multiple
+    for arr in (values, index, done):
+        arr.flush()
+    del values, index, done
+    run_cli("train", f"store={path}", "main=datamodels_ml.examples.minimal", "n=6", "jobs=1", "args.multiple=3",
+            "progress=false", cwd=tmp_path, check=True)
+    store = Store(path, writable=False)
+    assert store.completed.all() and store.original_layout
+    assert store.array("values")[2].tolist() == [77] * 10  # the original's row is untouched
+    assert store.array("values")[[0, 1, 3, 4, 5]].tolist() == [[3] * 10] * 5
+
+
+def test_init_force_is_refused_while_the_store_is_in_use(tmp_path):
+    from datamodels_ml.lock import store_lock
+
+    store = create_store(tmp_path / "s", parse_spec(SPEC))
+    store.write_row(1, {"masks": np.ones(5, bool), "margins": np.ones(3, np.float16)})
+    spec = tmp_path / "other.json"
+    spec.write_text(json.dumps({**SPEC, "num_models": 9}))
+    before = _snapshot(tmp_path / "s")
+    with store_lock(tmp_path / "s", "train"):
+        proc = run_cli("init", f"spec={spec}", f"store={tmp_path / 's'}", "force=true", cwd=tmp_path)
+    _one_error_line(proc, rf"store .*s is in use by PID {os.getpid()} \(train\)")
+    assert {k: v for k, v in _snapshot(tmp_path / "s").items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
