@@ -107,6 +107,12 @@ class Datamodels:
         if not isinstance(data, dict):
             raise UserError(f"{source}: not a datamodels file (expected a dict, got {type(data).__name__})")
         missing = [k for k in REQUIRED_KEYS if k not in data]
+        from datamodels_ml.original import is_original
+
+        if missing and is_original(data):
+            raise UserError(f"{source} was written by the original tools (weight, bias, lam only): give "
+                            f"original_config=<the regression config it was fitted with> to recover its "
+                            f"standardization from the .beton that config names")
         if missing:
             raise UserError(f"{source}: not a datamodels file (missing key '{missing[0]}'; "
                             f"expected {', '.join(REQUIRED_KEYS)})")
@@ -115,14 +121,39 @@ class Datamodels:
         return cls(**arrays, meta=meta, path=Path(source) if source != "datamodels" else None)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Datamodels":
-        """Read ``datamodels.pt``; a missing file or a dict without the needed keys is a ``UserError``."""
+    def load(cls, path: str | os.PathLike, *, original_config: str | os.PathLike | None = None,
+             original_beton: str | os.PathLike | None = None) -> "Datamodels":
+        """Read ``datamodels.pt``; a missing file or a dict without the needed keys is a ``UserError``.
+
+        A file of the original tools (``weight``, ``bias``, ``lam`` only) needs ``original_config``,
+        the regression config it was fitted with (see ``original``); ``original_beton`` overrides the
+        ``.beton`` that config names (when it has moved).
+        """
         path = Path(path)
         if path.is_dir() and (path / "datamodels.pt").is_file():
             path = path / "datamodels.pt"
         if not path.is_file():
             raise UserError(f"datamodels file not found: {path}")
-        return cls.from_dict(load_tensors(path), source=str(path))
+        data = load_tensors(path)
+        if original_config:
+            from datamodels_ml.original import complete_original, is_original
+
+            if not is_original(data):
+                raise UserError(f"original_config is for results of the original tools, but {path} already "
+                                f"holds its standardization (mean, std): leave original_config out")
+            data = complete_original(data, original_config, source=str(path), beton=original_beton)
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as ``datamodels.pt`` (tensors and plain values only: loadable with weights_only)."""
+        import torch
+
+        def plain(v: Any) -> Any:
+            return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+
+        data = {k: plain(v) for k, v in self.meta.items()}
+        data.update({k: torch.from_numpy(getattr(self, k).astype(np.float32)) for k in REQUIRED_KEYS})
+        torch.save(data, path)
 
     # -- shape and provenance ------------------------------------------------------------------
     @property

@@ -293,6 +293,10 @@ class EvaluateConfig:
     out: str = field(default="", metadata={"help": "directory for the CSV, plots and metrics.json (default: MLflow only)"})
     log_model: bool = field(default=True, metadata={"help": "log the datamodels as an MLflow pyfunc model"})
     figure: bool = field(default=True, metadata={"help": "draw the digits influence figure when the store is the digits example"})
+    original_config: str = field(default="", metadata={
+        "help": "for a datamodels.pt of the original tools: the regression config it was fitted with"})
+    original_beton: str = field(default="", metadata={
+        "help": "with original_config: the .beton it was fitted on, when not where the config says"})
 
 
 @dataclass
@@ -325,7 +329,8 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
     from datamodels_ml import tracking
 
     start = time.perf_counter()
-    dm = Datamodels.load(cfg.datamodels)
+    dm = Datamodels.load(cfg.datamodels, original_config=cfg.original_config or None,
+                         original_beton=cfg.original_beton or None)
     source = str(dm.path)
     store = cfg.store or dm.store or ""
     if not store and not cfg.heldout_store:
@@ -374,7 +379,11 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
         if cfg.log_model:
             from datamodels_ml.pyfunc import log_datamodels_model
 
-            model_uri = log_datamodels_model(source)
+            model_file = source
+            if dm.meta.get("origin") == "original":  # served with the standardization recovered here
+                model_file = str(Path(tmp) / "datamodels.pt")
+                dm.save(model_file)
+            model_uri = log_datamodels_model(model_file)
         run_id = active.info.run_id
     seconds = time.perf_counter() - start
     if not quiet:
