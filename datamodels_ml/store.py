@@ -182,8 +182,9 @@ class Store:
         """access(2) answers for permissions and for a read-only file system alike, root included."""
         for file in [self.path, *(self.path / f"{k}.npy" for k in [*self.spec.schema, COMPLETED])]:
             if file.exists() and not os.access(file, os.W_OK):
-                raise UserError(f"store at {self.path} is not writable ({file.name}: permission denied or a "
-                                f"read-only file system)")
+                read_only = bool(os.statvfs(file).f_flag & os.ST_RDONLY)
+                why = os.strerror(30 if read_only else 13)  # EROFS / EACCES
+                raise UserError(f"store {self.path} is not writable ({why}: {file})")
 
     def reserve_space(self) -> None:
         """Allocate every array file's blocks now (see ``store_layout.reserve``); contents unchanged."""

@@ -254,4 +254,4 @@ def test_read_only_store_is_refused_with_one_line(store, tmp_path):
     if "unshare" in command[0] and out.returncode != 2 and "error: store" not in out.stderr:
         pytest.skip(f"cannot mount here: {out.stderr.strip()[-200:]}")
     assert out.returncode == 2
-    assert out.stderr == f"error: store st is not writable ({why}: st/.lock); train needs to write to it\n"
+    assert out.stderr == f"error: store st is not writable ({why}: st)\n"
