@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml Makefile
 	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing FFCV's build requirements: $(DEB_PKGS)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PKGS) >/dev/null || exit 1; \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $(DEB_PKGS) >/dev/null || exit 1; \
 	  else \
 	    echo "error: FFCV needs OpenCV and libjpeg-turbo headers and pkg-config ($(DEB_PKGS) on Debian)."; \
 	    echo "       Install them as root, or use the conda environment instead: conda env create -f conda.yaml"; \
