@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import numpy as np
@@ -113,6 +114,8 @@ def test_bad_inputs_keep_existing_out_dir(digits, tmp_path, case):
     out = tmp_path / "results"
     out.mkdir()
     (out / "datamodels.pt").write_bytes(b"older results")
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "inputs": {}}))  # an older regression
+    (out / "notes.txt").write_text("the user's")
     before = _tree_digest(out)
     overrides, message = BAD[case]
     args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}"]
@@ -211,3 +214,35 @@ def test_missing_beton_is_a_user_error(tmp_path):
                config_key="config")
     with pytest.raises(UserError, match="^" + re.escape(f"dataset not found: {tmp_path / 'nope.beton'}")):
         fit(cfg, progress=False, log=False)
+
+
+# -- the output directory: only our files are replaced ---------------------------------------------
+def test_force_replaces_only_our_files(digits, tmp_path):
+    out = tmp_path / "results"
+    args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}", "cfg.method=fista"]
+    run_cli("regress", *args, cwd=tmp_path, check=True)
+    (out / "notes.txt").write_text("the user's")
+    (out / "mine").mkdir()
+    (out / "mine" / "data.csv").write_text("1,2\n")
+    first = torch.load(out / "datamodels.pt", weights_only=True)
+    run_cli("regress", *args, "cfg.k=4", "cfg.force=true", cwd=tmp_path, check=True)
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "mine" / "data.csv").read_text() == "1,2\n"
+    second = torch.load(out / "datamodels.pt", weights_only=True)
+    assert first["lam_path"].shape[0] == K and second["lam_path"].shape[0] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "datamodels.pt", "manifest.json", "mine",
+                                                     "notes.txt", "path.png", "targets.csv"]
+
+
+def test_force_refuses_a_directory_that_is_not_ours(digits, tmp_path):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "manifest.json").write_text('{"name": "another tool"}')
+    before = _tree_digest(out)
+    proc = run_cli("regress", f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
+                   "cfg.force=true", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cfg.out_dir {out} is not empty and holds no regression of ours (no manifest.json written by "
+        "regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory")
+    assert _tree_digest(out) == before
