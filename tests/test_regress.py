@@ -246,3 +246,37 @@ def test_force_refuses_a_directory_that_is_not_ours(digits, tmp_path):
         f"error: cfg.out_dir {out} is not empty and holds no regression of ours (no manifest.json written by "
         "regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory")
     assert _tree_digest(out) == before
+
+
+DEMO_TINY = [f"config={CONFIGS / 'demo_tiny.yaml'}", f"spec={CONFIGS / 'digits_spec.json'}",
+             f"reg_config={TINY}"]
+
+
+@pytest.mark.parametrize("case", ["results", "beton"])
+def test_demo_refuses_to_replace_what_it_did_not_write(tmp_path, case):
+    """The demo always forces its outputs: a path naming the user's files is refused before training."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    target = mine if case == "results" else mine / "thesis.tex"
+    proc = run_cli("demo", *DEMO_TINY, f"{case}={target}", "store=store", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    expected = (f"error: cfg.out_dir {mine} is not empty and holds no regression of ours (no manifest.json written "
+                "by regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory"
+                if case == "results" else
+                f"error: beton={target} exists but was not written by write_dataset (no {target}.json beside it): "
+                "choose another beton path; the demo replaces only files it wrote")
+    assert proc.stderr.strip().splitlines()[-1] == expected
+    assert (mine / "thesis.tex").read_text() == "years of work" and not (tmp_path / "store").exists()
+
+
+def test_evaluate_refuses_to_overwrite_files_it_did_not_write(tmp_path):
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "scatter.png").write_bytes(b"the user's figure")
+    proc = run_cli("evaluate", "datamodels=dm.pt", f"out={out}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: out {out} holds scatter.png, which evaluate did not write (no metrics.json of an evaluation "
+        "there): choose another out directory")
+    assert (out / "scatter.png").read_bytes() == b"the user's figure"
