@@ -8,8 +8,9 @@ unit noise and an offset. Per size, in a fresh process (so the peak RSS is that 
 * our ``lasso_path`` (``--method``, with the refit) on ``--n-train`` + ``--n-val`` models: seconds,
   FISTA iterations and iterations per second, peak RSS (and the part above the data themselves);
 * test MSE on ``--n-test`` fresh models against an oracle, least squares on the true support;
-* rates of the two dense stages measured on this machine: the Gram product (GFLOP/s of a float32
-  X^T X on a 2000-row, up to 8000-column block) and X^T Y.
+* GFLOP/s of the three dense float32 products at the shapes of a large run, measured on this
+  machine: the Gram block X^T X (2000 rows, up to 8000 columns), X^T Y with 1024 targets and G @ W
+  with a 512-target block (one FISTA iteration without screening).
 
 The extrapolation multiplies those rates by the paper-scale flop counts (Gram 2 n p², X^T Y 2 n p T,
 each FISTA iteration 2 p² T without screening, as many iterations as the largest size measured here
@@ -52,27 +53,34 @@ def make_data(n: int, p: int, T: int, support: int, seed: int):
     return X, Y, W
 
 
-def _rates(X: np.ndarray, Y: np.ndarray, device: str) -> tuple[float, float]:
-    """GFLOP/s of a float32 Gram block (X^T X) and of X^T Y, on ``device``."""
+def _rates(X: np.ndarray, device: str) -> tuple[float, float, float]:
+    """GFLOP/s on ``device`` of the three dense products, float32, at the shapes of a large run.
+
+    The Gram block X^T X (2000 rows, up to 8000 columns), X^T Y with 1024 target columns, and
+    G @ W with a 512-target block (a FISTA iteration without screening).
+    """
     import torch
 
     dev = torch.device(device)
     m, q = min(2000, X.shape[0]), min(8000, X.shape[1])
     Z = torch.from_numpy(X[:m, :q]).to(dev, torch.float32)
-    Yt = torch.from_numpy(Y[:m]).to(dev)
-    Z.T @ Z  # warm-up
+    Y = torch.randn(m, 1024, device=dev)
+    W = torch.randn(q, 512, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
-    sync()
-    t0 = time.perf_counter()
-    Z.T @ Z
-    sync()
-    gram = 2 * m * q * q / (time.perf_counter() - t0) / 1e9
-    t0 = time.perf_counter()
-    for _ in range(10):
-        Z.T @ Yt
-    sync()
-    xty = 10 * 2 * m * q * Y.shape[1] / (time.perf_counter() - t0) / 1e9
-    return gram, xty
+
+    def rate(fn, flops):
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return flops / (time.perf_counter() - t0) / 1e9
+
+    gram = rate(lambda: Z.T @ Z, 2 * m * q * q)
+    G = Z.T @ Z
+    xty = rate(lambda: Z.T @ Y, 2 * m * q * 1024)
+    gw = rate(lambda: G @ W, 2 * q * q * 512)
+    return gram, xty, gw
 
 
 def run_size(p: int, n_train: int, n_val: int, n_test: int, T: int, support: int, k: int, eps: float,
@@ -85,7 +93,7 @@ def run_size(p: int, n_train: int, n_val: int, n_test: int, T: int, support: int
     tr, va = slice(0, n_train), slice(n_train, n_train + n_val)
     te = slice(n_train + n_val, None)
     data_rss = current_rss_bytes()
-    gram_rate, xty_rate = _rates(X, Y, device)
+    gram_rate, xty_rate, gw_rate = _rates(X, device)
 
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -123,7 +131,7 @@ def run_size(p: int, n_train: int, n_val: int, n_test: int, T: int, support: int
             "iterations": iters, "iters_per_s": iters / max(path_seconds, 1e-9) if path_seconds > 0 else float("nan"),
             "test_mse": test_mse, "oracle_mse": float(np.mean(oracle)), "rss": peak_rss_bytes(), "data_rss": data_rss,
             "gpu": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
-            "gram_gflops": gram_rate, "xty_gflops": xty_rate, "T": T}
+            "gram_gflops": gram_rate, "xty_gflops": xty_rate, "gw_gflops": gw_rate, "T": T}
 
 
 def _hours(seconds: float) -> str:
@@ -136,14 +144,15 @@ def extrapolate(last: dict, measured_gpu: bool, gpu_tflops: float, method: str) 
     n, p, T = PAPER["n"], PAPER["p"], PAPER["T"]
     gram_flops, xty_flops = 2 * n * p * p, 2 * n * p * T
     iter_flops = 2 * p * p * T  # one FISTA iteration over every target, no screening
-    measured_iter_gflops = last["iters_per_s"] * 2 * last["p"] ** 2 * last["T"] / 1e9
     fixed, per_target = estimate(n_features=p, n_train=n, n_val=n // 10, batch_size=2000, method=method, itemsize=4)
     print(f"\nextrapolation to the paper's scale ({n} models x {p} features x {T} targets), "
-          f"{last['iterations']} FISTA iterations over the path as at p={last['p']}:")
-    rows = [("this CPU (measured rates)", last["gram_gflops"], last["xty_gflops"], measured_iter_gflops,
+          f"{last['iterations']} FISTA iterations over the path as at p={last['p']}, every iteration over every "
+          f"target (no screening), rates of the large products above (not of this run's thin {last['T']}-target "
+          f"iterations):")
+    rows = [("this CPU (measured rates)", last["gram_gflops"], last["xty_gflops"], last["gw_gflops"],
              cpu_available() or 0)]
     if measured_gpu:
-        rows = [("this GPU (measured rates)", last["gram_gflops"], last["xty_gflops"], measured_iter_gflops,
+        rows = [("this GPU (measured rates)", last["gram_gflops"], last["xty_gflops"], last["gw_gflops"],
                  80 * 2**30)]
     else:
         rows.append((f"one 80 GB GPU (ASSUMED {gpu_tflops:g} TFLOP/s, not measured)", gpu_tflops * 1e3,
@@ -153,7 +162,7 @@ def extrapolate(last: dict, measured_gpu: bool, gpu_tflops: float, method: str) 
         room = int(memory * USABLE) - fixed
         blocks = "does not fit" if room < per_target else f"blocks of {min(T, room // per_target)} targets"
         print(f"  {name}: Gram {_hours(t_gram)} ({g:.0f} GFLOP/s), X^T Y {_hours(t_xty)}, iterations "
-              f"{_hours(t_iter)} ({it:.0f} GFLOP/s effective) -> about {_hours(t_gram + t_xty + t_iter)}; memory "
+              f"{_hours(t_iter)} ({it:.0f} GFLOP/s) -> about {_hours(t_gram + t_xty + t_iter)}; memory "
               f"{fmt_bytes(fixed)} statistics + {fmt_bytes(per_target)}/target of {fmt_bytes(memory)}: {blocks}")
 
 
@@ -177,7 +186,7 @@ def main() -> None:
     print(f"{args.n_train} train + {args.n_val} val (+ {args.n_test} test) models, {args.targets} targets, "
           f"{args.support} true non-zeros each, k={args.k}, eps={args.eps}, {args.method} on {args.device}")
     print(f"{'p':>6} {'seconds':>8} {'stats s':>8} {'path s':>7} {'iters':>6} {'iter/s':>7} {'Gram GF/s':>9} "
-          f"{'XtY GF/s':>8} {'peak RSS':>9} {'above data':>10} {'test MSE':>9} {'oracle':>7} {'ratio':>6}")
+          f"{'XtY GF/s':>8} {'GW GF/s':>7} {'peak RSS':>9} {'above data':>10} {'test MSE':>9} {'oracle':>7} {'ratio':>6}")
     last = None
     for p in (int(s) for s in args.sizes.split(",") if s):
         try:
@@ -188,7 +197,7 @@ def main() -> None:
             continue
         gpu = f" (GPU peak {gb(r['gpu'])})" if r["gpu"] else ""
         print(f"{p:>6} {r['seconds']:8.1f} {r['stats_seconds']:8.1f} {r['path_seconds']:7.1f} {r['iterations']:6d} "
-              f"{r['iters_per_s']:7.1f} {r['gram_gflops']:9.0f} {r['xty_gflops']:8.0f} {gb(r['rss']):>9} "
+              f"{r['iters_per_s']:7.1f} {r['gram_gflops']:9.0f} {r['xty_gflops']:8.0f} {r['gw_gflops']:7.0f} {gb(r['rss']):>9} "
               f"{gb(r['rss'] - r['data_rss']):>10} {r['test_mse']:9.4f} {r['oracle_mse']:7.4f} "
               f"{r['test_mse'] / r['oracle_mse']:6.3f}{gpu}")
         last = r

@@ -54,11 +54,12 @@ class BlockStore:
     def open(self, inputs: dict[str, Any], *, force: bool) -> list[tuple[int, int]]:
         """Start or resume: return the saved blocks of a run with the same ``inputs``.
 
-        Blocks of other inputs raise a ``UserError`` naming ``cfg.force``, or are discarded with ``force``.
+        Blocks of other inputs raise a ``UserError`` naming ``cfg.force``, or are discarded with
+        ``force`` (a run of other inputs that saved no block is simply replaced).
         """
         mark = self._mark()
         if mark is not None and mark.get("inputs") != inputs:
-            if not force:
+            if not force and self.saved():
                 raise UserError(f"{self.dir} holds target blocks of an unfinished regression with another config or "
                                 "dataset: rerun that config to resume it, or use cfg.force=true to discard its blocks")
             self.clear()

@@ -191,7 +191,7 @@ class _Progress:
         from tqdm import tqdm
 
         self.k, self.n_targets, self.n_blocks = k, n_targets, n_blocks
-        self.on_path = n_targets
+        self.on_path = 1.0  # fraction of the block's targets still on the path
         self.blocks_done = 0
         self.bar = tqdm(desc="regress", unit="epoch", disable=not progress, dynamic_ncols=True, file=sys.stderr)
 
@@ -200,10 +200,10 @@ class _Progress:
             self.bar.update(1)
             lam = "refit" if info.get("lambda_index", 0) < 0 else f"{info['lambda_index'] + 1}/{self.k}"
             blocks = f"block {self.blocks_done + 1}/{self.n_blocks}, " if self.n_blocks > 1 else ""
-            self.bar.set_postfix_str(f"{blocks}λ {lam}, targets on path {self.on_path}/{self.n_targets}, "
+            self.bar.set_postfix_str(f"{blocks}λ {lam}, targets on path {self.on_path:.0%}, "
                                      f"solving {info['n_active']}", refresh=False)
         elif event == "lambda":
-            self.on_path = int(round(info["active"] * self.n_targets))
+            self.on_path = float(info["active"])
 
     def end_block(self) -> None:
         self.blocks_done += 1
