@@ -84,6 +84,7 @@ bench: setup ## benchmarks (~10 min): train overhead, regression vs sklearn, sca
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_regression.py
 	$(PY) benchmarks/bench_scale.py --sizes 5000
+	$(PY) benchmarks/bench_startup.py
 
 bench-regression: setup ## regression vs scikit-learn's lasso_path sharing one Gram, time and peak memory
 	$(PY) benchmarks/bench_regression.py $(ARGS)
