@@ -200,11 +200,14 @@ def test_fit_split_is_seeded(planted):
     ("cfg.eps=0", "cfg.eps must be in (0, 1], got 0.0"),
     ("cfg.method=lars", "cfg.method must be saga or fista, got 'lars'"),
     ("cfg.batch_size=0", "cfg.batch_size must be >= 1, got 0"),
+    ("cfg.target_block=-1", "cfg.target_block must be >= 0 (0: automatic), got -1"),
+    ("gpus=64 cfg.device=auto", "gpus=64 but"),
+    ("gpus=1 cfg.device=cpu", "gpus=1 spreads the blocks over CUDA devices: leave cfg.device auto or cuda, not 'cpu'"),
 ])
 def test_fit_rejects_bad_values(planted, override, message):
     root = planted[0]
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={root / 'with_bias.beton'}", "cfg.out_dir=unused",
-                               "data.target_end_ind=-1", override], config_key="config")
+                               "data.target_end_ind=-1", *override.split()], config_key="config")
     with pytest.raises(UserError, match="^" + re.escape(message)):
         fit(cfg, progress=False, log=False)
 
