@@ -151,3 +151,31 @@ def test_merge_weights_active_by_block_size():
     m = merge([block(3, [1.0, 1.0, 0.0]), block(1, [1.0, 0.0, 0.0])])
     assert m["weight"].shape == (2, 4) and m["lam_path"].shape == (3, 4)
     assert m["active"].tolist() == [1.0, 0.75, 0.0] and m["epochs"] == 10 and m["seconds"] == 3.0
+
+
+def test_run_spreads_blocks_over_devices_once_each():
+    """The multi-device scheduler (one thread per device), here with a pure function for each block."""
+    import threading
+
+    from datamodels_ml.blocks import run
+
+    todo = [(s, s + 3) for s in range(0, 30, 3)]
+    seen: dict = {}
+
+    def fit_one(s, e, device):
+        return {"device": device, "thread": threading.current_thread().name}
+
+    run(todo, ["dev0", "dev1"], fit_one, lambda s, e, block: seen.setdefault((s, e), block))
+    assert sorted(seen) == todo
+    assert {b["thread"] for b in seen.values()} <= {"regress-dev0", "regress-dev1"}
+    assert all(b["thread"] == f"regress-{b['device']}" for b in seen.values())
+
+    def failing(s, e, device):
+        if s == 9:
+            raise RuntimeError("out of memory on block 9-12")
+        return {}
+
+    done = []
+    with pytest.raises(RuntimeError, match="^out of memory on block 9-12$"):
+        run(todo, ["dev0", "dev1"], failing, lambda s, e, block: done.append((s, e)))
+    assert (9, 12) not in done and len(done) < len(todo)
