@@ -49,7 +49,7 @@ class SolverConfig:
     max_epochs: Optional[int] = field(default=None, metadata={"help": "cap per λ (saga epochs / fista iterations; null: solver default)"})
     min_lambdas: int = field(default=5, metadata={"help": "λ indices always fitted before a target may stop early"})
     refit: bool = field(default=True, metadata={"help": "refit each target at its selected λ on train+val"})
-    force: bool = field(default=False, metadata={"help": "overwrite an existing out_dir"})
+    force: bool = field(default=False, metadata={"help": "replace the outputs of an earlier regress in out_dir (only its own files)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     target_block: int = field(default=0, metadata={"help": "targets solved at a time (0: as many as the memory holds)"})
 
