@@ -26,7 +26,7 @@ ARGS    ?=
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench ui lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale ui lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
@@ -80,9 +80,17 @@ evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STO
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)
 
-bench: setup ## benchmarks: train overhead per model and regression speed, printed as ratios
+bench: setup ## benchmarks (~10 min): train overhead, regression vs sklearn, scale at p=5k (docs/benchmarks.md)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_regression.py
+	$(PY) benchmarks/bench_scale.py --sizes 5000
+	$(PY) benchmarks/bench_startup.py
+
+bench-regression: setup ## regression vs scikit-learn's lasso_path sharing one Gram, time and peak memory
+	$(PY) benchmarks/bench_regression.py $(ARGS)
+
+bench-scale: setup ## regression at p=5k..30k features (long; ~10 GB at 30k) and the paper-scale extrapolation
+	$(PY) benchmarks/bench_scale.py $(ARGS)
 
 ui: setup ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

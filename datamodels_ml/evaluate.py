@@ -324,10 +324,32 @@ def format_scores(s: Scores) -> str:
     return "\n".join(lines)
 
 
+EVALUATE_FILES = ("metrics.json", "per_target.csv", "scatter.png", "digits_influence.png")
+
+
+def _check_out(out: str) -> None:
+    """``out`` may gain our files; refuse to overwrite files of those names that an evaluation did not write."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"out {path} exists and is not a directory")
+    clashes = [name for name in EVALUATE_FILES if (path / name).exists()]
+    if not clashes:
+        return
+    try:
+        ours = "lds" in json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise UserError(f"out {path} holds {clashes[0]}, which evaluate did not write (no metrics.json of an "
+                        "evaluation there): choose another out directory")
+
+
 def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationResult:
     """Score the datamodels on the held-out models, write/log the artifacts; the core of ``evaluate``."""
     from datamodels_ml import tracking
 
+    if cfg.out:
+        _check_out(cfg.out)
     start = time.perf_counter()
     dm = Datamodels.load(cfg.datamodels, original_config=cfg.original_config or None,
                          original_beton=cfg.original_beton or None)

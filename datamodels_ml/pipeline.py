@@ -118,6 +118,23 @@ def beton_is_current(cfg: DemoConfig) -> bool:
             and m.get("y_name") == cfg.y_name and written == [int(i) for i in store.completed_indices()])
 
 
+def _check_beton_is_ours(cfg: DemoConfig) -> None:
+    """The demo replaces its beton (force): only a file write_dataset wrote, recognised by its manifest."""
+    from datamodels_ml.dataset import manifest_path, read_manifest
+
+    if os.path.lexists(cfg.beton) and read_manifest(cfg.beton) is None:
+        raise UserError(f"beton={cfg.beton} exists but was not written by write_dataset (no {manifest_path(cfg.beton)} "
+                        "beside it): choose another beton path; the demo replaces only files it wrote")
+
+
+def _check_outputs(cfg: DemoConfig, rc) -> None:
+    """Before training: the beton and the results directory are new or ours (the demo replaces them)."""
+    from datamodels_ml.results import check_out_dir
+
+    _check_beton_is_ours(cfg)
+    check_out_dir(rc)
+
+
 def stage_write_dataset(cfg: DemoConfig) -> StageResult:
     from datamodels_ml.dataset import WriteDatasetConfig, write_dataset
 
@@ -128,6 +145,7 @@ def stage_write_dataset(cfg: DemoConfig) -> StageResult:
         _reused_run("write_dataset", {"store": cfg.store, "out": cfg.beton, "x_name": cfg.x_name,
                                       "y_name": cfg.y_name}, note)
         return StageResult("write_dataset", "reused", time.perf_counter() - t0, note)
+    _check_beton_is_ours(cfg)
     write_dataset(WriteDatasetConfig(store=cfg.store, out=cfg.beton, x_name=cfg.x_name, y_name=cfg.y_name,
                                      force=True, progress=cfg.progress))
     return StageResult("write_dataset", "ran", time.perf_counter() - t0)
@@ -205,6 +223,7 @@ def demo(cfg: DemoConfig) -> int:
     if cfg.n <= 0:
         raise UserError(f"n must be a positive number of models, got {cfg.n}")
     rc = regress_config(cfg)  # a bad regression config fails now, not after training
+    _check_outputs(cfg, rc)
     _check_split(rc.data.num_train + rc.data.num_val, max(cfg.n, _completed_count(cfg.store)))
     t0 = time.perf_counter()
     stages: list[StageResult] = []

@@ -1,37 +1,27 @@
 """The ``regress`` stage: a config and a ``.beton`` in, ``datamodels.pt`` and the path metrics out.
 
 It owns the regression config (a superset of the original ``regression_config.yaml``), its
-validation, the random train/val split of the beton's rows, the FFCV batch sources handed to the
-solver (``lasso``), the output directory (``datamodels.pt``, ``config.yaml``, ``path.png``,
-``targets.csv``, ``manifest.json``, written under a temporary name and swapped in at the end) and
-the MLflow record (one run; the path as metrics with ``step`` = λ index).
+validation, the random train/val split of the beton's rows, the batch sources handed to the solver
+(``lasso``), the loop over target blocks (sized by ``memory``, saved and resumed by ``blocks``,
+spread over ``gpus`` devices) and the MLflow record (one run; the path as metrics with ``step`` = λ
+index). The output directory is ``results``.
 
 ``fit(cfg)`` is the same fit without files or a run of its own, for callers such as the model-budget
 curve; ``regress(cfg)`` is the command.
 """
 
-import dataclasses
-import json
-import math
 import os
-import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
-
-FORMAT_VERSION = 1
-RESULTS_FILE = "datamodels.pt"
-MANIFEST_FILE = "manifest.json"
-# Keys that do not change the fitted result: left out of the fingerprint that decides reruns.
-_NOT_FINGERPRINTED = ("cfg.force", "cfg.num_workers", "cfg.progress", "cfg.out_dir")
+from datamodels_ml.results import (FORMAT_VERSION, MANIFEST_FILE, RESULTS_FILE, config_dict, fingerprint,  # noqa: F401
+                                   is_up_to_date, path_curves, summary, write_results)
 
 
 @dataclass
@@ -59,8 +49,9 @@ class SolverConfig:
     max_epochs: Optional[int] = field(default=None, metadata={"help": "cap per λ (saga epochs / fista iterations; null: solver default)"})
     min_lambdas: int = field(default=5, metadata={"help": "λ indices always fitted before a target may stop early"})
     refit: bool = field(default=True, metadata={"help": "refit each target at its selected λ on train+val"})
-    force: bool = field(default=False, metadata={"help": "overwrite an existing out_dir"})
+    force: bool = field(default=False, metadata={"help": "replace the outputs of an earlier regress in out_dir (only its own files)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    target_block: int = field(default=0, metadata={"help": "targets solved at a time (0: as many as the memory holds)"})
 
 
 @dataclass
@@ -74,6 +65,7 @@ class RegressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cfg: SolverConfig = field(default_factory=SolverConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    gpus: int = field(default=0, metadata={"help": "CUDA devices to spread the target blocks over (0: cfg.device only)"})
 
 
 # -- validation and the split --------------------------------------------------------------------
@@ -90,11 +82,8 @@ class Plan:
     val_rows: np.ndarray
     target_start: int
     target_end: int
-
-
-def config_dict(cfg: RegressConfig) -> dict[str, Any]:
-    """The merged config as a plain nested dict."""
-    return dataclasses.asdict(cfg)
+    devices: tuple[str, ...] = ()  # where the target blocks run (device, or gpus CUDA devices)
+    memory: Any = None  # memory.MemoryPlan
 
 
 def _device(name: str) -> str:
@@ -144,6 +133,25 @@ def check(cfg: RegressConfig) -> None:
         raise UserError(f"data.num_train must be >= 1, got {d.num_train}")
     if d.num_val < 1:
         raise UserError(f"data.num_val must be >= 1 (the validation models pick λ), got {d.num_val}")
+    if c.target_block < 0:
+        raise UserError(f"cfg.target_block must be >= 0 (0: automatic), got {c.target_block}")
+    if cfg.gpus < 0:
+        raise UserError(f"gpus must be >= 0, got {cfg.gpus}")
+
+
+def _devices(cfg: RegressConfig) -> tuple[str, ...]:
+    """``cfg.device`` alone, or the first ``gpus`` CUDA devices."""
+    if cfg.gpus == 0:
+        return (_device(cfg.cfg.device),)
+    import torch
+
+    if cfg.cfg.device not in ("auto", "cuda"):
+        raise UserError(f"gpus={cfg.gpus} spreads the blocks over CUDA devices: leave cfg.device auto or cuda, "
+                        f"not '{cfg.cfg.device}'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.gpus > count:
+        raise UserError(f"gpus={cfg.gpus} but {count} CUDA devices are available")
+    return tuple(f"cuda:{i}" for i in range(cfg.gpus))
 
 
 def plan(cfg: RegressConfig) -> Plan:
@@ -152,6 +160,7 @@ def plan(cfg: RegressConfig) -> Plan:
     import torch
 
     from datamodels_ml.dataset import beton_info, read_manifest
+    from datamodels_ml.memory import plan_memory
 
     d = cfg.data
     info = beton_info(d.data_path)
@@ -164,45 +173,46 @@ def plan(cfg: RegressConfig) -> Plan:
         raise UserError(f"target range data.target_start_ind={d.target_start_ind}, data.target_end_ind="
                         f"{d.target_end_ind} is not inside the {info.n_targets} targets of {d.data_path}")
     order = np.random.default_rng(d.seed).permutation(info.num_rows)
-    return Plan(cfg, info, read_manifest(d.data_path), _device(cfg.cfg.device),
+    devices = _devices(cfg)
+    c = cfg.cfg
+    memory = plan_memory(n_features=info.n_features, n_targets=end - start, n_train=d.num_train, n_val=d.num_val,
+                         batch_size=c.batch_size, method=c.method, dtype=c.dtype, devices=list(devices),
+                         target_block=c.target_block)
+    return Plan(cfg, info, read_manifest(d.data_path), devices[0],
                 torch.float64 if cfg.cfg.dtype == "float64" else torch.float32,
-                np.sort(order[:d.num_train]), np.sort(order[d.num_train:total]), start, end)
+                np.sort(order[:d.num_train]), np.sort(order[d.num_train:total]), start, end, devices, memory)
 
 
 # -- the fit -------------------------------------------------------------------------------------
 class _Progress:
-    """The solver callback: a tqdm bar over epochs and, optionally, the path metrics in MLflow."""
+    """The solver callback: a tqdm bar over epochs, shared by the target blocks."""
 
-    def __init__(self, k: int, n_targets: int, *, progress: bool, log: bool):
+    def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool):
         from tqdm import tqdm
 
-        self.k, self.n_targets, self.log = k, n_targets, log
-        self.on_path = n_targets
+        self.k, self.n_targets, self.n_blocks = k, n_targets, n_blocks
+        self.on_path = 1.0  # fraction of the block's targets still on the path
+        self.blocks_done = 0
         self.bar = tqdm(desc="regress", unit="epoch", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        self.stage = "path"
 
     def __call__(self, event: str, info: dict) -> None:
         if event == "epoch":
             self.bar.update(1)
             lam = "refit" if info.get("lambda_index", 0) < 0 else f"{info['lambda_index'] + 1}/{self.k}"
-            self.bar.set_postfix_str(f"λ {lam}, targets on path {self.on_path}/{self.n_targets}, "
+            blocks = f"block {self.blocks_done + 1}/{self.n_blocks}, " if self.n_blocks > 1 else ""
+            self.bar.set_postfix_str(f"{blocks}λ {lam}, targets on path {self.on_path:.0%}, "
                                      f"solving {info['n_active']}", refresh=False)
         elif event == "lambda":
-            self.on_path = int(round(info["active"] * self.n_targets))
-            if self.log:
-                from datamodels_ml import tracking
+            self.on_path = float(info["active"])
 
-                tracking.log_metrics({"val_mse": info["val_mse"], "train_mse": info["train_mse"],
-                                      "nnz": info["nnz"], "lam_ratio": info["lam_ratio"],
-                                      "active_fraction": info["active"]}, step=int(info["index"]))
-        elif event == "refit":
-            self.stage = "refit"
+    def end_block(self) -> None:
+        self.blocks_done += 1
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _val_variance(source) -> np.ndarray:
+def _val_variance(source) -> Any:
     """Per-target variance of the validation outputs (the denominator of R²)."""
     import torch
 
@@ -213,14 +223,17 @@ def _val_variance(source) -> np.ndarray:
         ss = (y * y).sum(0) if ss is None else ss + (y * y).sum(0)
         n += y.shape[0]
     mean = s / n
-    return (ss / n - mean * mean).clamp_min(0).numpy()
+    return (ss / n - mean * mean).clamp_min(0)
 
 
-def fit_plan(p: Plan, *, progress: bool = True, log: bool = True) -> dict[str, Any]:
-    """Run the solver for a validated plan and return the datamodels dict (see ``fit``)."""
+def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
+    """Solve targets ``[p.target_start, p.target_end)`` on ``p.device``: the block's tensors, on the CPU.
+
+    ``stats`` are the solver's feature statistics for ``p.device``, shared by the blocks (None: the
+    solver computes them itself).
+    """
     import torch
 
-    from datamodels_ml import tracking
     from datamodels_ml.dataset import BetonBatches
     from datamodels_ml.lasso import lasso_path
     from datamodels_ml.provenance import fingerprint_from_beton
@@ -230,8 +243,6 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True) -> dict[str, A
                   target_end=p.target_end, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=True, seed=p.cfg.data.seed, **common)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **common)
-    log = log and tracking.active_run_id() is not None
-    bar = _Progress(c.k, p.target_end - p.target_start, progress=progress, log=log)
     start = time.perf_counter()
     try:
         path = lasso_path(train, val, k=c.k, eps=c.eps, method=c.method, fit_intercept=c.use_bias,
@@ -240,32 +251,76 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True) -> dict[str, A
                           min_lambdas=c.min_lambdas, refit=c.refit, device=p.device, dtype=p.dtype,
                           callback=bar)
     finally:
-        bar.close()
+        bar.end_block()
     seconds = time.perf_counter() - start
-
-    val_var = _val_variance(val)
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    val_mse = cpu(path.val_mse).to(torch.float64)
-    best_index = cpu(path.best_index).long()
+    return {"weight": cpu(path.weight).float().contiguous(), "bias": cpu(path.bias).float(),
+            "lam": cpu(path.lam).float(), "mean": cpu(path.mean).float(), "std": cpu(path.std).float(),
+            "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
+            "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
+            "best_index": cpu(path.best_index).long(), "active": cpu(path.active).to(torch.float64),
+            "val_var": _val_variance(val), "epochs": torch.tensor(int(path.epochs)),
+            "seconds": torch.tensor(float(seconds))}
+
+
+def _feature_stats(p: Plan, device: str) -> Any:
+    """The solver's X-only statistics on ``device``, computed once for every block (None: not available)."""
+    try:
+        from datamodels_ml.solvers import feature_stats  # the solver package, once merged
+    except ImportError:
+        return None
+    from datamodels_ml.dataset import BetonBatches
+
+    c = p.cfg.cfg
+    x_only = dict(batch_size=c.batch_size, target_start=p.target_start, target_end=p.target_start, info=p.info)
+    train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=False, **x_only)
+    val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)
+    return feature_stats(train, val, device=device, dtype=p.dtype)
+
+
+def _fit_blocks(p: Plan, bar: _Progress, store: Any = None) -> dict[str, Any]:
+    """Every target block of the plan (resuming from ``store``, a ``blocks.BlockStore``), merged."""
+    import dataclasses
+
+    from datamodels_ml import blocks
+
+    saved = store.saved() if store is not None else []
+    reused, todo = blocks.remaining(p.target_start, p.target_end, p.memory.target_block, saved)
+    if reused:
+        print(f"regress: resuming: {sum(e - s for s, e in reused)} targets in {len(reused)} saved block(s), "
+              f"{len(todo)} block(s) to fit", file=sys.stderr)
+    results = {b: store.load(*b) for b in reused}
+    stats: dict[str, Any] = {}  # per device; each device has one thread (blocks.run)
+
+    def fit_one(s: int, e: int, device: str) -> dict[str, Any]:
+        if device not in stats:
+            stats[device] = _feature_stats(p, device)
+        return _fit_block(dataclasses.replace(p, device=device, target_start=s, target_end=e), bar, stats[device])
+
+    def done(s: int, e: int, block: dict[str, Any]) -> None:
+        if store is not None:
+            store.save(s, e, block)
+        results[(s, e)] = block
+
+    blocks.run(todo, list(p.devices), fit_one, done)
+    return blocks.merge([results[b] for b in sorted(results)])
+
+
+def _result(p: Plan, merged: dict[str, Any]) -> dict[str, Any]:
+    """The datamodels dict (see ``fit``) from the merged blocks."""
+    import torch
+
+    val_var = merged["val_var"].numpy()
+    val_mse, best_index, lam_path = merged["val_mse"], merged["best_index"], merged["lam_path"]
     best_val = val_mse.gather(0, best_index[None]).squeeze(0).numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = np.where(val_var > 0, 1.0 - best_val / val_var, np.nan)
-    lam_path = cpu(path.lam_path).to(torch.float64)
     m = p.manifest or {}
     return {
         "format_version": FORMAT_VERSION,
-        "weight": cpu(path.weight).float().contiguous(),
-        "bias": cpu(path.bias).float(),
-        "lam": cpu(path.lam).float(),
-        "mean": cpu(path.mean).float(),
-        "std": cpu(path.std).float(),
-        "lam_path": lam_path,
+        **{key: merged[key] for key in ("weight", "bias", "lam", "mean", "std", "lam_path")},
         "lam_ratio": (lam_path / lam_path[0].clamp_min(1e-300)),
-        "val_mse": val_mse,
-        "train_mse": cpu(path.train_mse).to(torch.float64),
-        "nnz": cpu(path.nnz).to(torch.float64),
-        "best_index": best_index,
-        "active": cpu(path.active).to(torch.float64),
+        **{key: merged[key] for key in ("val_mse", "train_mse", "nnz", "best_index", "active")},
         "val_r2": torch.from_numpy(r2),
         "best_val_mse": torch.from_numpy(best_val),
         "train_indices": torch.from_numpy(np.sort(p.info.idx[p.train_rows])).long(),
@@ -277,11 +332,37 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True) -> dict[str, A
         "store": m.get("store"),
         "store_fingerprint": fingerprint_from_beton(p.cfg.data.data_path, p.train_rows, p.info.idx[p.train_rows]),
         "data_path": str(p.cfg.data.data_path),
-        "config": config_dict(cfg),
-        "epochs": int(path.epochs),
-        "fit_seconds": float(seconds),
-        "device": p.device,
+        "config": config_dict(p.cfg),
+        "epochs": int(merged["epochs"]),
+        "fit_seconds": float(merged["seconds"]),
+        "device": p.device if len(p.devices) == 1 else ",".join(p.devices),
     }
+
+
+def _log_path(result: dict[str, Any]) -> None:
+    """The path as MLflow metrics, one step per λ index: means over the targets still on the path."""
+    from datamodels_ml import tracking
+
+    lam_ratio, val, train, nnz = path_curves(result)
+    active = result["active"].numpy()
+    for i in range(len(lam_ratio)):
+        if np.isfinite(val[i]):
+            tracking.log_metrics({"val_mse": float(val[i]), "train_mse": float(train[i]), "nnz": float(nnz[i]),
+                                  "lam_ratio": float(lam_ratio[i]), "active_fraction": float(active[i])}, step=i)
+
+
+def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = None) -> dict[str, Any]:
+    """Run the solver for a validated plan, block by block, and return the datamodels dict (see ``fit``)."""
+    from datamodels_ml import tracking
+
+    bar = _Progress(p.cfg.cfg.k, p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
+    try:
+        result = _result(p, _fit_blocks(p, bar, store))
+    finally:
+        bar.close()
+    if log and tracking.active_run_id() is not None:
+        _log_path(result)
+    return result
 
 
 def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[str, Any]:
@@ -298,122 +379,27 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
     return fit_plan(plan(cfg), progress=progress, log=log)
 
 
-def summary(result: dict[str, Any]) -> dict[str, float]:
-    """Scalar summaries of a fit: mean best val MSE, non-zeros at the selected λ, val R², time."""
-    nnz = result["nnz"].gather(0, result["best_index"][None]).squeeze(0).numpy()
-    r2 = result["val_r2"].numpy()
-    return {
-        "best_val_mse": float(np.mean(result["best_val_mse"].numpy())),
-        "mean_nnz_at_best": float(np.mean(nnz)),
-        "mean_val_r2": float(np.nanmean(r2)) if np.isfinite(r2).any() else float("nan"),
-        "epochs": float(result["epochs"]),
-        "fit_seconds": float(result["fit_seconds"]),
-    }
-
-
-# -- outputs -------------------------------------------------------------------------------------
-def _beton_fingerprint(path: str, manifest: dict | None) -> dict[str, Any]:
-    st = os.stat(path)
-    out = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if manifest:
-        out.update({k: manifest.get(k) for k in ("store", "x_name", "y_name", "num_rows", "indices_hash")})
-    return out
-
-
-def fingerprint(cfg: RegressConfig) -> dict[str, Any]:
-    """What decides the result of a regression: the config (less output-only keys) and the beton."""
-    from datamodels_ml.config import to_flat_dict
-    from datamodels_ml.dataset import read_manifest
-
-    flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    data = cfg.data.data_path
-    beton = _beton_fingerprint(data, read_manifest(data)) if os.path.isfile(data) else None
-    return {"config": flat, "beton": beton}
-
-
-def is_up_to_date(cfg: RegressConfig) -> bool:
-    """True when ``cfg.out_dir`` already holds a regression of the same data with the same config."""
-    out = Path(cfg.cfg.out_dir)
-    try:
-        recorded = json.loads((out / MANIFEST_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (out / RESULTS_FILE).is_file() and recorded.get("inputs") == json.loads(json.dumps(fingerprint(cfg)))
-
-
-def _check_out_dir(cfg: RegressConfig) -> Path:
-    out = Path(cfg.cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"cfg.out_dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.cfg.force:
-        raise UserError(f"cfg.out_dir {out} already exists; use cfg.force=true to overwrite it")
-    return out
-
-
-def _targets_csv(result: dict[str, Any]) -> str:
-    lam = result["lam"].numpy()
-    lam_max = result["lam_path"][0].numpy()
-    best = result["best_index"]
-    nnz = result["nnz"].gather(0, best[None]).squeeze(0).numpy()
-    lines = ["target,lam,lam_ratio,best_val_mse,nnz_at_best,val_r2"]
-    for j in range(lam.shape[0]):
-        ratio = lam[j] / lam_max[j] if lam_max[j] > 0 else float("nan")
-        lines.append(f"{result['target_start'] + j},{lam[j]:.6g},{ratio:.6g},{result['best_val_mse'][j].item():.6g},"
-                     f"{int(nnz[j]) if math.isfinite(nnz[j]) else ''},{result['val_r2'][j].item():.6g}")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(result: dict[str, Any], cfg: RegressConfig, out: Path, *, run_id: str | None = None) -> None:
-    """Write every output into a temporary directory next to ``out``, then swap it in."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from datamodels_ml.plots import path_figure, save_figure
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        torch.save(result, tmp / RESULTS_FILE)
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        (tmp / "targets.csv").write_text(_targets_csv(result))
-        with warnings.catch_warnings():  # λ indices where every target had stopped are all-NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            curves = [np.nanmean(result[key].numpy(), axis=1) if result[key].numel() else np.array([])
-                      for key in ("val_mse", "train_mse", "nnz")]
-        lam_ratio = result["lam_ratio"].numpy().mean(axis=1)
-        fig = path_figure(lam_ratio, *curves, title=f"{result['y_name'] or 'targets'} "
-                          f"[{result['target_start']}:{result['target_end']}], {cfg.cfg.method}")
-        save_figure(fig, str(tmp / "path.png"))
-        manifest = {"format_version": FORMAT_VERSION, "inputs": fingerprint(cfg), "config": config_dict(cfg),
-                    "summary": summary(result), "train_indices": result["train_indices"].tolist(),
-                    "val_indices": result["val_indices"].tolist(), "mlflow_run_id": run_id,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def regress(cfg: RegressConfig) -> int:
     """Fit one lasso path per target on the beton and write datamodels.pt (+ MLflow run)."""
     from datamodels_ml import tracking
+    from datamodels_ml.blocks import BlockStore
     from datamodels_ml.config import to_flat_dict
+    from datamodels_ml.results import check_out_dir
 
-    out = _check_out_dir(cfg)
+    check(cfg)
+    out = check_out_dir(cfg)
     p = plan(cfg)  # every check before MLflow starts: a refused command leaves no run behind
     print(f"regress: {cfg.data.num_train} train + {cfg.data.num_val} val models of {p.info.num_rows}, "
           f"{p.info.n_features} features, targets [{p.target_start}:{p.target_end}], {cfg.cfg.method} on "
-          f"{p.device}, k={cfg.cfg.k}", file=sys.stderr)
+          f"{', '.join(p.devices)}, k={cfg.cfg.k}", file=sys.stderr)
+    print(p.memory.describe(), file=sys.stderr)
+    store = BlockStore(out)
+    store.open(fingerprint(cfg), force=cfg.cfg.force)
     with tracking.run("regress") as active:
         tracking.log_params(to_flat_dict(cfg))
-        result = fit_plan(p, progress=cfg.cfg.progress, log=True)
+        result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store)
         write_results(result, cfg, out, run_id=active.info.run_id if active else None)
+        store.clear()
         stats = summary(result)
         tracking.log_metrics(stats)
         for name in ("config.yaml", RESULTS_FILE, "path.png", "targets.csv", MANIFEST_FILE):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import numpy as np
@@ -113,6 +114,8 @@ def test_bad_inputs_keep_existing_out_dir(digits, tmp_path, case):
     out = tmp_path / "results"
     out.mkdir()
     (out / "datamodels.pt").write_bytes(b"older results")
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "inputs": {}}))  # an older regression
+    (out / "notes.txt").write_text("the user's")
     before = _tree_digest(out)
     overrides, message = BAD[case]
     args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}"]
@@ -197,11 +200,14 @@ def test_fit_split_is_seeded(planted):
     ("cfg.eps=0", "cfg.eps must be in (0, 1], got 0.0"),
     ("cfg.method=lars", "cfg.method must be saga or fista, got 'lars'"),
     ("cfg.batch_size=0", "cfg.batch_size must be >= 1, got 0"),
+    ("cfg.target_block=-1", "cfg.target_block must be >= 0 (0: automatic), got -1"),
+    ("gpus=64 cfg.device=auto", "gpus=64 but"),
+    ("gpus=1 cfg.device=cpu", "gpus=1 spreads the blocks over CUDA devices: leave cfg.device auto or cuda, not 'cpu'"),
 ])
 def test_fit_rejects_bad_values(planted, override, message):
     root = planted[0]
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={root / 'with_bias.beton'}", "cfg.out_dir=unused",
-                               "data.target_end_ind=-1", override], config_key="config")
+                               "data.target_end_ind=-1", *override.split()], config_key="config")
     with pytest.raises(UserError, match="^" + re.escape(message)):
         fit(cfg, progress=False, log=False)
 
@@ -211,3 +217,69 @@ def test_missing_beton_is_a_user_error(tmp_path):
                config_key="config")
     with pytest.raises(UserError, match="^" + re.escape(f"dataset not found: {tmp_path / 'nope.beton'}")):
         fit(cfg, progress=False, log=False)
+
+
+# -- the output directory: only our files are replaced ---------------------------------------------
+def test_force_replaces_only_our_files(digits, tmp_path):
+    out = tmp_path / "results"
+    args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}", "cfg.method=fista"]
+    run_cli("regress", *args, cwd=tmp_path, check=True)
+    (out / "notes.txt").write_text("the user's")
+    (out / "mine").mkdir()
+    (out / "mine" / "data.csv").write_text("1,2\n")
+    first = torch.load(out / "datamodels.pt", weights_only=True)
+    run_cli("regress", *args, "cfg.k=4", "cfg.force=true", cwd=tmp_path, check=True)
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "mine" / "data.csv").read_text() == "1,2\n"
+    second = torch.load(out / "datamodels.pt", weights_only=True)
+    assert first["lam_path"].shape[0] == K and second["lam_path"].shape[0] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "datamodels.pt", "manifest.json", "mine",
+                                                     "notes.txt", "path.png", "targets.csv"]
+
+
+def test_force_refuses_a_directory_that_is_not_ours(digits, tmp_path):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "manifest.json").write_text('{"name": "another tool"}')
+    before = _tree_digest(out)
+    proc = run_cli("regress", f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
+                   "cfg.force=true", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cfg.out_dir {out} is not empty and holds no regression of ours (no manifest.json written by "
+        "regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory")
+    assert _tree_digest(out) == before
+
+
+DEMO_TINY = [f"config={CONFIGS / 'demo_tiny.yaml'}", f"spec={CONFIGS / 'digits_spec.json'}",
+             f"reg_config={TINY}"]
+
+
+@pytest.mark.parametrize("case", ["results", "beton"])
+def test_demo_refuses_to_replace_what_it_did_not_write(tmp_path, case):
+    """The demo always forces its outputs: a path naming the user's files is refused before training."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    target = mine if case == "results" else mine / "thesis.tex"
+    proc = run_cli("demo", *DEMO_TINY, f"{case}={target}", "store=store", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    expected = (f"error: cfg.out_dir {mine} is not empty and holds no regression of ours (no manifest.json written "
+                "by regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory"
+                if case == "results" else
+                f"error: beton={target} exists but was not written by write_dataset (no {target}.json beside it): "
+                "choose another beton path; the demo replaces only files it wrote")
+    assert proc.stderr.strip().splitlines()[-1] == expected
+    assert (mine / "thesis.tex").read_text() == "years of work" and not (tmp_path / "store").exists()
+
+
+def test_evaluate_refuses_to_overwrite_files_it_did_not_write(tmp_path):
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "scatter.png").write_bytes(b"the user's figure")
+    proc = run_cli("evaluate", "datamodels=dm.pt", f"out={out}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: out {out} holds scatter.png, which evaluate did not write (no metrics.json of an evaluation "
+        "there): choose another out directory")
+    assert (out / "scatter.png").read_bytes() == b"the user's figure"

@@ -1,0 +1,63 @@
+"""Shared by the benchmarks: the solver import, running one side in a fresh process, peak memory."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import sys
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def solver_lasso_path():
+    """The package's ``lasso_path`` (the solver package once merged, else the one-module solver)."""
+    try:
+        from datamodels_ml.solvers import lasso_path
+    except ImportError:
+        from datamodels_ml.lasso import lasso_path
+    return lasso_path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(queue, fn, args, threads):
+    if threads > 0:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def in_child(fn: Callable[..., Any], *args: Any, threads: int = 0) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process, so its peak memory is its own; returns its result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, args, threads))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"

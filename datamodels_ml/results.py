@@ -1,0 +1,166 @@
+"""The ``regress`` output directory: what it holds, when it is ours, when it is current, and writing it.
+
+``cfg.out_dir`` holds ``datamodels.pt``, ``config.yaml``, ``path.png``, ``targets.csv`` and
+``manifest.json`` (written last: the fingerprint of the inputs, the summary, the split), plus, while
+a fit is under way, ``.blocks/`` (finished target blocks, see ``blocks``). A directory is *ours*
+when it holds a regression manifest or a block directory of ours. ``cfg.force=true`` replaces only
+these files, each atomically; anything else in the directory is never touched, and a non-empty
+directory that is not ours is refused even with force.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from datamodels_ml.errors import UserError
+
+FORMAT_VERSION = 1
+RESULTS_FILE = "datamodels.pt"
+MANIFEST_FILE = "manifest.json"
+OUTPUT_FILES = ("datamodels.pt", "config.yaml", "path.png", "targets.csv", MANIFEST_FILE)
+# Keys that do not change the fitted result: left out of the fingerprint that decides reruns.
+NOT_FINGERPRINTED = ("cfg.force", "cfg.num_workers", "cfg.progress", "cfg.out_dir", "cfg.target_block", "gpus")
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    """The merged config as a plain nested dict."""
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def summary(result: dict[str, Any]) -> dict[str, float]:
+    """Scalar summaries of a fit: mean best val MSE, non-zeros at the selected λ, val R², time."""
+    nnz = result["nnz"].gather(0, result["best_index"][None]).squeeze(0).numpy()
+    r2 = result["val_r2"].numpy()
+    return {
+        "best_val_mse": float(np.mean(result["best_val_mse"].numpy())),
+        "mean_nnz_at_best": float(np.mean(nnz)),
+        "mean_val_r2": float(np.nanmean(r2)) if np.isfinite(r2).any() else float("nan"),
+        "epochs": float(result["epochs"]),
+        "fit_seconds": float(result["fit_seconds"]),
+    }
+
+
+# -- fingerprints ----------------------------------------------------------------------------------
+def _beton_fingerprint(path: str, manifest: dict | None) -> dict[str, Any]:
+    st = os.stat(path)
+    out = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if manifest:
+        out.update({k: manifest.get(k) for k in ("store", "x_name", "y_name", "num_rows", "indices_hash")})
+    return out
+
+
+def fingerprint(cfg) -> dict[str, Any]:
+    """What decides the result of a regression: the config (less output-only keys) and the beton."""
+    from datamodels_ml.config import to_flat_dict
+    from datamodels_ml.dataset import read_manifest
+
+    flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in NOT_FINGERPRINTED}
+    data = cfg.data.data_path
+    beton = _beton_fingerprint(data, read_manifest(data)) if os.path.isfile(data) else None
+    return json.loads(json.dumps({"config": flat, "beton": beton}))
+
+
+def read_regress_manifest(out: Path) -> dict[str, Any] | None:
+    """``out/manifest.json`` when it is a regression manifest (ours), else None."""
+    try:
+        doc = json.loads((out / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "format_version" in doc and "inputs" in doc else None
+
+
+def is_up_to_date(cfg) -> bool:
+    """True when ``cfg.out_dir`` already holds a regression of the same data with the same config."""
+    out = Path(cfg.cfg.out_dir)
+    recorded = read_regress_manifest(out)
+    return bool(recorded) and (out / RESULTS_FILE).is_file() and recorded.get("inputs") == fingerprint(cfg)
+
+
+def is_ours(out: Path) -> bool:
+    """True when ``out`` holds a regression written by this tool (its manifest, or its blocks)."""
+    from datamodels_ml.blocks import BlockStore
+
+    return read_regress_manifest(out) is not None or BlockStore(out).is_ours()
+
+
+def check_out_dir(cfg) -> Path:
+    """Refuse an ``out_dir`` that we may not write into (see the module docstring)."""
+    out = Path(cfg.cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cfg.out_dir {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not is_ours(out):
+        raise UserError(f"cfg.out_dir {out} is not empty and holds no regression of ours (no {MANIFEST_FILE} "
+                        f"written by regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory")
+    if not cfg.cfg.force and (out / RESULTS_FILE).exists():
+        raise UserError(f"cfg.out_dir {out} already exists; use cfg.force=true to overwrite it")
+    return out
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _replace(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file beside it (same suffix), then rename it into place."""
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def targets_csv(result: dict[str, Any]) -> str:
+    lam = result["lam"].numpy()
+    lam_max = result["lam_path"][0].numpy()
+    best = result["best_index"]
+    nnz = result["nnz"].gather(0, best[None]).squeeze(0).numpy()
+    lines = ["target,lam,lam_ratio,best_val_mse,nnz_at_best,val_r2"]
+    for j in range(lam.shape[0]):
+        ratio = lam[j] / lam_max[j] if lam_max[j] > 0 else float("nan")
+        lines.append(f"{result['target_start'] + j},{lam[j]:.6g},{ratio:.6g},{result['best_val_mse'][j].item():.6g},"
+                     f"{int(nnz[j]) if math.isfinite(nnz[j]) else ''},{result['val_r2'][j].item():.6g}")
+    return "\n".join(lines) + "\n"
+
+
+def path_curves(result: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Per λ index, the means over the targets still on the path: λ/λ_max, val MSE, train MSE, nnz."""
+    with warnings.catch_warnings():  # λ indices where every target had stopped are all-NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        curves = [np.nanmean(result[key].numpy(), axis=1) if result[key].numel() else np.array([])
+                  for key in ("val_mse", "train_mse", "nnz")]
+    return (result["lam_ratio"].numpy().mean(axis=1), *curves)
+
+
+def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None = None) -> None:
+    """Replace our output files in ``out`` one by one (each atomically), the manifest last."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from datamodels_ml.plots import path_figure, save_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    _replace(out / RESULTS_FILE, lambda tmp: torch.save(result, tmp))
+    _replace(out / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
+    _replace(out / "targets.csv", lambda tmp: tmp.write_text(targets_csv(result)))
+    fig = path_figure(*path_curves(result), title=f"{result['y_name'] or 'targets'} "
+                      f"[{result['target_start']}:{result['target_end']}], {cfg.cfg.method}")
+    _replace(out / "path.png", lambda tmp: save_figure(fig, str(tmp)))
+    manifest = {"format_version": FORMAT_VERSION, "inputs": fingerprint(cfg), "config": config_dict(cfg),
+                "summary": summary(result), "train_indices": result["train_indices"].tolist(),
+                "val_indices": result["val_indices"].tolist(), "mlflow_run_id": run_id,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _replace(out / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n"))
+
+
+__all__ = ["FORMAT_VERSION", "RESULTS_FILE", "MANIFEST_FILE", "OUTPUT_FILES", "fingerprint", "is_up_to_date",
+           "is_ours", "check_out_dir", "write_results", "summary", "config_dict", "path_curves"]

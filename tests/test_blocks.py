@@ -1,0 +1,181 @@
+"""Target blocks: the same datamodels as in one piece, a killed run resumes, the memory plan."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, run_cli
+from datamodels_ml.blocks import KILL_AFTER_ENV, merge, remaining
+from datamodels_ml.config import load
+from datamodels_ml.dataset import write_beton
+from datamodels_ml.errors import UserError
+from datamodels_ml.memory import plan_memory
+from datamodels_ml.regress import RegressConfig, fit
+from datamodels_ml.spec import parse_spec
+from datamodels_ml.store import create_store
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
+
+TINY = str(CONFIGS / "reg_tiny.yaml")
+N, P, T = 240, 25, 17  # 17 targets: blocks of 7 are 7, 7, 3
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    """Masks -> 17 outputs, each a 3-sparse linear function plus noise."""
+    root = tmp_path_factory.mktemp("blocks")
+    store = create_store(root / "store", parse_spec({"num_models": N, "schema": {
+        "masks": {"shape": [P], "dtype": "bool_"}, "margins": {"shape": [T], "dtype": "float32"}}}))
+    rng = np.random.default_rng(0)
+    w = np.zeros((P, T))
+    for t in range(T):
+        w[rng.choice(P, 3, replace=False), t] = rng.normal(size=3)
+    x = rng.random((N, P)) < 0.5
+    y = x @ w + 0.1 * rng.normal(size=(N, T))
+    for i in range(N):
+        store.write_row(i, {"masks": x[i], "margins": y[i].astype(np.float32)})
+    write_beton(store.path, root / "reg.beton", progress=False)
+    return root / "reg.beton"
+
+
+def _args(beton, *extra):
+    return [f"config={TINY}", f"data.data_path={beton}", "data.num_train=160", "data.num_val=60",
+            "data.target_end_ind=-1", "cfg.k=8", "cfg.method=fista", *extra]
+
+
+# fista: equal to float precision. saga: the epochs at each λ run until the slowest target of the block
+# converges and draw the minibatch order from one stream, so a block sees other orders than the whole:
+# equal within the solver's tolerance (reg_tiny.yaml caps saga at 20 epochs per λ).
+@pytest.mark.parametrize("method, atol", [("fista", 1e-5), ("saga", 2e-2)])
+def test_blocks_give_the_one_piece_result(beton, method, atol):
+    one = fit(load(RegressConfig, _args(beton, "cfg.out_dir=x", f"cfg.method={method}", f"cfg.target_block={T}"),
+                   config_key="config"), progress=False, log=False)
+    seven = fit(load(RegressConfig, _args(beton, "cfg.out_dir=x", f"cfg.method={method}", "cfg.target_block=7"),
+                     config_key="config"), progress=False, log=False)
+    assert seven["weight"].shape == (P, T)
+    for key in ("weight", "bias", "lam", "lam_path", "mean", "std"):
+        torch.testing.assert_close(seven[key], one[key], rtol=1e-4, atol=atol, msg=key)
+    for key in ("val_mse", "train_mse"):
+        torch.testing.assert_close(seven[key], one[key], rtol=1e-4 if method == "fista" else 1e-2, atol=atol,
+                                   equal_nan=True, msg=key)
+    if method == "fista":
+        assert seven["best_index"].tolist() == one["best_index"].tolist()
+        torch.testing.assert_close(seven["nnz"], one["nnz"], equal_nan=True)
+        torch.testing.assert_close(seven["active"], one["active"])
+
+
+def test_killed_run_resumes_at_the_next_block(beton, tmp_path):
+    out = tmp_path / "results"
+    args = _args(beton, f"cfg.out_dir={out}", "cfg.target_block=7")
+    proc = run_cli("regress", *args, cwd=tmp_path, env={KILL_AFTER_ENV: "1"}, check=False)
+    assert proc.returncode == -9  # killed right after saving its first block
+    assert sorted(p.name for p in (out / ".blocks").iterdir()) == ["0-7.pt", "blocks.json"]
+    saved = torch.load(out / ".blocks" / "0-7.pt", weights_only=True)
+    assert saved["weight"].shape == (P, 7)
+
+    refused = run_cli("regress", *args, "cfg.k=9", cwd=tmp_path, check=False)  # another config: no mixing
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {out / '.blocks'} holds target blocks of an unfinished regression with another config or dataset: "
+        "rerun that config to resume it, or use cfg.force=true to discard its blocks")
+
+    resumed = run_cli("regress", *args, cwd=tmp_path, check=True)
+    assert "resuming: 7 targets in 1 saved block(s), 2 block(s) to fit" in resumed.stderr
+    assert not (out / ".blocks").exists()
+    dm = torch.load(out / "datamodels.pt", weights_only=True)
+    torch.testing.assert_close(dm["weight"][:, :7], saved["weight"])  # the saved block was used as it was
+    whole = fit(load(RegressConfig, _args(beton, "cfg.out_dir=x"), config_key="config"), progress=False, log=False)
+    torch.testing.assert_close(dm["weight"], whole["weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_plan_is_printed(beton, tmp_path):
+    proc = run_cli("regress", *_args(beton, f"cfg.out_dir={tmp_path / 'r'}", "cfg.target_block=5"), cwd=tmp_path,
+                   check=True)
+    assert re.search(r"memory plan: 25 features -> statistics .*, float32; 17 targets in 4 block\(s\) of 5 "
+                     r"\(cfg.target_block, .* per target\); about .* on cpu, .* available", proc.stderr)
+
+
+def test_too_large_is_refused_before_reading(tmp_path):
+    """600k features: the Gram alone is terabytes; refused from the header, with the options named."""
+    p = 600_000
+    store = create_store(tmp_path / "store", parse_spec({"num_models": 6, "schema": {
+        "masks": {"shape": [p], "dtype": "bool_"}, "margins": {"shape": [2], "dtype": "float32"}}}))
+    for i in range(6):
+        store.write_row(i, {"masks": np.arange(p) % (i + 2) == 0, "margins": np.float32([i, -i])})
+    write_beton(store.path, tmp_path / "big.beton", progress=False)
+    cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={tmp_path / 'big.beton'}", "cfg.out_dir=x",
+                               "data.num_train=4", "data.num_val=2", "data.target_end_ind=-1", "cfg.method=fista"],
+               config_key="config")
+    with pytest.raises(UserError, match=r"^not enough memory for one target block on cpu: about .* needed \(.* of "
+                                        r"statistics for 600000 features, .* per target\), .* available .*; use a device "
+                                        r"with more memory \(cfg.device=cuda:N\), spread the blocks over GPUs "
+                                        r"\(gpus=N\), use fewer features, or set cfg.target_block=N to skip this check$"):
+        fit(cfg, progress=False, log=False)
+
+
+@pytest.mark.parametrize("available, block, n_blocks", [(10**12, 100, 1), (6_000_000, 23, 5), (2_000_000, 1, 100)])
+def test_block_size_follows_the_memory(available, block, n_blocks):
+    # fixed: 4.5 * 1000^2 + batch 100 * 1000 * 5 = 5.0 MB; per target: 4 * (8 * 1000 + 3 * (100 + 50)) = 33.8 KB
+    kw = dict(n_features=1000, n_targets=100, n_train=500, n_val=50, batch_size=100, method="fista",
+              dtype="float32", devices=["cpu"])
+    if available < 5_000_000 / 0.8:
+        with pytest.raises(UserError, match="^not enough memory for one target block on cpu"):
+            plan_memory(**kw, available=available)
+        forced = plan_memory(**kw, available=available, target_block=1)  # the user's block is not checked
+        assert (forced.target_block, forced.n_blocks, forced.forced) == (1, 100, True)
+        return
+    plan = plan_memory(**kw, available=available)
+    assert (plan.target_block, plan.n_blocks) == (block, n_blocks)
+
+
+def test_remaining_fills_the_gaps_between_saved_blocks():
+    assert remaining(0, 20, 7, []) == ([], [(0, 7), (7, 14), (14, 20)])
+    assert remaining(0, 20, 7, [(0, 7)]) == ([(0, 7)], [(7, 14), (14, 20)])
+    # blocks of another size (the memory changed between runs), one outside the range, one overlapping
+    assert remaining(5, 20, 4, [(5, 8), (6, 9), (12, 15), (18, 30)]) == (
+        [(5, 8), (12, 15)], [(8, 12), (15, 19), (19, 20)])
+
+
+def test_merge_weights_active_by_block_size():
+    def block(t, active):
+        return {"weight": torch.zeros(2, t), "bias": torch.zeros(t), "lam": torch.zeros(t),
+                "lam_path": torch.zeros(3, t), "best_index": torch.zeros(t, dtype=torch.long),
+                "val_mse": torch.zeros(3, t), "train_mse": torch.zeros(3, t), "nnz": torch.zeros(3, t),
+                "val_var": torch.ones(t), "mean": torch.ones(2), "std": torch.ones(2),
+                "active": torch.tensor(active, dtype=torch.float64), "epochs": torch.tensor(5),
+                "seconds": torch.tensor(1.5)}
+    m = merge([block(3, [1.0, 1.0, 0.0]), block(1, [1.0, 0.0, 0.0])])
+    assert m["weight"].shape == (2, 4) and m["lam_path"].shape == (3, 4)
+    assert m["active"].tolist() == [1.0, 0.75, 0.0] and m["epochs"] == 10 and m["seconds"] == 3.0
+
+
+def test_run_spreads_blocks_over_devices_once_each():
+    """The multi-device scheduler (one thread per device), here with a pure function for each block."""
+    import threading
+
+    from datamodels_ml.blocks import run
+
+    todo = [(s, s + 3) for s in range(0, 30, 3)]
+    seen: dict = {}
+
+    def fit_one(s, e, device):
+        return {"device": device, "thread": threading.current_thread().name}
+
+    run(todo, ["dev0", "dev1"], fit_one, lambda s, e, block: seen.setdefault((s, e), block))
+    assert sorted(seen) == todo
+    assert {b["thread"] for b in seen.values()} <= {"regress-dev0", "regress-dev1"}
+    assert all(b["thread"] == f"regress-{b['device']}" for b in seen.values())
+
+    def failing(s, e, device):
+        if s == 9:
+            raise RuntimeError("out of memory on block 9-12")
+        return {}
+
+    done = []
+    with pytest.raises(RuntimeError, match="^out of memory on block 9-12$"):
+        run(todo, ["dev0", "dev1"], failing, lambda s, e, block: done.append((s, e)))
+    assert (9, 12) not in done and len(done) < len(todo)
