@@ -20,6 +20,7 @@ import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
+from datamodels_ml.provenance import fingerprint_from_beton
 from datamodels_ml.results import (FORMAT_VERSION, MANIFEST_FILE, RESULTS_FILE, config_dict, fingerprint,  # noqa: F401
                                    is_up_to_date, path_curves, summary, write_results)
 
@@ -236,7 +237,6 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
 
     from datamodels_ml.dataset import BetonBatches
     from datamodels_ml.lasso import lasso_path
-    from datamodels_ml.provenance import fingerprint_from_beton
 
     cfg, c = p.cfg, p.cfg.cfg
     common = dict(batch_size=c.batch_size, num_workers=c.num_workers or (os.cpu_count() or 1), target_start=p.target_start,
