@@ -45,6 +45,11 @@ def _help(name: str, schema: type, func, yaml_key: str | None) -> str:
     if yaml_key:
         lines.append(f"  {yaml_key:<28} YAML file merged under the command-line keys")
     lines += describe(schema)
+    if getattr(schema, "SCRIPT_ARGV", None):
+        lines += ["", "options for the script (the original tools' fastargs spelling):",
+                  f"  {'--section.key=value':<28} any option whose section is not a key above, and -C FILE,",
+                  f"  {'':<28} go to the script's sys.argv as written (after {schema.SCRIPT_ARGV}=[...]);",
+                  f"  {'':<28} fastargs then parses known arguments only, as under the original worker"]
     return "\n".join(lines)
 
 
@@ -81,6 +86,49 @@ def normalize_args(args: list[str], *, config_key: str | None = None) -> list[st
     return out
 
 
+def split_script_options(schema: type, args: list[str]) -> tuple[list[str], list[str]]:
+    """For a command that runs the user's script (its schema names a ``SCRIPT_ARGV`` field): split
+    off the options in the original tools' fastargs spelling that are not the command's own keys.
+
+    Returns ``(ours, script)``. ``--section.key=value``, ``--section.key value`` and a bare
+    ``--section.flag`` whose section is not one of the command's keys, and ``-C FILE`` /
+    ``--config-file FILE``, go to ``script`` as written (the script's ``sys.argv``). A bare
+    ``--key.name`` of the command's own (e.g. the original worker's ``--worker.do_if_complete``)
+    becomes ``key.name=true``.
+    """
+    import dataclasses
+
+    own = {f.name for f in dataclasses.fields(schema)}
+
+    def is_ours(token: str) -> bool:
+        return "=" in token and not token.startswith("-") and token.split("=", 1)[0].split(".")[0] in own
+
+    ours: list[str] = []
+    script: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        takes_next = nxt is not None and not nxt.startswith("--") and not is_ours(nxt)
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if token in ("-C", "--config-file") or token.startswith(("-C=", "--config-file=")):
+            script.append(token.replace("-C=", "--config-file=", 1) if token.startswith("-C=") else token)
+            if "=" not in token and nxt is not None:
+                script.append(nxt)
+                i += 1
+        elif "." in name and name.split(".")[0] not in own:
+            script.append(token)
+            if "=" not in token and takes_next:
+                script.append(nxt)  # type: ignore[arg-type]
+                i += 1
+        elif "." in name and "=" not in token and (nxt is None or nxt.startswith("--")):
+            ours.append(f"{name}=true")
+        else:
+            ours.append(token)
+        i += 1
+    return ours, script
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -104,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     from datamodels_ml.config import load
 
     try:
+        script_key = getattr(schema, "SCRIPT_ARGV", None)
+        script: list[str] = []
+        if script_key:
+            rest, script = split_script_options(schema, rest)
         cfg = load(schema, normalize_args(rest, config_key=yaml_key), config_key=yaml_key)
+        if script:  # after any argv=[...] given as a key
+            setattr(cfg, script_key, [*getattr(cfg, script_key), *script])
         return int(func(cfg) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
