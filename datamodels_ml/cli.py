@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from typing import Any
 
 from datamodels_ml.errors import UserError
 
@@ -45,6 +46,10 @@ def _help(name: str, schema: type, func, yaml_key: str | None) -> str:
     if yaml_key:
         lines.append(f"  {yaml_key:<28} YAML file merged under the command-line keys")
     lines += describe(schema)
+    aliases = getattr(schema, "ALIASES", {})
+    if aliases:
+        lines += ["", "the original tools' spelling (e.g. --" + next(iter(aliases)) + "=...; not with our key as well):"]
+        lines += [f"  {alias:<28} = {ours}" for alias, ours in aliases.items()]
     if getattr(schema, "SCRIPT_ARGV", None):
         lines += ["", "options for the script (the original tools' fastargs spelling):",
                   f"  {'--section.key=value':<28} any option whose section is not a key above, and -C FILE,",
@@ -86,19 +91,80 @@ def normalize_args(args: list[str], *, config_key: str | None = None) -> list[st
     return out
 
 
+def _field_names(schema: type) -> set[str]:
+    """The command's own top-level keys, and the sections of the original spellings it accepts."""
+    import dataclasses
+
+    own = {f.name for f in dataclasses.fields(schema)}
+    return own | {alias.split(".")[0] for alias in getattr(schema, "ALIASES", {})}
+
+
+def _is_bool_key(schema: type, name: str) -> bool:
+    """Whether ``name`` (a dotted key, or one of the schema's ``ALIASES``) is a boolean field."""
+    import dataclasses
+    import typing
+
+    name = getattr(schema, "ALIASES", {}).get(name, name)
+    node: Any = schema
+    for part in name.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return False
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+    return node in (bool, typing.Optional[bool])
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def bare_flags(schema: type, args: list[str]) -> list[str]:
+    """A boolean key given as a bare ``--name`` (the original tools' flags, e.g.
+    ``--cfg.ignore_completed``) becomes ``name=true``; ``--name false`` keeps its value."""
+    out: list[str] = []
+    for i, token in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else ""
+        if (token.startswith("--") and "=" not in token and _is_bool_key(schema, token[2:])
+                and nxt.lower() not in _BOOL_WORDS):
+            out.append(f"{token[2:]}=true")
+        else:
+            out.append(token)
+    return out
+
+
+def apply_aliases(schema: type, tokens: list[str]) -> list[str]:
+    """Rewrite the original tools' spelling of a key (the schema's ``ALIASES``, e.g.
+    ``worker.index`` -> ``index``) into ours; a setting given both ways is refused."""
+    aliases: dict[str, str] = getattr(schema, "ALIASES", {})
+    if not aliases:
+        return tokens
+    given = {t.split("=", 1)[0] for t in tokens}
+    for alias, ours in aliases.items():
+        if alias in given and ours in given:
+            raise UserError(f"'{ours}' and '{alias}' name the same setting: give one of them")
+    import dataclasses
+
+    sections = {alias.split(".")[0] for alias in aliases} - {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if key.split(".")[0] in sections and key not in aliases:
+            known = ", ".join(a for a in aliases if a.split(".")[0] == key.split(".")[0])
+            raise UserError(f"unknown config key '{key}' (the original's spellings accepted here: {known})")
+        out.append(f"{aliases[key]}={value}" if eq and key in aliases else token)
+    return out
+
+
 def split_script_options(schema: type, args: list[str]) -> tuple[list[str], list[str]]:
     """For a command that runs the user's script (its schema names a ``SCRIPT_ARGV`` field): split
     off the options in the original tools' fastargs spelling that are not the command's own keys.
 
     Returns ``(ours, script)``. ``--section.key=value``, ``--section.key value`` and a bare
-    ``--section.flag`` whose section is not one of the command's keys, and ``-C FILE`` /
-    ``--config-file FILE``, go to ``script`` as written (the script's ``sys.argv``). A bare
-    ``--key.name`` of the command's own (e.g. the original worker's ``--worker.do_if_complete``)
-    becomes ``key.name=true``.
+    ``--section.flag`` whose section is not one of the command's keys (nor of its ``ALIASES``), and
+    ``-C FILE`` / ``--config-file FILE``, go to ``script`` as written (the script's ``sys.argv``).
     """
-    import dataclasses
-
-    own = {f.name for f in dataclasses.fields(schema)}
+    own = _field_names(schema)
 
     def is_ours(token: str) -> bool:
         return "=" in token and not token.startswith("-") and token.split("=", 1)[0].split(".")[0] in own
@@ -109,7 +175,6 @@ def split_script_options(schema: type, args: list[str]) -> tuple[list[str], list
     while i < len(args):
         token = args[i]
         nxt = args[i + 1] if i + 1 < len(args) else None
-        takes_next = nxt is not None and not nxt.startswith("--") and not is_ours(nxt)
         name = token[2:].split("=", 1)[0] if token.startswith("--") else ""
         if token in ("-C", "--config-file") or token.startswith(("-C=", "--config-file=")):
             script.append(token.replace("-C=", "--config-file=", 1) if token.startswith("-C=") else token)
@@ -118,11 +183,9 @@ def split_script_options(schema: type, args: list[str]) -> tuple[list[str], list
                 i += 1
         elif "." in name and name.split(".")[0] not in own:
             script.append(token)
-            if "=" not in token and takes_next:
-                script.append(nxt)  # type: ignore[arg-type]
+            if "=" not in token and nxt is not None and not nxt.startswith("--") and not is_ours(nxt):
+                script.append(nxt)
                 i += 1
-        elif "." in name and "=" not in token and (nxt is None or nxt.startswith("--")):
-            ours.append(f"{name}=true")
         else:
             ours.append(token)
         i += 1
@@ -154,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         script_key = getattr(schema, "SCRIPT_ARGV", None)
         script: list[str] = []
+        rest = bare_flags(schema, rest)
         if script_key:
             rest, script = split_script_options(schema, rest)
-        cfg = load(schema, normalize_args(rest, config_key=yaml_key), config_key=yaml_key)
+        tokens = apply_aliases(schema, normalize_args(rest, config_key=yaml_key))
+        cfg = load(schema, tokens, config_key=yaml_key)
         if script:  # after any argv=[...] given as a key
             setattr(cfg, script_key, [*getattr(cfg, script_key), *script])
         return int(func(cfg) or 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
@@ -63,52 +63,20 @@ def status(cfg: StatusConfig) -> int:
 
 
 @dataclass
-class OriginalWorkerFlags:
-    """The original worker's own options (``--worker.index=I --worker.main_import=MODULE
-    --worker.logdir=STORE [--worker.do_if_complete] [--worker.job_timeout=S]``), mapped onto ours."""
-
-    index: Optional[int] = field(default=None, metadata={"help": "the original's spelling of index"})
-    main_import: Optional[str] = field(default=None, metadata={"help": "the original's spelling of main"})
-    logdir: Optional[str] = field(default=None, metadata={"help": "the original's spelling of store (the store directory)"})
-    do_if_complete: Optional[bool] = field(default=None, metadata={"help": "the original's spelling of overwrite"})
-    job_timeout: Optional[float] = field(default=None, metadata={
-        "help": "the original's spelling of timeout (here a timed-out model is a failure)"})
-
-
-@dataclass
 class WorkerConfig:
     SCRIPT_ARGV = "argv"  # the CLI appends the script's own options (--section.key=value) to this key
+    ALIASES = {  # the original worker's flags (--worker.index=I ...), mapped onto ours by the CLI
+        "worker.index": "index", "worker.main_import": "main", "worker.logdir": "store",
+        "worker.do_if_complete": "overwrite", "worker.job_timeout": "timeout"}
 
-    store: Optional[str] = field(default=None, metadata={"help": "store directory (created by init or train); required"})
-    index: Optional[int] = field(default=None, metadata={"help": "model index to train; required"})
-    main: Optional[str] = field(default=None, metadata={
-        "help": "dotted module or .py file with main(*, index, logdir, ...); required"})
+    store: str = field(default=MISSING, metadata={"help": "store directory (created by init or train)"})
+    index: int = field(default=MISSING, metadata={"help": "model index to train"})
+    main: str = field(default=MISSING, metadata={"help": "dotted module or .py file with main(*, index, logdir, ...)"})
     args: dict[str, Any] = field(default_factory=dict, metadata={"help": "args.NAME=VALUE reach main as keyword arguments"})
     argv: list[str] = field(default_factory=list, metadata={
         "help": "the script's sys.argv after its name, e.g. '[--training.lr=0.5]' (for scripts that read options)"})
-    overwrite: Optional[bool] = field(default=None, metadata={"help": "retrain an index that is already complete (false)"})
-    timeout: Optional[float] = field(default=None, metadata={"help": "per-model timeout in seconds (0: none)"})
-    worker: OriginalWorkerFlags = field(default_factory=OriginalWorkerFlags)
-
-
-_ORIGINAL_NAMES = {"store": "logdir", "index": "index", "main": "main_import", "overwrite": "do_if_complete",
-                   "timeout": "job_timeout"}
-_DEFAULTS = {"overwrite": False, "timeout": 0.0}
-
-
-def resolve_original_flags(cfg: WorkerConfig) -> WorkerConfig:
-    """Fill our keys from the original worker's ``worker.*`` flags; a key given both ways is refused."""
-    for ours, theirs in _ORIGINAL_NAMES.items():
-        mine, original = getattr(cfg, ours), getattr(cfg.worker, theirs)
-        if mine is not None and original is not None:
-            raise UserError(f"'{ours}' and 'worker.{theirs}' name the same setting: give one of them")
-        value = mine if mine is not None else original
-        if value is None:
-            if ours not in _DEFAULTS:
-                raise UserError(f"missing required config key '{ours}' (the original's --worker.{theirs})")
-            value = _DEFAULTS[ours]
-        setattr(cfg, ours, value)
-    return cfg
+    overwrite: bool = field(default=False, metadata={"help": "retrain an index that is already complete"})
+    timeout: float = field(default=0.0, metadata={"help": "per-model timeout in seconds (0: none; timing out is a failure)"})
 
 
 def worker(cfg: WorkerConfig) -> int:
@@ -123,7 +91,6 @@ def worker(cfg: WorkerConfig) -> int:
     from datamodels_ml.lock import row_lock, store_lock
     from datamodels_ml.worker import load_main, run_model
 
-    cfg = resolve_original_flags(cfg)
     store = Store(cfg.store)
     index = store.check_index(cfg.index)
     if cfg.timeout < 0:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import tracking_client
-from datamodels_ml.cli import split_script_options
+from datamodels_ml.cli import apply_aliases, bare_flags, split_script_options
+from datamodels_ml.errors import UserError
 from datamodels_ml.fanout import TrainConfig
 from datamodels_ml.training import WorkerConfig
 
@@ -87,9 +88,10 @@ def _script_config_file(tmp_path):
     (["index=1", "--worker.index=1", "main=train_cifar", "store=st"],
      "error: 'index' and 'worker.index' name the same setting: give one of them"),
     (["--worker.main_import=train_cifar", "store=st"],
-     "error: missing required config key 'index' (the original's --worker.index)"),
+     "error: missing required config key 'index'"),
     (["--worker.index=1", "--worker.main_import=train_cifar", "--worker.logdir=st", "--worker.bogus=1"],
-     "error: unknown config key 'worker.bogus' (from the command line)"),
+     "error: unknown config key 'worker.bogus' (the original's spellings accepted here: worker.index, "
+     "worker.main_import, worker.logdir, worker.do_if_complete, worker.job_timeout)"),
 ])
 def test_worker_flag_errors(cli, original, args, message):
     out = cli("worker", *args, check=False)
@@ -114,11 +116,35 @@ def test_script_that_fails_is_a_failed_model(cli, original):
     (["--data.flip", "--training.lr=1"], [], ["--data.flip", "--training.lr=1"]),
     (["-C", "c.yaml", "--store=s"], ["--store=s"], ["-C", "c.yaml"]),
     (["-C=c.yaml"], [], ["--config-file=c.yaml"]),
-    (["--args.k=1", "args.j=2", "--args.flag"], ["--args.k=1", "args.j=2", "args.flag=true"], []),
+    (["--args.k=1", "args.j=2"], ["--args.k=1", "args.j=2"], []),
     (["training.lr=0.5"], ["training.lr=0.5"], []),  # our spelling stays ours: an unknown key, refused
 ])
 def test_split_script_options(schema, args, ours, script):
     assert split_script_options(schema, args) == (ours, script)
+
+
+def test_original_worker_flags_are_ours_only_for_worker():
+    args = ["--worker.index=3", "--worker.do_if_complete"]
+    assert split_script_options(WorkerConfig, args) == (args, [])
+    assert split_script_options(TrainConfig, args) == ([], args)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--worker.do_if_complete"], ["worker.do_if_complete=true"]),
+    (["--overwrite", "store=s"], ["overwrite=true", "store=s"]),
+    (["--overwrite", "false"], ["--overwrite", "false"]),
+    (["--worker.index", "3"], ["--worker.index", "3"]),
+    (["--data.flip"], ["--data.flip"]),
+])
+def test_bare_flags(args, expected):
+    assert bare_flags(WorkerConfig, args) == expected
+
+
+def test_aliases_rewrite_and_refuse_both_spellings():
+    assert apply_aliases(WorkerConfig, ["worker.logdir=st", "worker.job_timeout=5", "args.x=1"]) == \
+        ["store=st", "timeout=5", "args.x=1"]
+    with pytest.raises(UserError, match=r"^'store' and 'worker.logdir' name the same setting: give one of them$"):
+        apply_aliases(WorkerConfig, ["worker.logdir=st", "store=st"])
 
 
 def test_help_documents_the_pass_through(cli):
