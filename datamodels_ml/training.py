@@ -18,6 +18,8 @@ from datamodels_ml.store_layout import SPEC_FILE, is_store
 
 @dataclass
 class InitConfig:
+    ALIASES = {"logging.spec": "spec", "logging.logdir": "store"}  # the original initialize_store's spelling
+
     spec: str = field(default=MISSING, metadata={"help": "spec JSON file (num_models, schema)"})
     store: str = field(default=MISSING, metadata={"help": "store directory to create"})
     force: bool = field(default=False, metadata={"help": "replace an existing store with another spec"})

@@ -25,9 +25,10 @@ DEFAULT_DATASET = "/mnt/cfs/datasets/cifar_ffcv/cifar_train.beton"
 
 @pytest.fixture
 def original(cli, tmp_path):
-    """A store and the original-style script ``train_cifar.py`` importable from the test's cwd."""
+    """A store (made with the original initialize_store's flags) and the original-style script
+    ``train_cifar.py`` importable from the test's cwd."""
     shutil.copy(MAINS / "fastargs_cifar.py", tmp_path / "train_cifar.py")
-    cli("init", f"spec={MAINS / 'fastargs_cifar_spec.json'}", "store=st", check=True)
+    cli("init", "--logging.logdir=st", f"--logging.spec={MAINS / 'fastargs_cifar_spec.json'}", check=True)
     return tmp_path / "st"
 
 
