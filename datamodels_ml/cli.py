@@ -109,7 +109,10 @@ def _is_bool_key(schema: type, name: str) -> bool:
     for part in name.split("."):
         if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
             return False
-        hints = typing.get_type_hints(node)
+        try:
+            hints = typing.get_type_hints(node)
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: not a flag we know
+            return False
         if part not in hints:
             return False
         node = hints[part]

@@ -53,11 +53,9 @@ def script_argv(target: str, argv: list[str]) -> None:
 
     def collect_known_args(self, parser, disable_help=False):  # fastargs' method, with parse_known_args
         cli_args = [a for a in sys.argv[1:] if not (disable_help and a == "--help")]
-        args, _unknown = parser.parse_known_args(cli_args)
-        for fname in args.config_file:
+        args = vars(parser.parse_known_args(cli_args)[0])
+        for fname in args.pop("config_file", None) or []:
             self.collect_config_file(fname)
-        args = vars(args)
-        del args["config_file"]
         self.collect(args)
         self.collect_env_variables()
         return self
