@@ -2,12 +2,19 @@
 
 Thin by design: look the command up, parse its structured config, call one function. Errors a user
 can cause (``UserError``) print one line and exit 2; a failed model exits 1; Ctrl-C exits 130.
+
+The original MadryLab tools' spelling is accepted too: ``--key=value``/``--key value``, bare
+``--flag`` for a boolean key, a command's ``ALIASES`` (``--worker.index`` for ``index``), and, for a
+command that runs the user's script (``SCRIPT_ARGV``), the script's own ``--section.key=value``
+options, passed through to its ``sys.argv``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
+import typing
 import warnings
 from typing import Any
 
@@ -93,17 +100,12 @@ def normalize_args(args: list[str], *, config_key: str | None = None) -> list[st
 
 def _field_names(schema: type) -> set[str]:
     """The command's own top-level keys, and the sections of the original spellings it accepts."""
-    import dataclasses
-
     own = {f.name for f in dataclasses.fields(schema)}
     return own | {alias.split(".")[0] for alias in getattr(schema, "ALIASES", {})}
 
 
 def _is_bool_key(schema: type, name: str) -> bool:
     """Whether ``name`` (a dotted key, or one of the schema's ``ALIASES``) is a boolean field."""
-    import dataclasses
-    import typing
-
     name = getattr(schema, "ALIASES", {}).get(name, name)
     node: Any = schema
     for part in name.split("."):
@@ -146,8 +148,6 @@ def apply_aliases(schema: type, tokens: list[str]) -> list[str]:
     for alias, ours in aliases.items():
         if alias in given and ours in given:
             raise UserError(f"'{ours}' and '{alias}' name the same setting: give one of them")
-    import dataclasses
-
     sections = {alias.split(".")[0] for alias in aliases} - {f.name for f in dataclasses.fields(schema)}
     out = []
     for token in tokens:

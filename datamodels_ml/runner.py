@@ -1,8 +1,8 @@
 """The long-lived process behind one ``train`` slot: imports main once, then runs index after index.
 
 Protocol (driven by ``runner_process``): the parent writes the job as the first line on stdin, in
-JSON (store, main, args, the script's argv, its own PID; never on the command line, where ``ps`` shows it to every
-local user), then one index per line. The runner answers on the file descriptor given as
+JSON (store, main, args, the script's argv, its own PID; never on the command line, where ``ps``
+shows it to every local user), then one index per line. The runner answers on the file descriptor given as
 ``--reply-fd`` with one JSON line per message: first ``{"ready": true}`` (or ``{"fatal": "..."}``
 when main cannot be imported), then one ``ModelResult`` per index ("completed" there means the
 row is written; the parent then marks it complete in a group commit). Each model's stdout and
