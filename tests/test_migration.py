@@ -153,3 +153,39 @@ def test_help_documents_the_pass_through(cli):
         out = cli(command, "--help", check=True)
         assert "argv" in out.stdout and "--section.key=value" in out.stdout
     assert "worker.main_import" in cli("worker", "--help", check=True).stdout
+
+
+def test_original_workflow_on_an_original_store(cli, tmp_path):
+    """An original-layout store (what initialize_store writes: one open_memmap per key and
+    _completed, no spec.json), the original-style script, the original flags from end to end."""
+    import json
+
+    shutil.copy(MAINS / "fastargs_cifar.py", tmp_path / "train_cifar.py")
+    spec = json.loads((MAINS / "fastargs_cifar_spec.json").read_text())
+    store = tmp_path / "orig"
+    store.mkdir()
+    schema = dict(spec["schema"], _completed={"shape": [], "dtype": "bool_"})
+    for key, meta in schema.items():
+        np.lib.format.open_memmap(store / f"{key}.npy", mode="w+", dtype=getattr(np, meta["dtype"]),
+                                  shape=(spec["num_models"], *meta["shape"])).flush()
+
+    cli("worker", "--worker.index=0", "--worker.main_import=train_cifar", f"--worker.logdir={store}",
+        "--training.lr=0.5", "--training.epochs=2", check=True)
+    cli("train", f"store={store}", "main=train_cifar", "n=4", "jobs=1", "progress=false",
+        "--training.lr=0.5", "--training.epochs=2", check=True)
+    out = store / "reg_data.beton"
+    cli("write_dataset", "--cfg.data_dir", str(store), "--cfg.out_path", str(out), "--cfg.y_name", "margins",
+        "--cfg.x_name", "masks", "progress=false", check=True)
+
+    assert not (store / "spec.json").exists()  # the store keeps its original layout
+    done, masks, margins = rows(store)
+    assert done.nonzero()[0].tolist() == [0, 1, 2, 3]
+    from datamodels_ml.dataset import read_beton
+
+    x, y, idx = read_beton(out)
+    assert idx.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(x, masks[:4])
+    np.testing.assert_array_equal(y, margins[:4])
+    for i in range(4):
+        np.testing.assert_array_equal(y[i], expected_margins(i, 0.5, 2))
+        np.testing.assert_array_equal(x[i], expected_mask(i))
