@@ -6,8 +6,9 @@ index in the store). Only completed models are written (or the models flagged in
 array, ``completed_name``, or every model, ``ignore_completed``); rows whose targets hold NaN or inf
 are left out with a warning. ``y_slice`` keeps one index of a y with more than one dimension per
 model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``ALIASES``). The file
-is written next to ``out`` under a temporary name and moved into place at the end, so a failed write never destroys an existing file; a sidecar ``out + ".json"`` manifest
-records what went in (store, keys, written indices) so a pipeline can skip a stage that already ran.
+is written next to ``out`` under a temporary name and moved into place at the end, so a failed write
+never destroys an existing file; a sidecar ``out + ".json"`` manifest records what went in (store,
+keys, written indices, the selection) so a pipeline can skip a stage that already ran.
 
 Reading: ``BetonBatches`` is a solver batch source over a subset of the rows (FFCV ``Loader``),
 ``read_beton`` reads rows into numpy, ``beton_info`` and ``read_manifest`` describe a file.
