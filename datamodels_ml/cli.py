@@ -2,13 +2,21 @@
 
 Thin by design: look the command up, parse its structured config, call one function. Errors a user
 can cause (``UserError``) print one line and exit 2; a failed model exits 1; Ctrl-C exits 130.
+
+The original MadryLab tools' spelling is accepted too: ``--key=value``/``--key value``, bare
+``--flag`` for a boolean key, a command's ``ALIASES`` (``--worker.index`` for ``index``), and, for a
+command that runs the user's script (``SCRIPT_ARGV``), the script's own ``--section.key=value``
+options, passed through to its ``sys.argv``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
+import typing
 import warnings
+from typing import Any
 
 from datamodels_ml.errors import UserError
 
@@ -45,6 +53,15 @@ def _help(name: str, schema: type, func, yaml_key: str | None) -> str:
     if yaml_key:
         lines.append(f"  {yaml_key:<28} YAML file merged under the command-line keys")
     lines += describe(schema)
+    aliases = getattr(schema, "ALIASES", {})
+    if aliases:
+        lines += ["", "the original tools' spelling (e.g. --" + next(iter(aliases)) + "=...; not with our key as well):"]
+        lines += [f"  {alias:<28} = {ours}" for alias, ours in aliases.items()]
+    if getattr(schema, "SCRIPT_ARGV", None):
+        lines += ["", "options for the script (the original tools' fastargs spelling):",
+                  f"  {'--section.key=value':<28} any option whose section is not a key above, and -C FILE,",
+                  f"  {'':<28} go to the script's sys.argv as written (after {schema.SCRIPT_ARGV}=[...]);",
+                  f"  {'':<28} fastargs then parses known arguments only, as under the original worker"]
     return "\n".join(lines)
 
 
@@ -81,6 +98,103 @@ def normalize_args(args: list[str], *, config_key: str | None = None) -> list[st
     return out
 
 
+def _field_names(schema: type) -> set[str]:
+    """The command's own top-level keys, and the sections of the original spellings it accepts."""
+    own = {f.name for f in dataclasses.fields(schema)}
+    return own | {alias.split(".")[0] for alias in getattr(schema, "ALIASES", {})}
+
+
+def _is_bool_key(schema: type, name: str) -> bool:
+    """Whether ``name`` (a dotted key, or one of the schema's ``ALIASES``) is a boolean field."""
+    name = getattr(schema, "ALIASES", {}).get(name, name)
+    node: Any = schema
+    for part in name.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return False
+        try:
+            hints = typing.get_type_hints(node)
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: not a flag we know
+            return False
+        if part not in hints:
+            return False
+        node = hints[part]
+    return node in (bool, typing.Optional[bool])
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def bare_flags(schema: type, args: list[str]) -> list[str]:
+    """A boolean key given as a bare ``--name`` (the original tools' flags, e.g.
+    ``--cfg.ignore_completed``) becomes ``name=true``; ``--name false`` keeps its value."""
+    out: list[str] = []
+    for i, token in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else ""
+        if (token.startswith("--") and "=" not in token and _is_bool_key(schema, token[2:])
+                and nxt.lower() not in _BOOL_WORDS):
+            out.append(f"{token[2:]}=true")
+        else:
+            out.append(token)
+    return out
+
+
+def apply_aliases(schema: type, tokens: list[str]) -> list[str]:
+    """Rewrite the original tools' spelling of a key (the schema's ``ALIASES``, e.g.
+    ``worker.index`` -> ``index``) into ours; a setting given both ways is refused."""
+    aliases: dict[str, str] = getattr(schema, "ALIASES", {})
+    if not aliases:
+        return tokens
+    given = {t.split("=", 1)[0] for t in tokens}
+    for alias, ours in aliases.items():
+        if alias in given and ours in given:
+            raise UserError(f"'{ours}' and '{alias}' name the same setting: give one of them")
+    sections = {alias.split(".")[0] for alias in aliases} - {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if key.split(".")[0] in sections and key not in aliases:
+            known = ", ".join(a for a in aliases if a.split(".")[0] == key.split(".")[0])
+            raise UserError(f"unknown config key '{key}' (the original's spellings accepted here: {known})")
+        out.append(f"{aliases[key]}={value}" if eq and key in aliases else token)
+    return out
+
+
+def split_script_options(schema: type, args: list[str]) -> tuple[list[str], list[str]]:
+    """For a command that runs the user's script (its schema names a ``SCRIPT_ARGV`` field): split
+    off the options in the original tools' fastargs spelling that are not the command's own keys.
+
+    Returns ``(ours, script)``. ``--section.key=value``, ``--section.key value`` and a bare
+    ``--section.flag`` whose section is not one of the command's keys (nor of its ``ALIASES``), and
+    ``-C FILE`` / ``--config-file FILE``, go to ``script`` as written (the script's ``sys.argv``).
+    """
+    own = _field_names(schema)
+
+    def is_ours(token: str) -> bool:
+        return "=" in token and not token.startswith("-") and token.split("=", 1)[0].split(".")[0] in own
+
+    ours: list[str] = []
+    script: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if token in ("-C", "--config-file") or token.startswith(("-C=", "--config-file=")):
+            script.append(token.replace("-C=", "--config-file=", 1) if token.startswith("-C=") else token)
+            if "=" not in token and nxt is not None:
+                script.append(nxt)
+                i += 1
+        elif "." in name and name.split(".")[0] not in own:
+            script.append(token)
+            if "=" not in token and nxt is not None and not nxt.startswith("--") and not is_ours(nxt):
+                script.append(nxt)
+                i += 1
+        else:
+            ours.append(token)
+        i += 1
+    return ours, script
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -104,7 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     from datamodels_ml.config import load
 
     try:
-        cfg = load(schema, normalize_args(rest, config_key=yaml_key), config_key=yaml_key)
+        script_key = getattr(schema, "SCRIPT_ARGV", None)
+        script: list[str] = []
+        rest = bare_flags(schema, rest)
+        if script_key:
+            rest, script = split_script_options(schema, rest)
+        tokens = apply_aliases(schema, normalize_args(rest, config_key=yaml_key))
+        cfg = load(schema, tokens, config_key=yaml_key)
+        if script:  # after any argv=[...] given as a key
+            setattr(cfg, script_key, [*getattr(cfg, script_key), *script])
         return int(func(cfg) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

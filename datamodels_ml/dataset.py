@@ -2,10 +2,13 @@
 
 Writing (``write_dataset``): the fields are the original library's, ``mask`` (the x key, its dtype,
 flattened to one dimension), ``targets`` (the y key as float32, flattened) and ``idx`` (the model's
-index in the store). Only completed models are written; rows whose targets hold NaN or inf are left
-out with a warning. The file is written next to ``out`` under a temporary name and moved into place
-at the end, so a failed write never destroys an existing file; a sidecar ``out + ".json"`` manifest
-records what went in (store, keys, written indices) so a pipeline can skip a stage that already ran.
+index in the store). Only completed models are written (or the models flagged in another per-model
+array, ``completed_name``, or every model, ``ignore_completed``); rows whose targets hold NaN or inf
+are left out with a warning. ``y_slice`` keeps one index of a y with more than one dimension per
+model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``ALIASES``). The file
+is written next to ``out`` under a temporary name and moved into place at the end, so a failed write
+never destroys an existing file; a sidecar ``out + ".json"`` manifest records what went in (store,
+keys, written indices, the selection) so a pipeline can skip a stage that already ran.
 
 Reading goes through ``beton.BetonFile`` (FFCV's file format read directly, so FFCV itself is never
 imported): ``BetonBatches`` is a solver batch source over a subset of the rows and a slice of the
@@ -35,10 +38,19 @@ FORMAT_VERSION = 1
 
 @dataclass
 class WriteDatasetConfig:
+    ALIASES = {  # the original write_dataset's options (--cfg.data_dir=DIR ...), mapped onto ours by the CLI
+        "cfg.data_dir": "store", "cfg.out_path": "out", "cfg.x_name": "x_name", "cfg.y_name": "y_name",
+        "cfg.completed_name": "completed_name", "cfg.ignore_completed": "ignore_completed", "cfg.y_slice": "y_slice"}
+
     store: str = field(default=MISSING, metadata={"help": "store directory (its completed models are written)"})
     out: str = field(default=MISSING, metadata={"help": "FFCV file to write, e.g. data/digits/reg_data.beton"})
     x_name: str = field(default="masks", metadata={"help": "store key of the covariates (boolean or 0/1 masks)"})
     y_name: str = field(default="margins", metadata={"help": "store key of the outputs to predict (the targets)"})
+    completed_name: str = field(default="_completed", metadata={
+        "help": "per-model array (<store>/<name>.npy, boolean or 0/1) whose nonzero rows are written"})
+    ignore_completed: bool = field(default=False, metadata={"help": "write every model's row, completed or not"})
+    y_slice: int = field(default=-1, metadata={
+        "help": "keep index y_slice of y's first per-model axis, e.g. one checkpoint of [checkpoints, T] (-1: all)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing out file"})
     num_workers: int = field(default=0, metadata={"help": "FFCV writer processes (0: min(4, CPU cores))"})
     chunk: int = field(default=2048, metadata={"help": "rows read at a time while checking the data"})
@@ -117,32 +129,70 @@ def _scan(x: np.ndarray, y: np.ndarray, rows: np.ndarray, x_name: str, chunk: in
 
 @dataclass
 class _Inputs:
-    """A store's x and y arrays, checked for shape and dtype, and its completed indices."""
+    """A store's x and y arrays, checked for shape and dtype, and the indices of the rows to write."""
 
     store: Any
     x: np.ndarray
     y: np.ndarray
-    completed: np.ndarray
+    completed: np.ndarray  # the selected rows: completed ones, those of completed_name, or all
     n_features: int
     n_targets: int
+    what: str = "completed"  # how the rows were selected, for messages: "completed" or "selected"
 
 
-def _open_inputs(store_path: str | Path, x_name: str, y_name: str) -> _Inputs:
+def _slice_y(y: np.ndarray, y_name: str, y_slice: int) -> np.ndarray:
+    """``y[:, y_slice]`` (the original's ``y_slice``: one index of y's first per-model axis); -1: all of y."""
+    if y_slice == -1:
+        return y
+    if y.ndim < 2:
+        raise UserError(f"y_slice={y_slice}: y '{y_name}' holds one value per model, there is nothing to slice")
+    if not 0 <= y_slice < y.shape[1]:
+        raise UserError(f"y_slice={y_slice} is outside y '{y_name}' (per-model shape {list(y.shape[1:])}: "
+                        f"give 0..{y.shape[1] - 1}, or -1 for all of it)")
+    return y[:, y_slice]
+
+
+def _rows_to_write(store: Any, completed_name: str, ignore_completed: bool) -> np.ndarray:
+    """The store indices to write: every model, the completed ones, or those flagged in ``completed_name``."""
+    from datamodels_ml.store import COMPLETED
+
+    if ignore_completed:
+        return np.arange(store.num_models)
+    if completed_name == COMPLETED:
+        rows = store.completed_indices()
+        if rows.size == 0:
+            raise UserError(f"no completed model in the store at {store.path}: train some models first")
+        return rows
+    file = store.path / f"{completed_name}.npy"
+    if not completed_name or "/" in completed_name or os.sep in completed_name or not file.is_file():
+        raise UserError(f"completed_name '{completed_name}': no file {file} (give the name of a per-model "
+                        "array of the store, without .npy)")
+    flags = np.load(file, mmap_mode="r")
+    if flags.shape != (store.num_models,) or flags.dtype.kind not in "biu":
+        raise UserError(f"completed_name '{completed_name}': {file} must hold one boolean or 0/1 flag per model "
+                        f"(shape [{store.num_models}]), found shape {list(flags.shape)} {flags.dtype}")
+    rows = np.flatnonzero(flags)
+    if rows.size == 0:
+        raise UserError(f"completed_name '{completed_name}': no model is flagged in {file}")
+    return rows
+
+
+def _open_inputs(store_path: str | Path, x_name: str, y_name: str, completed_name: str = "_completed",
+                 ignore_completed: bool = False, y_slice: int = -1) -> _Inputs:
     """Every check that needs no pass over the data (cheap: run before MLflow or FFCV start)."""
-    from datamodels_ml.store import Store
+    from datamodels_ml.store import COMPLETED, Store
 
     store = Store(store_path, writable=False)
     x = store.array(x_name)
-    y = store.array(y_name)
+    y = _slice_y(store.array(y_name), y_name, y_slice)
     if x.shape[0] != y.shape[0]:
         raise UserError(f"x '{x_name}' has {x.shape[0]} rows but y '{y_name}' has {y.shape[0]}; "
                         "they must hold one row per model")
-    completed = store.completed_indices()
-    if completed.size == 0:
-        raise UserError(f"no completed model in the store at {store.path}: train some models first")
+    completed = _rows_to_write(store, completed_name, ignore_completed)
     if x.dtype.kind not in "biuf":
         raise UserError(f"x '{x_name}' must be boolean or 0/1-valued, got dtype {x.dtype}")
-    return _Inputs(store, x, y, completed, _per_model(x_name, "x", x), _per_model(y_name, "y", y))
+    what = "completed" if completed_name == COMPLETED and not ignore_completed else "selected"
+    return _Inputs(store, x, y, completed, _per_model(x_name, "x", x), _per_model(y_name, "y", y), what)
 
 
 def _select_rows(inputs: _Inputs, x_name: str, y_name: str, chunk: int,
@@ -154,19 +204,22 @@ def _select_rows(inputs: _Inputs, x_name: str, y_name: str, chunk: int,
     finite = _scan(inputs.x, inputs.y, completed, x_name, chunk, progress)
     keep, dropped = completed[finite], completed[~finite]
     if dropped.size:
-        print(f"warning: left out {dropped.size} of {completed.size} completed models whose '{y_name}' "
+        print(f"warning: left out {dropped.size} of {completed.size} {inputs.what} models whose '{y_name}' "
               f"holds NaN or inf", file=sys.stderr)
     if keep.size == 0:
-        raise UserError(f"every completed model's '{y_name}' holds NaN or inf: nothing to write")
+        raise UserError(f"every {inputs.what} model's '{y_name}' holds NaN or inf: nothing to write")
     return keep, dropped
 
 
 def _prepare(store_path: str | Path, out: str | Path, x_name: str, y_name: str, force: bool, chunk: int,
-             progress: bool) -> tuple[Path, _Inputs, np.ndarray, np.ndarray]:
-    """Every check and the one pass over the rows, before anything is written."""
+             progress: bool, **select: Any) -> tuple[Path, _Inputs, np.ndarray, np.ndarray]:
+    """Every check and the one pass over the rows, before anything is written.
+
+    ``select``: ``completed_name``, ``ignore_completed``, ``y_slice`` (see ``WriteDatasetConfig``).
+    """
     out = Path(out)
     _check_out(out, force)
-    inputs = _open_inputs(store_path, x_name, y_name)
+    inputs = _open_inputs(store_path, x_name, y_name, **select)
     keep, dropped = _select_rows(inputs, x_name, y_name, chunk, progress)
     _check_space(out, inputs, keep.size)
     return out, inputs, keep, dropped
@@ -187,17 +240,20 @@ def _check_space(out: Path, inputs: _Inputs, rows: int) -> None:
 
 
 def write_beton(store_path: str | Path, out: str | Path, *, x_name: str = "masks", y_name: str = "margins",
-                force: bool = False, num_workers: int = 0, chunk: int = 2048, progress: bool = True) -> dict[str, Any]:
+                force: bool = False, num_workers: int = 0, chunk: int = 2048, progress: bool = True,
+                completed_name: str = "_completed", ignore_completed: bool = False,
+                y_slice: int = -1) -> dict[str, Any]:
     """Write the completed rows of a store to an FFCV file; return the manifest (also written beside it).
 
     No MLflow here (``write_dataset`` adds it), so other stages and tests can call it directly.
     """
-    out, inputs, keep, dropped = _prepare(store_path, out, x_name, y_name, force, chunk, progress)
-    return _write(out, inputs, keep, dropped, x_name, y_name, num_workers)
+    select = {"completed_name": completed_name, "ignore_completed": ignore_completed, "y_slice": y_slice}
+    out, inputs, keep, dropped = _prepare(store_path, out, x_name, y_name, force, chunk, progress, **select)
+    return _write(out, inputs, keep, dropped, x_name, y_name, num_workers, select)
 
 
 def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_name: str, y_name: str,
-           num_workers: int) -> dict[str, Any]:
+           num_workers: int, select: dict[str, Any]) -> dict[str, Any]:
     store, x, y, completed = inputs.store, inputs.x, inputs.y, inputs.completed
     n_features, n_targets = inputs.n_features, inputs.n_targets
     from ffcv.fields import IntField, NDArrayField
@@ -231,7 +287,9 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
         "num_rows": int(keep.size),
         "num_features": n_features,
         "num_targets": n_targets,
-        "num_completed": int(completed.size),
+        "num_completed": int(np.count_nonzero(store.completed)),
+        "num_selected": int(completed.size),  # rows considered: completed, flagged in completed_name, or all
+        **select,
         "indices_hash": indices_hash(keep),
         "indices": [int(i) for i in keep],
         "dropped": [int(i) for i in dropped],
@@ -243,13 +301,15 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
 def write_dataset(cfg: WriteDatasetConfig) -> int:
     """Write a store's completed models to an FFCV .beton (fields mask, targets, idx) plus a manifest."""
     # Every cheap check before MLflow starts: a refused command is quick and leaves no run behind.
+    select = {"completed_name": cfg.completed_name, "ignore_completed": cfg.ignore_completed, "y_slice": cfg.y_slice}
     out, inputs, keep, dropped = _prepare(cfg.store, cfg.out, cfg.x_name, cfg.y_name, cfg.force, cfg.chunk,
-                                          cfg.progress)
+                                          cfg.progress, **select)
     from datamodels_ml import tracking
 
-    params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force}
+    params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force,
+              **select}
     with tracking.run("write_dataset", params=params):
-        manifest = _write(out, inputs, keep, dropped, cfg.x_name, cfg.y_name, cfg.num_workers)
+        manifest = _write(out, inputs, keep, dropped, cfg.x_name, cfg.y_name, cfg.num_workers, select)
         tracking.log_metrics({"rows_written": manifest["num_rows"], "rows_dropped": len(manifest["dropped"])})
         small = {k: v for k, v in manifest.items() if k not in ("indices", "dropped")}
         tracking.set_tags({"indices_hash": manifest["indices_hash"]})

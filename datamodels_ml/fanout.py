@@ -35,6 +35,8 @@ from datamodels_ml.worker import ModelResult
 
 @dataclass
 class TrainConfig:
+    SCRIPT_ARGV = "argv"  # the CLI appends the script's own options (--section.key=value) to this key
+
     store: str = field(default=MISSING, metadata={"help": "store directory (created from spec when absent)"})
     main: str = field(default=MISSING, metadata={"help": "dotted module or .py file with main(*, index, logdir, ...)"})
     n: int = field(default=MISSING, metadata={"help": "train indices 0..n-1 (those not complete yet)"})
@@ -43,6 +45,8 @@ class TrainConfig:
     jobs: int = field(default=0, metadata={"help": "number of slots (0: one per GPU, or one per CPU core without GPUs)"})
     timeout: float = field(default=0.0, metadata={"help": "per-model timeout in seconds (0: none)"})
     args: dict[str, Any] = field(default_factory=dict, metadata={"help": "args.NAME=VALUE reach main as keyword arguments"})
+    argv: list[str] = field(default_factory=list, metadata={
+        "help": "the script's sys.argv after its name, e.g. '[--training.lr=0.5]' (for scripts that read options)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -297,9 +301,11 @@ def _train(cfg: TrainConfig, store: Store, envs: list[dict[str, str]]) -> int:
 
     from datamodels_ml import tracking
 
-    job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args)}
+    job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "argv": list(cfg.argv)}
     params = {"n": cfg.n, "gpus": cfg.gpus, "jobs": len(envs), "main": cfg.main, "store": cfg.store}
     params.update({f"args.{k}": v for k, v in cfg.args.items()})
+    if cfg.argv:
+        params["argv"] = " ".join(cfg.argv)
     print(f"training {len(todo)} models ({int(done.sum())} of {cfg.n} already complete) on "
           f"{len(envs)} {'GPU' if cfg.gpus else 'CPU'} slot{'s' if len(envs) > 1 else ''}", flush=True)
     with tracking.run("train", params=params) as parent:

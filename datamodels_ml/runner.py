@@ -1,8 +1,8 @@
 """The long-lived process behind one ``train`` slot: imports main once, then runs index after index.
 
 Protocol (driven by ``runner_process``): the parent writes the job as the first line on stdin, in
-JSON (store, main, args, its own PID; never on the command line, where ``ps`` shows it to every
-local user), then one index per line. The runner answers on the file descriptor given as
+JSON (store, main, args, the script's argv, its own PID; never on the command line, where ``ps``
+shows it to every local user), then one index per line. The runner answers on the file descriptor given as
 ``--reply-fd`` with one JSON line per message: first ``{"ready": true}`` (or ``{"fatal": "..."}``
 when main cannot be imported), then one ``ModelResult`` per index ("completed" there means the
 row is written; the parent then marks it complete in a group commit). Each model's stdout and
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
         store = Store(job["store"])
         done = store.array(COMPLETED)  # a shared map: sees the flags other processes set
-        fn = load_main(job["main"])
+        fn = load_main(job["main"], job.get("argv", ()))  # sys.argv for the script, then its import
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which prints it once
         send({"fatal": str(exc) if exc.__class__.__name__ == "UserError" else traceback.format_exc()})
         return 1

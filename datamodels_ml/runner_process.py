@@ -2,7 +2,7 @@
 read its replies against a deadline, and kill it.
 
 ``fanout`` keeps one per slot and starts a fresh one after a timeout or a death; the ``worker``
-command uses one when it has a timeout (``run_isolated``). The job (store, main, ``args.*``)
+command uses one when it has a timeout (``run_isolated``). The job (store, main, ``args.*``, argv)
 travels on the runner's stdin, not its command line, so ``ps`` shows no user values.
 
 Timeouts are enforced here, from outside: when a model runs past ``timeout`` the runner's whole

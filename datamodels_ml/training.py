@@ -18,6 +18,8 @@ from datamodels_ml.store_layout import SPEC_FILE, is_store
 
 @dataclass
 class InitConfig:
+    ALIASES = {"logging.spec": "spec", "logging.logdir": "store"}  # the original initialize_store's spelling
+
     spec: str = field(default=MISSING, metadata={"help": "spec JSON file (num_models, schema)"})
     store: str = field(default=MISSING, metadata={"help": "store directory to create"})
     force: bool = field(default=False, metadata={"help": "replace an existing store with another spec"})
@@ -64,12 +66,19 @@ def status(cfg: StatusConfig) -> int:
 
 @dataclass
 class WorkerConfig:
+    SCRIPT_ARGV = "argv"  # the CLI appends the script's own options (--section.key=value) to this key
+    ALIASES = {  # the original worker's flags (--worker.index=I ...), mapped onto ours by the CLI
+        "worker.index": "index", "worker.main_import": "main", "worker.logdir": "store",
+        "worker.do_if_complete": "overwrite", "worker.job_timeout": "timeout"}
+
     store: str = field(default=MISSING, metadata={"help": "store directory (created by init or train)"})
     index: int = field(default=MISSING, metadata={"help": "model index to train"})
     main: str = field(default=MISSING, metadata={"help": "dotted module or .py file with main(*, index, logdir, ...)"})
     args: dict[str, Any] = field(default_factory=dict, metadata={"help": "args.NAME=VALUE reach main as keyword arguments"})
+    argv: list[str] = field(default_factory=list, metadata={
+        "help": "the script's sys.argv after its name, e.g. '[--training.lr=0.5]' (for scripts that read options)"})
     overwrite: bool = field(default=False, metadata={"help": "retrain an index that is already complete"})
-    timeout: float = field(default=0.0, metadata={"help": "per-model timeout in seconds (0: none)"})
+    timeout: float = field(default=0.0, metadata={"help": "per-model timeout in seconds (0: none; timing out is a failure)"})
 
 
 def worker(cfg: WorkerConfig) -> int:
@@ -88,7 +97,7 @@ def worker(cfg: WorkerConfig) -> int:
     index = store.check_index(cfg.index)
     if cfg.timeout < 0:
         raise UserError("timeout must be >= 0 seconds")
-    main = load_main(cfg.main) if not cfg.timeout else None  # with a timeout, the runner imports it
+    main = load_main(cfg.main, cfg.argv) if not cfg.timeout else None  # with a timeout, the runner imports it
     stopped = f"terminated (SIGTERM): model {index} was not written"
     with terminate_as_interrupt(stopped), store_lock(store.path, "worker", shared=True), \
             row_lock(store.path, index, f"worker index={index}"):
@@ -97,11 +106,14 @@ def worker(cfg: WorkerConfig) -> int:
             return 0
         params = {"store": cfg.store, "index": index, "main": cfg.main}
         params.update({f"args.{k}": v for k, v in cfg.args.items()})
+        if cfg.argv:
+            params["argv"] = " ".join(cfg.argv)
         with tracking.run(f"model-{index}", params=params):
             if cfg.timeout:  # killed from outside when time is up, wherever main hangs
                 from datamodels_ml.runner_process import run_isolated
 
-                job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "overwrite": cfg.overwrite}
+                job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "argv": list(cfg.argv),
+                       "overwrite": cfg.overwrite}
                 result = run_isolated(store, index, job, cfg.timeout)
             else:
                 result = run_model(store, index, main, dict(cfg.args))

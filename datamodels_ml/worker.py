@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -40,8 +40,38 @@ class ModelResult:
                 "scalars": self.scalars, "error": self.error, "nonfinite": self.nonfinite}
 
 
-def load_main(target: str) -> Callable[..., Any]:
-    """Import ``main`` from a dotted module (importable from the current directory) or a .py path."""
+def script_argv(target: str, argv: list[str]) -> None:
+    """Give the user's script the command line it expects before it is imported: ``sys.argv`` is
+    ``[target, *argv]``, and fastargs (when installed) parses known arguments only, as the original
+    worker makes it do, so options meant for another section never stop a script."""
+    sys.argv = [target, *argv]
+    if importlib.util.find_spec("fastargs") is None:
+        return
+    import types
+
+    from fastargs import get_current_config
+
+    def collect_known_args(self, parser, disable_help=False):  # fastargs' method, with parse_known_args
+        cli_args = [a for a in sys.argv[1:] if not (disable_help and a == "--help")]
+        args = vars(parser.parse_known_args(cli_args)[0])
+        for fname in args.pop("config_file", None) or []:
+            self.collect_config_file(fname)
+        self.collect(args)
+        self.collect_env_variables()
+        return self
+
+    config = get_current_config()
+    config.collect_argparse_args = types.MethodType(collect_known_args, config)
+
+
+def load_main(target: str, argv: Sequence[str] = ()) -> Callable[..., Any]:
+    """Import ``main`` from a dotted module (importable from the current directory) or a .py path.
+
+    ``sys.argv`` is set first to ``[target, *argv]`` (``script_argv``; ``argv``: options for the
+    script, e.g. ``["--training.lr=0.5"]``), so a script that reads its settings from the command
+    line, at import or in main, sees those and nothing of ours.
+    """
+    script_argv(target, list(argv))
     if not target:
         raise UserError("main is empty: give a dotted module (e.g. datamodels_ml.examples.minimal) or a .py file")
     cwd = os.getcwd()

@@ -221,3 +221,88 @@ def test_write_dataset_cli_end_to_end(small_store, tmp_path):
     before = _digest(out)
     proc = run_cli("write_dataset", f"store={store.path}", f"out={out}", "progress=false", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and _digest(out) == before
+
+
+# -- the original write_dataset's options: completed_name, ignore_completed, y_slice, --cfg.* -------------
+def _stored(store, key):
+    return np.load(store.path / f"{key}.npy")
+
+
+@pytest.mark.parametrize("options, indices, y_of", [
+    ({}, [0, 1, 2, 4, 6, 8, 10, 11], lambda g, m: m),
+    # a per-model flag array of the store: its nonzero rows, completed or not (3 is not; 5 holds a NaN)
+    ({"completed_name": "_chosen"}, [0, 3, 8], lambda g, m: m),
+    # every row, completed or not; non-finite targets are still left out
+    ({"ignore_completed": True}, [0, 1, 2, 3, 4, 6, 7, 8, 10, 11], lambda g, m: m),
+    ({"ignore_completed": True, "completed_name": "_chosen"}, [0, 1, 2, 3, 4, 6, 7, 8, 10, 11], lambda g, m: m),
+    # one index of y's first per-model axis: grid [2, 3] -> grid[:, 1] [3]; margins [5] -> margins[:, 4] [1]
+    ({"y_name": "grid", "y_slice": 1}, [0, 1, 2, 4, 5, 6, 8, 9, 10, 11], lambda g, m: g[:, 1]),
+    # the NaN/inf check looks at the kept targets only: rows 5 and 9 are finite in margins[:, 4]
+    ({"y_slice": 4}, [0, 1, 2, 4, 5, 6, 8, 9, 10, 11], lambda g, m: m[:, 4:5]),
+])
+def test_row_and_target_selection(tmp_path, options, indices, y_of):
+    store, _ = _make_store(tmp_path / "store")
+    chosen = np.zeros(N_MODELS, dtype=np.uint8)
+    chosen[[0, 3, 5, 8]] = 1
+    np.save(store.path / "_chosen.npy", chosen)
+    out = tmp_path / "reg.beton"
+    manifest = write_beton(store.path, out, progress=False, **options)
+    x, y, idx = read_beton(out)
+    assert idx.tolist() == indices == manifest["indices"]
+    np.testing.assert_array_equal(x, _stored(store, "masks")[indices])
+    expected = y_of(_stored(store, "grid"), _stored(store, "margins")).astype(np.float32)[indices]
+    np.testing.assert_array_equal(y, expected.reshape(len(indices), -1))
+    for key, default in (("completed_name", "_completed"), ("ignore_completed", False), ("y_slice", -1)):
+        assert manifest[key] == options.get(key, default)
+    assert manifest["num_completed"] == N_MODELS - len(INCOMPLETE)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"y_slice": 5}, "y_slice=5 is outside y 'margins' (per-model shape [5]: give 0..4, or -1 for all of it)"),
+    ({"y_slice": -2}, "y_slice=-2 is outside y 'margins' (per-model shape [5]: give 0..4, or -1 for all of it)"),
+    ({"y_name": "grid", "y_slice": 2}, "y_slice=2 is outside y 'grid' (per-model shape [2, 3]: give 0..1"),
+    ({"y_name": "acc", "y_slice": 0}, "y_slice=0: y 'acc' holds one value per model, there is nothing to slice"),
+    ({"completed_name": "_nope"}, "completed_name '_nope': no file {store}/_nope.npy (give the name of a "
+                                  "per-model array of the store, without .npy)"),
+    ({"completed_name": "../store/_completed"}, "completed_name '../store/_completed': no file"),
+    ({"completed_name": "grid"}, "completed_name 'grid': {store}/grid.npy must hold one boolean or 0/1 flag per "
+                                 "model (shape [12]), found shape [12, 2, 3] float32"),
+    ({"completed_name": "_none"}, "completed_name '_none': no model is flagged in {store}/_none.npy"),
+])
+def test_selection_errors(small_store, tmp_path, options, message):
+    store = small_store[0]
+    np.save(store.path / "_none.npy", np.zeros(N_MODELS, dtype=bool))
+    with pytest.raises(UserError, match="^" + __import__("re").escape(message.format(store=store.path))):
+        write_beton(store.path, tmp_path / "reg.beton", progress=False, **options)
+    assert not (tmp_path / "reg.beton").exists()
+
+
+def test_write_dataset_with_the_original_spelling(tmp_path):
+    store, _ = _make_store(tmp_path / "store")
+    out = tmp_path / "orig.beton"
+    proc = run_cli("write_dataset", f"--cfg.data_dir={store.path}", "--cfg.out_path", str(out), "--cfg.x_name=counts",
+                   "--cfg.y_name=grid", "--cfg.y_slice=0", "--cfg.ignore_completed", "--cfg.completed_name=_completed",
+                   "progress=false", cwd=tmp_path, check=True)
+    assert f"wrote {N_MODELS} models to {out}" in proc.stdout
+    x, y, idx = read_beton(out)
+    assert idx.tolist() == list(range(N_MODELS))
+    np.testing.assert_array_equal(x, _stored(store, "counts"))
+    np.testing.assert_array_equal(y, _stored(store, "grid")[:, 0])
+    client = tracking_client(tmp_path)
+    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert (run.data.params["store"], run.data.params["y_slice"], run.data.params["ignore_completed"]) == \
+        (str(store.path), "0", "True")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["store=S", "--cfg.data_dir=S", "out=o.beton"], "error: 'store' and 'cfg.data_dir' name the same setting: "
+                                                     "give one of them"),
+    (["--cfg.data_dir=S", "--cfg.out_path=o.beton", "--cfg.num_workers=2"],
+     "error: unknown config key 'cfg.num_workers' (the original's spellings accepted here: cfg.data_dir, "
+     "cfg.out_path, cfg.x_name, cfg.y_name, cfg.completed_name, cfg.ignore_completed, cfg.y_slice)"),
+    (["--cfg.out_path=o.beton"], "error: missing required config key 'store'"),
+])
+def test_original_spelling_errors(tmp_path, args, message):
+    proc = run_cli("write_dataset", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
