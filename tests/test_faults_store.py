@@ -159,18 +159,30 @@ def test_new_store_files_are_fully_allocated(tmp_path):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A 2 MB tmpfs mounted in tmp_path (root only)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a small tmpfs")
-    where = tmp_path / "fs"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield where
-    finally:
+def tmpfs(tmp_path):
+    """``mount(size)``: a tmpfs of ``size`` mounted in tmp_path (root only), unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("needs root to mount a small tmpfs")
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmpfs):
+    """A 2 MB file system."""
+    return tmpfs("2m")
 
 
 def test_full_disk_init_is_one_line_and_leaves_nothing(tmp_path, small_fs):
@@ -193,27 +205,18 @@ def test_full_disk_write_dataset_is_one_line_and_leaves_nothing(tmp_path, small_
     assert not [f for f in small_fs.iterdir() if f.name.endswith(".beton")]
 
 
-def test_read_only_store_is_one_line_and_unchanged(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only tmpfs")
-    where = tmp_path / "ro"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        store = create_store(where / "store", parse_spec(SPEC))
-        store.write_row(2, {"masks": np.ones(5, bool), "margins": np.ones(3, np.float16)})
-        del store
-        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
-        before = _snapshot(where / "store")
-        proc = run_cli("worker", f"store={where / 'store'}", "index=0", "main=datamodels_ml.examples.minimal",
-                       cwd=tmp_path)
-        _one_error_line(proc, r"store .*store is not writable")
-        proc = run_cli("status", f"store={where / 'store'}", cwd=tmp_path, check=True)
-        assert "completed: 1/6" in proc.stdout
-        assert _snapshot(where / "store") == before
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+def test_read_only_store_is_one_line_and_unchanged(tmp_path, tmpfs):
+    where = tmpfs("4m")
+    store = create_store(where / "store", parse_spec(SPEC))
+    store.write_row(2, {"masks": np.ones(5, bool), "margins": np.ones(3, np.float16)})
+    del store
+    subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+    before = _snapshot(where / "store")
+    proc = run_cli("worker", f"store={where / 'store'}", "index=0", "main=datamodels_ml.examples.minimal", cwd=tmp_path)
+    _one_error_line(proc, r"store .*store is not writable \(Read-only file system: ")
+    proc = run_cli("status", f"store={where / 'store'}", cwd=tmp_path, check=True)
+    assert "completed: 1/6" in proc.stdout
+    assert _snapshot(where / "store") == before
 
 
 # -- 9. NaN and inf outputs are counted ----------------------------------------------------------------
