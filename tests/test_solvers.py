@@ -1,4 +1,4 @@
-"""Tests of the lasso path solver (datamodels_ml.lasso) against scikit-learn and planted models."""
+"""Tests of the lasso path solver (datamodels_ml.solvers) against scikit-learn and planted models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from datamodels_ml.lasso import LassoPath, TensorBatches, lambda_grid, lambda_max, lasso_path
+from datamodels_ml.solvers import LassoPath, TensorBatches, lambda_grid, lambda_max, lasso_path
 
 METHODS = ["saga", "fista"]
 
