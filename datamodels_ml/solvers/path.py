@@ -218,6 +218,7 @@ class _Run:
         self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
         self.cur_l = 0
         self.epochs = 0
+        self.eig: dict = {}  # power-iteration vectors, warm start across path points
         if method == "fista":
             self.vs = target_stats(val, keep_y=True, device=device)
             self.Yv = self.vs.Y.to(dtype)
@@ -286,7 +287,7 @@ class _Run:
                     Wi, wGw, g, e = solve_screened(
                         self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W[:, s], grad[:, s],
                         nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
-                        screen=self.screen, on_iter=self.on_epoch)
+                        screen=self.screen, on_iter=self.on_epoch, eig=self.eig)
                     W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
                     self.epochs += e
                 b = self.bias0
@@ -359,7 +360,7 @@ class _Run:
         grad = gradient(op, c, W0)
         W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
                                     var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
-                                    on_iter=self.on_epoch)
+                                    on_iter=self.on_epoch, eig=self.eig)
         self.epochs += e
         if self.fit_intercept:
             bias = (ybar - (zbar[:, None] * W.to(torch.float64)).sum(0)).to(self.dtype)

@@ -118,11 +118,13 @@ def solve_screened(
     max_iter: int,
     screen: bool = True,
     on_iter: Callable[[int, int], None] | None = None,
+    eig: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Solve ``min_w 1/2 w'Gw - c'w + λ|w|_1`` per column at one path point, with screening.
 
     Shapes: c/W/grad [p, Ta] (``grad = c - G W`` at the warm start ``W``), lam/lam_prev/nulldev
-    [Ta], var [p]. ``screen=False`` solves on all features (the reference).
+    [Ta], var [p]. ``screen=False`` solves on all features (the reference). ``eig``: a dict kept by
+    the caller across calls, holding the power-iteration vectors (``[p, 4]``) for warm starts.
     Returns ``(W [p, Ta], wGw [Ta], grad [p, Ta] at the solution, iterations)``.
     """
     if screen:
@@ -136,7 +138,13 @@ def solve_screened(
         if U.numel() > 0:
             Gs = op.block(U)
             allowed = None if bool(keep[U].all()) else keep[U]
-            Ws, wGw, it = fista(Gs, c[U], lam, W[U], L=top_eig(Gs), nulldev=nulldev, var=var[U], tol=tol,
+            V0 = eig.get("V") if eig is not None else None
+            L, V = top_eig(Gs, None if V0 is None else V0[U])
+            if eig is not None:
+                full = torch.zeros(c.shape[0], 4, dtype=V.dtype, device=V.device)
+                full[U] = V
+                eig["V"] = full
+            Ws, wGw, it = fista(Gs, c[U], lam, W[U], L=L, nulldev=nulldev, var=var[U], tol=tol,
                                 max_iter=max_iter, allowed=allowed, on_iter=on_iter)
             del Gs
             its += it
