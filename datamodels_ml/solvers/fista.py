@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["fista", "top_eig"]
+__all__ = ["fista", "top_eig_cols"]
 
 
 def fista(
@@ -22,7 +22,7 @@ def fista(
     lam: Tensor,
     W0: Tensor,
     *,
-    L: float,
+    L: float | Tensor,
     nulldev: Tensor,
     var: Tensor,
     tol: float,
@@ -34,7 +34,8 @@ def fista(
     """FISTA with per-column adaptive restart (O'Donoghue & Candès 2015).
 
     Shapes: G [q,q], c [q,Ta], lam [Ta], W0 [q,Ta], nulldev [Ta], var [q], allowed [q,Ta] bool
-    (coordinates a column may use; None: all). A column is converged when
+    (coordinates a column may use; None: all), L a float or [Ta] (a Lipschitz bound per column:
+    the step of each column, hence its iterates, do not depend on the other columns). A column is converged when
     ``max_j var_j (Δw_j)² / nulldev < tol`` over one iteration (``Δ`` the change of the iterate).
     Returns ``(W [q,Ta], wGw [Ta], iters)`` where ``wGw ≈ w'Gw`` (from the last gradient, exact
     at convergence; used for the training MSE without another product).
@@ -43,7 +44,7 @@ def fista(
     Ta = c.shape[1]
     wGw = torch.zeros(Ta, dtype=c.dtype, device=c.device)
     live = torch.arange(Ta, device=c.device)
-    step = 1.0 / L
+    step = (1.0 / torch.as_tensor(L, dtype=c.dtype, device=c.device)).expand(Ta).clone()
     thr = (lam * step).expand(c.shape[0], Ta).clone()
     if allowed is not None:
         thr.masked_fill_(~allowed, float("inf"))  # soft-threshold at +inf: the coordinate stays 0
@@ -56,7 +57,7 @@ def fista(
     while live.numel() > 0 and it < max_iter:
         it += 1
         Gy = G @ y
-        u = (y + cs).sub_(Gy, alpha=step)  # y - step * (G y - c)
+        u = (y + cs).sub_(Gy * step)  # y - step * (G y - c)
         x_new = u - torch.maximum(torch.minimum(u, thr), -thr)  # soft-threshold
         d = x_new - x
         restart = (y.sub_(x_new).mul_(d)).sum(0) > 0  # (y - x_new)·(x_new - x) > 0: y is reused
@@ -75,37 +76,54 @@ def fista(
                 wGw[live[done]] = (x[:, done] * Gy[:, done]).sum(0)
                 keep = ~done
                 live, x, y, t, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gy[:, keep]
-                cs, nd, thr = cs[:, keep], nd[keep], thr[:, keep]
+                cs, nd, thr, step = cs[:, keep], nd[keep], thr[:, keep], step[keep]
     if live.numel() > 0:
         W[:, live] = x
         wGw[live] = (x * (G @ x)).sum(0)
     return W, wGw, it
 
 
-def top_eig(G: Tensor, V0: Tensor | None = None, iters: int = 60, rtol: float = 1e-4) -> tuple[float, Tensor]:
-    """Upper estimate of the largest eigenvalue of the PSD matrix ``G`` [q,q] by power iteration
-    on a block of 4 vectors (+2% margin; much cheaper than an eigendecomposition).
+def top_eig_cols(
+    G: Tensor,
+    V0: Tensor,
+    allowed: Tensor | None = None,
+    *,
+    cold: Tensor | None = None,
+    iters: int = 60,
+    rtol: float = 1e-4,
+) -> tuple[Tensor, Tensor]:
+    """Per column ``t``: an upper estimate of the top eigenvalue of ``G`` restricted to the
+    coordinates ``allowed[:, t]`` (power iteration on one vector per column, one matrix product
+    for all columns, +2% margin).
 
-    ``V0`` [q, 4] warm-starts it (the vectors of the previous, overlapping working set): then it
-    stops once the estimate changes by less than ``rtol`` over two iterations. Returns
-    ``(estimate, V)`` with ``V`` the final vectors (for the next warm start).
+    ``V0`` [q, Ta] are the start vectors (the previous path point's, or a fixed random vector:
+    then ``cold`` is True for that column and it runs at least 20 iterations, else 4). A column
+    stops once its estimate changes by less than ``rtol``; the result of a column depends only on
+    its own sub-matrix, not on the other columns. Returns ``(L [Ta], V [q, Ta])``.
     """
-    q = G.shape[0]
-    if q == 0:
-        return 1.0, torch.zeros(0, 4, dtype=G.dtype, device=G.device)
-    if G.numel() <= 2**24:  # small: float64 (no precision worry); large: no q x q copy
-        G = G.to(torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    V = torch.randn(q, 4, generator=gen, dtype=torch.float64).to(G.device, G.dtype)
-    if V0 is not None:
-        V[:, :3] = V0[:, :3].to(V)  # keep one random vector against an unlucky start
-    V = V / V.norm(dim=0).clamp_min(1e-300)
-    ev, prev = 0.0, []
+    q, Ta = V0.shape
+    V = V0.to(G.dtype).clone()
+    if allowed is not None:
+        V.masked_fill_(~allowed, 0)
+    V /= V.norm(dim=0).clamp_min(1e-30)
+    ev = torch.zeros(Ta, dtype=G.dtype, device=G.device)
+    min_it = torch.full((Ta,), 4, device=G.device)
+    if cold is not None:
+        min_it[cold] = 20
+    live = torch.arange(Ta, device=G.device)
     for it in range(iters):
-        U = G @ V
-        ev = float((V * U).sum(0).max())
-        V = U / U.norm(dim=0).clamp_min(1e-300)
-        prev.append(ev)
-        if V0 is not None and it >= 3 and abs(prev[-1] - prev[-3]) <= rtol * abs(ev):
+        U = G @ V[:, live]
+        if allowed is not None:
+            U.masked_fill_(~allowed[:, live], 0)
+        e = (V[:, live] * U).sum(0)
+        V[:, live] = U / U.norm(dim=0).clamp_min(1e-30)
+        done = ((e - ev[live]).abs() <= rtol * e.abs()) & (min_it[live] <= it)
+        ev[live] = e
+        live = live[~done]
+        if live.numel() == 0:
             break
-    return max(ev, float(torch.diagonal(G).max())) * 1.02 + 1e-12, V
+    d = torch.diagonal(G)[:, None].expand(q, Ta)
+    if allowed is not None:
+        d = d.masked_fill(~allowed, 0)
+    dmax = d.amax(0) if q else torch.zeros_like(ev)
+    return torch.maximum(ev, dmax) * 1.02 + 1e-12, V

@@ -218,7 +218,11 @@ class _Run:
         self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
         self.cur_l = 0
         self.epochs = 0
-        self.eig: dict = {}  # power-iteration vectors, warm start across path points
+        # power-iteration vectors per target, warm start across path points (cold: a fixed
+        # random vector, the same for every target, so a target's result ignores its block)
+        gen = torch.Generator().manual_seed(0)
+        r = torch.rand(stats.n_features, generator=gen, dtype=torch.float64).add_(0.5).to(device=device, dtype=dtype)
+        self.eig = {"V": r[:, None].repeat(1, self.T), "seen": torch.zeros(self.T, dtype=torch.bool, device=device)}
         if method == "fista":
             self.vs = target_stats(val, keep_y=True, device=device)
             self.Yv = self.vs.Y.to(dtype)
@@ -287,7 +291,7 @@ class _Run:
                     Wi, wGw, g, e = solve_screened(
                         self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W[:, s], grad[:, s],
                         nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
-                        screen=self.screen, on_iter=self.on_epoch, eig=self.eig)
+                        screen=self.screen, on_iter=self.on_epoch, eig=self.eig, ids=s)
                     W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
                     self.epochs += e
                 b = self.bias0
@@ -360,7 +364,7 @@ class _Run:
         grad = gradient(op, c, W0)
         W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
                                     var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
-                                    on_iter=self.on_epoch, eig=self.eig)
+                                    on_iter=self.on_epoch, eig=self.eig)  # ids: all targets
         self.epochs += e
         if self.fit_intercept:
             bias = (ybar - (zbar[:, None] * W.to(torch.float64)).sum(0)).to(self.dtype)
