@@ -27,7 +27,9 @@ __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened
 
 _ROWS = 1024  # rows of the Gram gathered at a time
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
-_PER_TARGET = float(__import__("os").environ.get("PER_TARGET", "8"))  # matvec vs matmul cost per entry
+# cost model of one FISTA iteration on 2 CPU cores (measured: float32 matmul ~50 GFLOP/s effective,
+# a small matvec ~5 GFLOP/s, ~25 small torch calls of Python overhead per target)
+_MATMUL_FLOPS, _MATVEC_FLOPS, _PER_CALL_S = 5e10, 5e9, 3e-4
 
 
 class GramOperator(Protocol):
@@ -69,30 +71,27 @@ class RefitGram:
         self.N = stats.n_train + stats.n_val
         self.zbar = None if zbar is None else zbar.to(dtype)
 
-    def _cols(self, idx: Tensor, cols: Tensor | None) -> Tensor:
+    def rows(self, idx: Tensor) -> Tensor:
         st = self.stats
-        if cols is None:
-            out = st.gram.index_select(0, idx).to(self.dtype)
-        else:
-            out = st.gram[idx[:, None], cols[None, :]].to(self.dtype)
-        out.mul_(st.n_train / self.N)
+        out = st.gram.index_select(0, idx).to(self.dtype).mul_(st.n_train / self.N)
         zi = st.z_val(idx, self.dtype)
-        p = out.shape[1]
-        for s in range(0, p, 4 * _ROWS):
-            sel = slice(s, s + 4 * _ROWS) if cols is None else cols[s : s + 4 * _ROWS]
-            out[:, s : s + 4 * _ROWS].addmm_(zi.T, st.z_val(sel, self.dtype), alpha=1.0 / self.N)
+        for s in range(0, out.shape[1], 4 * _ROWS):
+            out[:, s : s + 4 * _ROWS].addmm_(zi.T, st.z_val(slice(s, s + 4 * _ROWS), self.dtype), alpha=1.0 / self.N)
         if self.zbar is not None:
-            zc = self.zbar if cols is None else self.zbar[cols]
-            out.sub_(self.zbar[idx, None] * zc[None, :])
+            out.sub_(self.zbar[idx, None] * self.zbar[None, :])
         return out
 
-    def rows(self, idx: Tensor) -> Tensor:
-        return self._cols(idx, None)
-
     def block(self, idx: Tensor) -> Tensor:
-        out = torch.empty(idx.numel(), idx.numel(), dtype=self.dtype, device=self.stats.gram.device)
+        st = self.stats
+        zi = st.z_val(idx, self.dtype)  # [n_val, |idx|], once
+        out = torch.empty(idx.numel(), idx.numel(), dtype=self.dtype, device=st.gram.device)
         for s in range(0, idx.numel(), _ROWS):
-            out[s : s + _ROWS] = self._cols(idx[s : s + _ROWS], idx)
+            r = idx[s : s + _ROWS]
+            blk = st.gram[r[:, None], idx[None, :]].to(self.dtype).mul_(st.n_train / self.N)
+            blk.addmm_(zi[:, s : s + _ROWS].T, zi, alpha=1.0 / self.N)
+            if self.zbar is not None:
+                blk.sub_(self.zbar[r, None] * self.zbar[None, idx])
+            out[s : s + _ROWS] = blk
         return out
 
 
@@ -111,7 +110,7 @@ def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, 
     Lipschitz bound, warm-started from ``eig["V"]`` (global columns ``cols``)."""
     Gs = op.block(S)
     if eig is not None:
-        V0, cold = eig["V"][S][:, cols], ~eig["seen"][cols]
+        V0, cold = eig["V"][S[:, None], cols[None, :]], ~eig["seen"][cols]
     else:
         V0, cold = torch.ones(S.numel(), c.shape[1], dtype=c.dtype, device=c.device), None
     L, V = top_eig_cols(Gs, V0, allowed, cold=cold)
@@ -120,6 +119,13 @@ def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, 
         eig["seen"][cols] = True
     return fista(Gs, c[S], lam, W[S], L=L, nulldev=nulldev, var=var[S], tol=tol, max_iter=max_iter,
                  allowed=allowed, on_iter=on_iter)
+
+
+def _per_target_is_faster(sizes: Tensor, n_union: int) -> bool:
+    """Cost model: one matmul on the union vs one matvec + Python overhead per target."""
+    union = 2.0 * n_union**2 * sizes.numel() / _MATMUL_FLOPS
+    per_target = float((2.0 * sizes**2 / _MATVEC_FLOPS + _PER_CALL_S).sum())
+    return per_target < union
 
 
 def solve_screened(
@@ -148,8 +154,7 @@ def solve_screened(
 
     The kept sets are solved together on their union (one matrix product per iteration) while the
     union is small next to the per-target sets, else target by target on each one's own sub-Gram
-    (a matrix-vector product on ``|S_t|²`` entries, cached): measured on 2 cores, a matvec costs
-    ~``_PER_TARGET`` times a matmul per entry.
+    (a matrix-vector product on ``|S_t|²`` entries), whichever the cost model says is faster.
     Returns ``(W [p, Ta], wGw [Ta], grad [p, Ta] at the solution, iterations)``.
     """
     p, Ta = c.shape
@@ -166,7 +171,7 @@ def solve_screened(
         Wn = torch.zeros_like(W)
         if U.numel() == 0:
             pass
-        elif Ta > 1 and _PER_TARGET * float((sizes**2).sum()) < float(U.numel()) ** 2 * Ta:
+        elif Ta > 1 and _per_target_is_faster(sizes, U.numel()):
             most = 0
             for j in range(Ta):
                 S = keep[:, j].nonzero().squeeze(1)
