@@ -13,7 +13,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["fista", "top_eig_cols"]
+__all__ = ["fista", "top_eig_cols", "gram_product"]
+
+
+def gram_product(G: Tensor, y: Tensor) -> Tensor:
+    """``G y`` column by column: ``G`` is one ``[q, q]`` matrix shared by the columns of ``y``
+    ``[q, Ta]`` (a matrix product), or ``[Ta, q, q]``, one per column (a batched product)."""
+    if G.ndim == 2:
+        return G @ y
+    return torch.bmm(G, y.T.unsqueeze(2)).squeeze(2).T
 
 
 def fista(
@@ -33,9 +41,10 @@ def fista(
 ) -> tuple[Tensor, Tensor, int]:
     """FISTA with per-column adaptive restart (O'Donoghue & Candès 2015).
 
-    Shapes: G [q,q], c [q,Ta], lam [Ta], W0 [q,Ta], nulldev [Ta], var [q], allowed [q,Ta] bool
-    (coordinates a column may use; None: all), L a float or [Ta] (a Lipschitz bound per column:
-    the step of each column, hence its iterates, do not depend on the other columns). A column is converged when
+    Shapes: G [q,q] or [Ta,q,q] (one per column, see :func:`gram_product`), c [q,Ta], lam [Ta],
+    W0 [q,Ta], nulldev [Ta], var [q] or [q,Ta], allowed [q,Ta] bool (coordinates a column may use;
+    None: all), L a float or [Ta] (a Lipschitz bound per column: the step of each column, hence its
+    iterates, do not depend on the other columns). A column is converged when
     ``max_j var_j (Δw_j)² / nulldev < tol`` over one iteration (``Δ`` the change of the iterate).
     Returns ``(W [q,Ta], wGw [Ta], iters)`` where ``wGw ≈ w'Gw`` (from the last gradient, exact
     at convergence; used for the training MSE without another product).
@@ -52,11 +61,12 @@ def fista(
     x, y = W.clone(), W.clone()
     t = torch.ones(Ta, dtype=c.dtype, device=c.device)
     cs, nd = step * c, nulldev
+    var = var if var.ndim == 2 else var[:, None]
     it = 0
     Gy = None
     while live.numel() > 0 and it < max_iter:
         it += 1
-        Gy = G @ y
+        Gy = gram_product(G, y)
         u = (y + cs).sub_(Gy * step)  # y - step * (G y - c)
         x_new = u - torch.maximum(torch.minimum(u, thr), -thr)  # soft-threshold
         d = x_new - x
@@ -69,7 +79,7 @@ def fista(
         if on_iter is not None:
             on_iter(it, live.numel())
         if it % check_every == 0:
-            crit = (d * d * var[:, None]).amax(0) / nd
+            crit = (d * d * var).amax(0) / nd
             done = crit < tol
             if bool(done.any()):
                 W[:, live[done]] = x[:, done]
@@ -77,9 +87,13 @@ def fista(
                 keep = ~done
                 live, x, y, t, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gy[:, keep]
                 cs, nd, thr, step = cs[:, keep], nd[keep], thr[:, keep], step[keep]
+                if G.ndim == 3:
+                    G = G[keep]
+                if var.shape[1] > 1:
+                    var = var[:, keep]
     if live.numel() > 0:
         W[:, live] = x
-        wGw[live] = (x * (G @ x)).sum(0)
+        wGw[live] = (x * gram_product(G, x)).sum(0)
     return W, wGw, it
 
 
@@ -92,7 +106,7 @@ def top_eig_cols(
     iters: int = 60,
     rtol: float = 1e-4,
 ) -> tuple[Tensor, Tensor]:
-    """Per column ``t``: an upper estimate of the top eigenvalue of ``G`` restricted to the
+    """Per column ``t``: an upper estimate of the top eigenvalue of ``G`` (or ``G[t]``) restricted to the
     coordinates ``allowed[:, t]`` (power iteration on one vector per column, one matrix product
     for all columns, +2% margin).
 
@@ -116,7 +130,7 @@ def top_eig_cols(
     margin = torch.where(cold, 1.02, 1.05).to(G.dtype)
     live = torch.arange(Ta, device=G.device)
     for it in range(iters):
-        U = G @ V[:, live]
+        U = gram_product(G if G.ndim == 2 or live.numel() == Ta else G[live], V[:, live])
         if allowed is not None:
             U.masked_fill_(~allowed[:, live], 0)
         e = (V[:, live] * U).sum(0)
@@ -126,7 +140,7 @@ def top_eig_cols(
         live = live[~done]
         if live.numel() == 0:
             break
-    d = torch.diagonal(G)[:, None].expand(q, Ta)
+    d = torch.diagonal(G)[:, None].expand(q, Ta) if G.ndim == 2 else torch.diagonal(G, dim1=1, dim2=2).T
     if allowed is not None:
         d = d.masked_fill(~allowed, 0)
     dmax = d.amax(0) if q else torch.zeros_like(ev)

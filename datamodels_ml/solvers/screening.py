@@ -27,9 +27,9 @@ __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened
 
 _ROWS = 1024  # rows of the Gram gathered at a time
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
-# cost model of one FISTA iteration on 2 CPU cores (measured: float32 matmul ~50 GFLOP/s effective,
-# a small matvec ~5 GFLOP/s, ~25 small torch calls of Python overhead per target)
-_MATMUL_FLOPS, _MATVEC_FLOPS, _PER_CALL_S = 5e10, 5e9, 3e-4
+# cost model of one FISTA iteration on 2 CPU cores: float32 matmul ~50 GFLOP/s effective, a
+# batched matvec (memory bound) ~5 GFLOP/s
+_MATMUL_FLOPS, _MATVEC_FLOPS = 5e10, 5e9
 
 
 class GramOperator(Protocol):
@@ -40,6 +40,8 @@ class GramOperator(Protocol):
     def rows(self, idx: Tensor) -> Tensor: ...  # [|idx|, p]
 
     def block(self, idx: Tensor) -> Tensor: ...  # [|idx|, |idx|]
+
+    def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor: ...  # [B, m, m]
 
 
 class TrainGram:
@@ -52,6 +54,11 @@ class TrainGram:
 
     def rows(self, idx: Tensor) -> Tensor:
         return self.G.index_select(0, idx).to(self.dtype)
+
+    def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
+        """``[B, m, m]`` sub-Grams ``G[idx[b], idx[b]]``, zero where ``valid`` [B, m] is False."""
+        out = self.G[idx[:, :, None], idx[:, None, :]].to(self.dtype)
+        return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
 
     def block(self, idx: Tensor) -> Tensor:
         out = torch.empty(idx.numel(), idx.numel(), dtype=self.dtype, device=self.G.device)
@@ -81,6 +88,14 @@ class RefitGram:
             out.sub_(self.zbar[idx, None] * self.zbar[None, :])
         return out
 
+    def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
+        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (one block per row)."""
+        out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=self.dtype, device=idx.device)
+        for b in range(idx.shape[0]):
+            k = int(valid[b].sum())
+            out[b, :k, :k] = self.block(idx[b, :k])  # valid entries come first
+        return out
+
     def block(self, idx: Tensor) -> Tensor:
         st = self.stats
         zi = st.z_val(idx, self.dtype)  # [n_val, |idx|], once
@@ -106,26 +121,54 @@ def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:
 
 
 def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, cols):
-    """FISTA on the features ``S`` (one sub-Gram for the given columns), each column with its own
-    Lipschitz bound, warm-started from ``eig["V"]`` (global columns ``cols``)."""
+    """FISTA on the features ``S`` (one sub-Gram for all the given columns), each column with its
+    own Lipschitz bound, warm-started from ``eig["V"]`` (global columns ``cols``)."""
     Gs = op.block(S)
     if eig is not None:
         V0, cold = eig["V"][S[:, None], cols[None, :]], ~eig["seen"][cols]
     else:
         V0, cold = torch.ones(S.numel(), c.shape[1], dtype=c.dtype, device=c.device), None
     L, V = top_eig_cols(Gs, V0, allowed, cold=cold)
-    if eig is not None:
-        eig["V"][S[:, None], cols[None, :]] = V.to(eig["V"].dtype)
+    if eig is not None:  # store each column's vector on its own set only (as the batched mode)
+        V = V.to(eig["V"].dtype)
+        eig["V"][S[:, None], cols[None, :]] = V if allowed is None else torch.where(allowed, V, V0)
         eig["seen"][cols] = True
     return fista(Gs, c[S], lam, W[S], L=L, nulldev=nulldev, var=var[S], tol=tol, max_iter=max_iter,
                  allowed=allowed, on_iter=on_iter)
 
 
-def _per_target_is_faster(sizes: Tensor, n_union: int) -> bool:
-    """Cost model: one matmul on the union vs one matvec + Python overhead per target."""
+def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, cols):
+    """FISTA with one sub-Gram per column, ``G[S_t, S_t]``, padded to the largest ``|S_t|`` and
+    multiplied as one batch. Returns ``(W [p, Ta], wGw, iters)``."""
+    sizes = keep.sum(0)
+    m, Ta = int(sizes.max()), keep.shape[1]
+    # per column: its kept features first (in feature order), then padding (feature 0, not allowed)
+    order = torch.sort((~keep).to(torch.int8), dim=0, stable=True).indices[:m]  # [m, Ta]
+    valid = torch.arange(m, device=keep.device)[:, None] < sizes[None, :]
+    idx = torch.where(valid, order, torch.zeros_like(order))
+    Gb = op.batch_block(idx.T, valid.T)  # [Ta, m, m], zero outside the valid block
+    tcol = torch.arange(Ta, device=keep.device)[None, :]
+    if eig is not None:
+        V0, cold = eig["V"][idx, cols[None, :]], ~eig["seen"][cols]
+    else:
+        V0, cold = torch.ones(m, Ta, dtype=c.dtype, device=c.device), None
+    L, V = top_eig_cols(Gb, V0, valid, cold=cold)
+    if eig is not None:
+        eig["V"][idx[valid], cols[None, :].expand(m, Ta)[valid]] = V[valid].to(eig["V"].dtype)
+        eig["seen"][cols] = True
+    Wb, wGw, it = fista(Gb, c[idx, tcol], lam, W[idx, tcol], L=L, nulldev=nulldev, var=var[idx], tol=tol,
+                        max_iter=max_iter, allowed=valid, on_iter=on_iter)
+    Wn = torch.zeros_like(W)
+    Wn[idx[valid], tcol.expand(m, Ta)[valid]] = Wb[valid]
+    return Wn, wGw, it
+
+
+def _batched_is_faster(sizes: Tensor, n_union: int) -> bool:
+    """Cost model: one matmul on the union vs one batched matvec on the per-target sub-Grams
+    (padded to the largest), if the batch takes no more memory than the union's sub-Gram."""
+    m2 = float(sizes.max()) ** 2 * sizes.numel()
     union = 2.0 * n_union**2 * sizes.numel() / _MATMUL_FLOPS
-    per_target = float((2.0 * sizes**2 / _MATVEC_FLOPS + _PER_CALL_S).sum())
-    return per_target < union
+    return m2 <= max(float(n_union) ** 2, 2.0**24) and 2.0 * m2 / _MATVEC_FLOPS < union
 
 
 def solve_screened(
@@ -152,9 +195,9 @@ def solve_screened(
     the caller across calls, ``{"V": [p, T] power-iteration vectors, "seen": [T] bool}``, for warm
     starts; ``ids`` [Ta]: the global column of each column in it (default: all, in order).
 
-    The kept sets are solved together on their union (one matrix product per iteration) while the
-    union is small next to the per-target sets, else target by target on each one's own sub-Gram
-    (a matrix-vector product on ``|S_t|²`` entries), whichever the cost model says is faster.
+    The kept sets are solved together on their union (one matrix product per iteration, each
+    target restricted to its own set) or each on its own sub-Gram ``G[S_t, S_t]`` (one batched
+    matrix-vector product), whichever the cost model says is faster.
     Returns ``(W [p, Ta], wGw [Ta], grad [p, Ta] at the solution, iterations)``.
     """
     p, Ta = c.shape
@@ -171,18 +214,9 @@ def solve_screened(
         Wn = torch.zeros_like(W)
         if U.numel() == 0:
             pass
-        elif Ta > 1 and _per_target_is_faster(sizes, U.numel()):
-            most = 0
-            for j in range(Ta):
-                S = keep[:, j].nonzero().squeeze(1)
-                if S.numel() == 0:
-                    continue
-                sl = slice(j, j + 1)
-                Wj, wGw[sl], it = _solve_set(op, S, c[:, sl], lam[sl], W[:, sl], nulldev[sl], var, tol, max_iter,
-                                             None, on_iter, eig, ids[sl])
-                Wn[S, j] = Wj[:, 0]
-                most = max(most, it)
-            its += most
+        elif Ta > 1 and _batched_is_faster(sizes, U.numel()):
+            Wn, wGw, it = _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, ids)
+            its += it
         else:
             allowed = None if bool(keep[U].all()) else keep[U]
             Ws, wGw, it = _solve_set(op, U, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, ids)
