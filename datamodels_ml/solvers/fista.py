@@ -18,7 +18,10 @@ __all__ = ["fista", "top_eig_cols", "gram_product"]
 
 def gram_product(G: Tensor, y: Tensor) -> Tensor:
     """``G y`` column by column: ``G`` is one ``[q, q]`` matrix shared by the columns of ``y``
-    ``[q, Ta]`` (a matrix product), or ``[Ta, q, q]``, one per column (a batched product)."""
+    ``[q, Ta]`` (a matrix product), ``[Ta, q, q]``, one per column (a batched product), or a
+    function computing the shared product (a Gram never formed)."""
+    if callable(G) and not isinstance(G, Tensor):
+        return G(y)
     if G.ndim == 2:
         return G @ y
     return torch.bmm(G, y.T.unsqueeze(2)).squeeze(2).T
@@ -87,7 +90,7 @@ def fista(
                 keep = ~done
                 live, x, y, t, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gy[:, keep]
                 cs, nd, thr, step = cs[:, keep], nd[keep], thr[:, keep], step[keep]
-                if G.ndim == 3:
+                if isinstance(G, Tensor) and G.ndim == 3:
                     G = G[keep]
                 if var.shape[1] > 1:
                     var = var[:, keep]
@@ -116,17 +119,18 @@ def top_eig_cols(
     own sub-matrix and start. Returns ``(L [Ta], V [q, Ta])`` with ``V`` the top Ritz vectors.
     """
     q, Ta = V0.shape
+    dt, dev = V0.dtype, V0.device
     if q == 0 or Ta == 0:
-        return torch.ones(Ta, dtype=G.dtype, device=G.device), V0.to(G.dtype)
+        return torch.ones(Ta, dtype=dt, device=dev), V0.to(dt)
     k = steps if cold is None or not bool(cold.any()) else 2 * steps
     k = max(1, min(k, q))
-    v = V0.to(G.dtype).clone()
+    v = V0.to(dt).clone()
     if allowed is not None:
         v.masked_fill_(~allowed, 0)
     v /= v.norm(dim=0).clamp_min(1e-30)
     Q, alphas, betas = [], [], []
     v_prev = torch.zeros_like(v)
-    beta = torch.zeros(Ta, dtype=G.dtype, device=G.device)
+    beta = torch.zeros(Ta, dtype=dt, device=dev)
     for _ in range(k):
         Q.append(v)
         w = gram_product(G, v)
@@ -150,6 +154,6 @@ def top_eig_cols(
     evals, evecs = torch.linalg.eigh(Tm)  # [Ta, n], [Ta, n, n]
     theta, s = evals[:, -1], evecs[:, :, -1]  # top Ritz value and its coefficients
     resid = (betas[-1].to(torch.float64) * s[:, -1]).abs()
-    V = torch.einsum("jqt,tj->qt", torch.stack(Q), s.to(G.dtype))
+    V = torch.einsum("jqt,tj->qt", torch.stack(Q), s.to(dt))
     L = (theta + resid) * 1.01 + 1e-12
-    return L.to(G.dtype), V
+    return L.to(dt), V

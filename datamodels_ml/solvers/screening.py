@@ -2,11 +2,14 @@
 
 Sequential strong rules (Tibshirani et al., JRSS-B 2012): at ``λ_k``, feature ``j`` of target
 ``t`` is kept if ``|∇_j(w(λ_{k-1}))| >= 2 λ_k - λ_{k-1}`` or it is already non-zero. FISTA then
-runs on the union ``U`` of the kept features (sub-Gram ``G[U, U]``, each target restricted to its
-own kept set), and a KKT check on *all* features (``|c_j - G_j w| <= λ`` for the discarded ones)
-adds any violator and solves again, so the result is the unscreened solution. Work per iteration
-is ``|U|² T`` instead of ``p² T``; the full gradient costs ``|A| p T`` once per λ (``A`` the
-non-zero features).
+runs either on the union ``U`` of the kept sets (sub-Gram ``G[U, U]``, one matrix product per
+iteration, each target restricted to its own set) or on one sub-Gram per target ``G[S_t, S_t]``
+(padded, one batched matrix-vector product per iteration), whichever a cost model says is faster
+(the union of 32 targets' sets at p = 6000 covers most features while each set has a few
+hundred). A KKT check on *all* features (``|c_j - G_j w| <= λ`` for the discarded ones) adds any
+violator and solves again, so the result is the unscreened solution. The full gradient costs
+``|A| p T`` once per λ (``A`` the non-zero features). Every target gets its own step size
+(Lanczos on its own set), so its result does not depend on the other targets of its block.
 
 The Gram is reached through an operator with ``rows(idx)`` and ``block(idx)``:
 :class:`TrainGram` (the standardized training Gram held by FeatureStats) and :class:`RefitGram`
@@ -30,6 +33,7 @@ _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not ad
 # cost model of one FISTA iteration on 2 CPU cores: float32 matmul ~50 GFLOP/s effective, a
 # batched matvec (memory bound) ~5 GFLOP/s
 _MATMUL_FLOPS, _MATVEC_FLOPS = 5e10, 5e9
+_COPY_BUDGET = 0.125  # sub-Gram copies: at most 0.125 p² entries (0.5 byte per p² in float32)
 
 
 class GramOperator(Protocol):
@@ -39,7 +43,7 @@ class GramOperator(Protocol):
 
     def rows(self, idx: Tensor) -> Tensor: ...  # [|idx|, p]
 
-    def block(self, idx: Tensor) -> Tensor: ...  # [|idx|, |idx|]
+    def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]: ...  # [|idx|, |idx|] or its product
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor: ...  # [B, m, m]
 
@@ -61,6 +65,8 @@ class TrainGram:
         return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
 
     def block(self, idx: Tensor) -> Tensor:
+        if idx.numel() == self.n_features and self.G.dtype == self.dtype:  # all features: no copy
+            return self.G
         out = torch.empty(idx.numel(), idx.numel(), dtype=self.dtype, device=self.G.device)
         for s in range(0, idx.numel(), _ROWS):
             out[s : s + _ROWS] = self.G[idx[s : s + _ROWS, None], idx[None, :]]  # |S|² reads, not |S| p
@@ -77,6 +83,19 @@ class RefitGram:
         self.stats, self.dtype, self.n_features = stats, dtype, stats.n_features
         self.N = stats.n_train + stats.n_val
         self.zbar = None if zbar is None else zbar.to(dtype)
+
+    def _product(self, y: Tensor) -> Tensor:
+        """``G_all y`` for ``y`` [p, T]: ``p² T + 2 n_val p T`` flops, no ``p x p`` temporary."""
+        st = self.stats
+        out = (st.gram.to(self.dtype) @ y).mul_(st.n_train / self.N)
+        zy = torch.zeros(st.n_val, y.shape[1], dtype=self.dtype, device=y.device)
+        for s in range(0, self.n_features, 4 * _ROWS):
+            zy.addmm_(st.z_val(slice(s, s + 4 * _ROWS), self.dtype), y[s : s + 4 * _ROWS])
+        for s in range(0, self.n_features, 4 * _ROWS):
+            out[s : s + 4 * _ROWS].addmm_(st.z_val(slice(s, s + 4 * _ROWS), self.dtype).T, zy, alpha=1.0 / self.N)
+        if self.zbar is not None:
+            out.sub_(self.zbar[:, None] * (self.zbar @ y)[None, :])
+        return out
 
     def rows(self, idx: Tensor) -> Tensor:
         st = self.stats
@@ -96,7 +115,9 @@ class RefitGram:
             out[b, :k, :k] = self.block(idx[b, :k])  # valid entries come first
         return out
 
-    def block(self, idx: Tensor) -> Tensor:
+    def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
+        if idx.numel() == self.n_features:  # all features: the product, never the matrix
+            return self._product
         st = self.stats
         zi = st.z_val(idx, self.dtype)  # [n_val, |idx|], once
         out = torch.empty(idx.numel(), idx.numel(), dtype=self.dtype, device=st.gram.device)
@@ -163,12 +184,17 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, ei
     return Wn, wGw, it
 
 
-def _batched_is_faster(sizes: Tensor, n_union: int) -> bool:
-    """Cost model: one matmul on the union vs one batched matvec on the per-target sub-Grams
-    (padded to the largest), if the batch takes no more memory than the union's sub-Gram."""
-    m2 = float(sizes.max()) ** 2 * sizes.numel()
-    union = 2.0 * n_union**2 * sizes.numel() / _MATMUL_FLOPS
-    return m2 <= max(float(n_union) ** 2, 2.0**24) and 2.0 * m2 / _MATVEC_FLOPS < union
+def _plan(sizes: Tensor, n_union: int, p: int) -> str:
+    """``"batched"``, ``"union"`` (copy of ``G[U, U]``) or ``"full"`` (the whole Gram, masked):
+    the fastest whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
+    budget = max(_COPY_BUDGET * p * p, 2.0**24)
+    Ta = sizes.numel()
+    m2 = float(sizes.max()) ** 2 * Ta
+    union_entries = float(n_union) ** 2 if float(n_union) ** 2 <= budget else float(p) ** 2
+    union = 2.0 * union_entries * Ta / _MATMUL_FLOPS
+    if Ta > 1 and m2 <= budget and 2.0 * m2 / _MATVEC_FLOPS < union:
+        return "batched"
+    return "union" if float(n_union) ** 2 <= budget else "full"
 
 
 def solve_screened(
@@ -214,10 +240,12 @@ def solve_screened(
         Wn = torch.zeros_like(W)
         if U.numel() == 0:
             pass
-        elif Ta > 1 and _batched_is_faster(sizes, U.numel()):
+        elif (plan := _plan(sizes, U.numel(), p)) == "batched":
             Wn, wGw, it = _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, ids)
             its += it
         else:
+            if plan == "full":  # the working set is most features: use the Gram itself, masked
+                U = torch.arange(p, device=c.device)
             allowed = None if bool(keep[U].all()) else keep[U]
             Ws, wGw, it = _solve_set(op, U, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, ids)
             Wn[U] = Ws
