@@ -34,7 +34,6 @@ __all__ = ["LassoPath", "lasso_path", "METHODS"]
 
 Callback = Callable[[str, dict], None]
 METHODS = ("saga", "fista")
-_SATURATED = 0.999  # fraction of the training deviance explained at which a target's path stops
 
 
 @dataclass
@@ -139,8 +138,7 @@ def lasso_path(
             (0 for constant features) and ``D_t`` the null deviance per row.
         min_lambdas: early stopping is only considered from λ index ``min_lambdas`` on: a target
             stops (and its later path entries are NaN) as soon as its validation MSE exceeds the
-            best one seen so far, or its fit explains more than 99.9% of the training deviance
-            (glmnet's rule: saturated, as happens with fewer models than features).
+            best one seen so far.
         refit: after selection, re-solve each target at its selected λ on train+val (rows of both,
             standardization unchanged: train mean/std), warm-started from the selected weights.
         device: where the state lives (default: device of the train tensors, else CPU).
@@ -318,9 +316,6 @@ class _Run:
             b_best[bi] = b[bi]
             if i >= self.min_lambdas:
                 on_path[idx[~better & (vm > best_mse[idx])]] = False
-                # glmnet's rule: a fit explaining > 99.9% of the training deviance is saturated
-                # (with fewer models than features the rest of the path only interpolates noise)
-                on_path[idx[tm < (1 - _SATURATED) * self.nulldev[idx].to(torch.float64)]] = False
             if self.callback is not None:
                 self.callback("lambda", {
                     "index": i,
