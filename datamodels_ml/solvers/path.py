@@ -120,9 +120,11 @@ def lasso_path(
             ``y`` are the targets of this call (one target block).
         k: path length. The grid is ``lambda_grid(lambda_max(train), k=k, eps=eps)`` ([k, T]).
         eps: smallest λ as a fraction of λ_max, in (0, 1].
-        method: ``"fista"`` (default: FISTA on the ``p x p`` Gram matrix with screening, memory
-            ``4 p²`` bytes + O((n_val + p) T)) or ``"saga"`` (streaming minibatch SAGA, memory
-            O(n_train·T + p·T), for data whose Gram does not fit).
+        method: ``"fista"`` (default: FISTA on the ``p x p`` Gram matrix with screening; memory
+            ``4 p²`` bytes for a float32 Gram, ``n_val p`` for the validation masks, at most
+            ``0.5 p²`` bytes of working sub-Grams, O(batch p + (n_val + p) T)) or ``"saga"``
+            (streaming minibatch SAGA, memory O(n_train·T + p·T), for data whose Gram does not
+            fit).
         fit_intercept: fit an unpenalized intercept per target.
         batch_size: rows per batch when ``train``/``val`` are tuples (saga default 128; fista uses
             4096 for its statistics passes).
