@@ -7,8 +7,8 @@ BatchSource. The step size follows Gazagnadou et al. (2019) for minibatches.
 
 When some targets converge, only the live columns are copied out (the full ``n x T`` table is
 never cloned), and the path driver frees the path's table before the refit allocates its own.
-Known limit (issue 8): the convergence test (relative change of ``w`` over an epoch) is below the
-float32 noise floor of the table at ~10^5 models; a gradient-based rule is still to be written.
+Known limit (issue 8): the convergence test (relative change of ``w`` over an epoch) was not met
+after 161 epochs at 10^5 models; a gradient-based (KKT) rule is still to be written.
 """
 
 from __future__ import annotations
