@@ -11,7 +11,8 @@ violator and solves again, so the result is the unscreened solution. The full gr
 ``|A| p T`` once per λ (``A`` the non-zero features). Every target gets its own step size
 (Lanczos on its own set), so its result does not depend on the other targets of its block.
 
-The Gram is reached through an operator with ``rows(idx)`` and ``block(idx)``:
+The Gram is reached through an operator with ``block(idx)``, ``batch_block(idx, valid)`` and
+``apply(W)`` (``G W`` for a sparse ``W``):
 :class:`TrainGram` (the standardized training Gram held by FeatureStats) and :class:`RefitGram`
 (train+val, formed on the fly from the training Gram and the validation masks).
 """
@@ -37,15 +38,15 @@ _COPY_BUDGET = 0.125  # sub-Gram copies: at most 0.125 p² entries (0.5 byte per
 
 
 class GramOperator(Protocol):
-    """Access to the rows of a standardized ``p x p`` Gram matrix in the working dtype."""
+    """Access to a standardized ``p x p`` Gram matrix in the working dtype."""
 
     n_features: int
-
-    def rows(self, idx: Tensor) -> Tensor: ...  # [|idx|, p]
 
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]: ...  # [|idx|, |idx|] or its product
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor: ...  # [B, m, m]
+
+    def apply(self, W: Tensor) -> Tensor: ...  # G W [p, T], W sparse
 
 
 class TrainGram:
@@ -56,8 +57,8 @@ class TrainGram:
             raise ValueError("these FeatureStats were built without the Gram (gram=False)")
         self.G, self.dtype, self.n_features = stats.gram, dtype, stats.n_features
 
-    def rows(self, idx: Tensor) -> Tensor:
-        return self.G.index_select(0, idx).to(self.dtype)
+    def apply(self, W: Tensor) -> Tensor:
+        return _train_apply(self.G, W, self.dtype)
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
         """``[B, m, m]`` sub-Grams ``G[idx[b], idx[b]]``, zero where ``valid`` [B, m] is False."""
@@ -97,22 +98,16 @@ class RefitGram:
             out.sub_(self.zbar[:, None] * (self.zbar @ y)[None, :])
         return out
 
-    def rows(self, idx: Tensor) -> Tensor:
+    def apply(self, W: Tensor) -> Tensor:
+        """``G_all W`` from the non-zero rows of ``W`` only: ``|A| p T + n_val (|A| + p) T``."""
         st = self.stats
-        out = st.gram.index_select(0, idx).to(self.dtype).mul_(st.n_train / self.N)
-        zi = st.z_val(idx, self.dtype)
-        for s in range(0, out.shape[1], 4 * _ROWS):
-            out[:, s : s + 4 * _ROWS].addmm_(zi.T, st.z_val(slice(s, s + 4 * _ROWS), self.dtype), alpha=1.0 / self.N)
+        out = _train_apply(st.gram, W, self.dtype).mul_(st.n_train / self.N)
+        A = (W != 0).any(1).nonzero().squeeze(1)
+        zw = st.z_val(A, self.dtype) @ W[A]  # [n_val, T]
+        for s in range(0, self.n_features, 4 * _ROWS):
+            out[s : s + 4 * _ROWS].addmm_(st.z_val(slice(s, s + 4 * _ROWS), self.dtype).T, zw, alpha=1.0 / self.N)
         if self.zbar is not None:
-            out.sub_(self.zbar[idx, None] * self.zbar[None, :])
-        return out
-
-    def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
-        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (one block per row)."""
-        out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=self.dtype, device=idx.device)
-        for b in range(idx.shape[0]):
-            k = int(valid[b].sum())
-            out[b, :k, :k] = self.block(idx[b, :k])  # valid entries come first
+            out.sub_(self.zbar[:, None] * (self.zbar[A] @ W[A])[None, :])
         return out
 
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
@@ -131,14 +126,19 @@ class RefitGram:
         return out
 
 
-def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:
-    """``c - G W`` ``[p, T]`` for all features, reading only the Gram rows of non-zero features."""
-    grad = c.clone()
+def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
+    """``G W`` reading only the rows of ``G`` (symmetric) at the non-zero rows of ``W``."""
+    out = torch.zeros(G.shape[0], W.shape[1], dtype=dtype, device=W.device)
     A = (W != 0).any(1).nonzero().squeeze(1)
     for s in range(0, A.numel(), _ROWS):
         a = A[s : s + _ROWS]
-        grad.addmm_(op.rows(a).T, W[a], alpha=-1.0)
-    return grad
+        out.addmm_(G.index_select(0, a).to(dtype).T, W[a])
+    return out
+
+
+def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:
+    """``c - G W`` ``[p, T]`` for all features, reading only the Gram rows of non-zero features."""
+    return c - op.apply(W)
 
 
 def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, cols):
@@ -184,15 +184,20 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, ei
     return Wn, wGw, it
 
 
+def _budget(p: int) -> float:
+    return max(_COPY_BUDGET * p * p, 2.0**24)
+
+
 def _plan(sizes: Tensor, n_union: int, p: int) -> str:
-    """``"batched"``, ``"union"`` (copy of ``G[U, U]``) or ``"full"`` (the whole Gram, masked):
-    the fastest whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
-    budget = max(_COPY_BUDGET * p * p, 2.0**24)
+    """``"batched"`` (per-target sub-Grams, in groups of targets that fit the copy budget),
+    ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, masked), the fastest by the
+    cost model whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
+    budget = _budget(p)
     Ta = sizes.numel()
-    m2 = float(sizes.max()) ** 2 * Ta
+    m2 = float(sizes.max()) ** 2
     union_entries = float(n_union) ** 2 if float(n_union) ** 2 <= budget else float(p) ** 2
     union = 2.0 * union_entries * Ta / _MATMUL_FLOPS
-    if Ta > 1 and m2 <= budget and 2.0 * m2 / _MATVEC_FLOPS < union:
+    if Ta > 1 and m2 <= budget and 2.0 * m2 * Ta / _MATVEC_FLOPS < union:
         return "batched"
     return "union" if float(n_union) ** 2 <= budget else "full"
 
@@ -241,8 +246,14 @@ def solve_screened(
         if U.numel() == 0:
             pass
         elif (plan := _plan(sizes, U.numel(), p)) == "batched":
-            Wn, wGw, it = _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, ids)
-            its += it
+            g = max(1, int(_budget(p) // float(sizes.max()) ** 2))  # targets per group
+            most = 0
+            for j in range(0, Ta, g):
+                sl = slice(j, j + g)
+                Wn[:, sl], wGw[sl], it = _solve_batched(op, keep[:, sl], c[:, sl], lam[sl], W[:, sl], nulldev[sl], var,
+                                                        tol, max_iter, on_iter, eig, ids[sl])
+                most = max(most, it)
+            its += most
         else:
             if plan == "full":  # the working set is most features: use the Gram itself, masked
                 U = torch.arange(p, device=c.device)
