@@ -327,11 +327,12 @@ def _sparse_problem(seed, p=120, n=160, n_val=60, T=4, n_true=4, noise=0.5):
 
 @pytest.mark.parametrize("refit", [False, True])
 @pytest.mark.parametrize("fit_intercept", [True, False])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_screened_path_equals_unscreened(seed, fit_intercept, refit):
+@pytest.mark.parametrize("seed, T", [(0, 4), (1, 4), (2, 16)])
+def test_screened_path_equals_unscreened(seed, T, fit_intercept, refit):
     # p (120) close to n (160): strong rules discard most features at large λ and the KKT check
-    # has to add some back at small λ; the result must be the full problem's solution
-    Xt, Yt, Xv, Yv = _sparse_problem(seed)
+    # has to add some back at small λ; the result must be the full problem's solution. With 16
+    # targets the union of their sets is large next to each one: per-target sub-Grams (batched).
+    Xt, Yt, Xv, Yv = _sparse_problem(seed, T=T)
     kw = dict(k=30, eps=1e-3, fit_intercept=fit_intercept, refit=refit, dtype=torch.float64, tol=1e-20,
               max_epochs=50_000, min_lambdas=30)
     full = lasso_path((Xt, Yt), (Xv, Yv), screen=False, **kw)
@@ -364,3 +365,31 @@ def test_few_models_converge_on_a_short_working_set():
     Xt, Yt, Xv, Yv = _sparse_problem(4, p=200, n=20, n_val=10, T=3)
     res = lasso_path((Xt, Yt.float()), (Xv, Yv.float()), k=50, eps=1e-3, tol=1e-10, max_epochs=5000)
     assert res.epochs < 50 * 5000 / 10
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_gram_operators_match_the_explicit_gram(refit):
+    from datamodels_ml.solvers.screening import RefitGram, TrainGram
+
+    Xt, Yt, Xv, Yv = _sparse_problem(5, p=30, n=50, n_val=20)
+    st = feature_stats(TensorBatches(Xt, Yt, batch_size=16), TensorBatches(Xv, Yv, batch_size=16, shuffle=False),
+                       dtype=torch.float64)
+    if refit:  # train+val rows, train standardization, centered on their own mean
+        Za = _standardize(torch.cat([Xt, Xv]), Xt)
+        zbar = Za.mean(0)
+        ref = Za.T @ Za / len(Za) - zbar[:, None] * zbar[None, :]
+        op = RefitGram(st, torch.float64, zbar)
+    else:
+        Zt = _standardize(Xt)
+        ref, op = Zt.T @ Zt / len(Zt), TrainGram(st, torch.float64)
+    idx = torch.tensor([1, 4, 5, 17, 29])
+    torch.testing.assert_close(op.block(idx), ref[idx][:, idx])
+    W = torch.zeros(30, 3, dtype=torch.float64)
+    W[[2, 7, 11], [0, 1, 1]] = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(op.apply(W), ref @ W)
+    full = op.block(torch.arange(30))  # all features: the matrix itself or its product
+    torch.testing.assert_close(full(W) if callable(full) and not isinstance(full, torch.Tensor) else full @ W, ref @ W)
+    b = op.batch_block(torch.tensor([[1, 4, 5], [2, 9, 0]]), torch.tensor([[True, True, True], [True, True, False]]))
+    torch.testing.assert_close(b[0], ref[[1, 4, 5]][:, [1, 4, 5]])
+    torch.testing.assert_close(b[1, :2, :2], ref[[2, 9]][:, [2, 9]])
+    assert (b[1, 2] == 0).all() and (b[1, :, 2] == 0).all()

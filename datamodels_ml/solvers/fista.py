@@ -106,7 +106,7 @@ def top_eig_cols(
     allowed: Tensor | None = None,
     *,
     cold: Tensor | None = None,
-    steps: int = 8,
+    steps: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """Per column ``t``: an upper estimate of the top eigenvalue of ``G`` (or ``G[t]``) restricted
     to the coordinates ``allowed[:, t]``, by ``steps`` Lanczos steps from ``V0[:, t]`` (one matrix
@@ -115,14 +115,14 @@ def top_eig_cols(
     The estimate is the top Ritz value plus its residual bound ``|β_k s_k|``, +1%: Lanczos finds
     the top of a clustered spectrum (a Gram of random masks) in a few steps where power iteration
     needs dozens. ``V0`` [q, Ta] is the start (the previous path point's Ritz vector, or a fixed
-    positive vector: ``cold``, then twice the steps); the result of a column depends only on its
+    positive vector: ``cold``, then four times the steps); the result of a column depends only on its
     own sub-matrix and start. Returns ``(L [Ta], V [q, Ta])`` with ``V`` the top Ritz vectors.
     """
     q, Ta = V0.shape
     dt, dev = V0.dtype, V0.device
     if q == 0 or Ta == 0:
         return torch.ones(Ta, dtype=dt, device=dev), V0.to(dt)
-    k = steps if cold is None or not bool(cold.any()) else 2 * steps
+    k = steps if cold is None or not bool(cold.any()) else 4 * steps
     k = max(1, min(k, q))
     v = V0.to(dt).clone()
     if allowed is not None:

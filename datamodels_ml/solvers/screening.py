@@ -110,6 +110,14 @@ class RefitGram:
             out.sub_(self.zbar[:, None] * (self.zbar[A] @ W[A])[None, :])
         return out
 
+    def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
+        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (one block per row)."""
+        out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=self.dtype, device=idx.device)
+        for b in range(idx.shape[0]):
+            k = int(valid[b].sum())
+            out[b, :k, :k] = self.block(idx[b, :k])  # valid entries come first
+        return out
+
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
         if idx.numel() == self.n_features:  # all features: the product, never the matrix
             return self._product
