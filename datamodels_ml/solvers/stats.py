@@ -19,9 +19,10 @@ accumulated in the working dtype (float32: relative error ~1e-7 * sqrt(n) per en
 multiplied as float16 in chunks of at most 2048 rows (every partial count exact in float16) and
 accumulated in float32 (UNTESTED: no GPU was available when it was written).
 
-:func:`target_stats` is the per-block pass: ``Z'y / n``, the means and mean squares of ``y`` (and,
-for the validation source, ``Y`` itself, ``n_val x T``); for the streaming method it also
-gives the feature moments, so that SAGA reads the data once before its epochs.
+:func:`target_stats` is the per-block pass: raw sums ``X'y``, ``Σy``, ``Σy²`` (standardized by
+:class:`TargetStats` with any mean/std) and, for the validation source, ``Y`` itself
+(``n_val x T``); its feature sums also give the moments for the streaming method, so that SAGA
+reads the data once before its epochs.
 """
 
 from __future__ import annotations
