@@ -44,7 +44,7 @@ class SolverConfig:
     lr: Optional[float] = field(default=None, metadata={"help": "saga step size (null: automatic)"})
     num_workers: int = field(default=0, metadata={"help": "FFCV loader threads (FFCV also sets torch's CPU threads to it; 0: all cores)"})
     use_bias: bool = field(default=True, metadata={"help": "fit an unpenalized intercept per target"})
-    method: str = field(default="saga", metadata={"help": "solver: saga (streams the data) or fista (Gram matrix)"})
+    method: str = field(default="fista", metadata={"help": "solver: fista (Gram matrix, screened) or saga (streams the data)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "working precision: float32 or float64"})
     max_epochs: Optional[int] = field(default=None, metadata={"help": "cap per λ (saga epochs / fista iterations; null: solver default)"})
@@ -236,7 +236,7 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
     import torch
 
     from datamodels_ml.dataset import BetonBatches
-    from datamodels_ml.lasso import lasso_path
+    from datamodels_ml.solvers import lasso_path
 
     cfg, c = p.cfg, p.cfg.cfg
     common = dict(batch_size=c.batch_size, num_workers=c.num_workers or (os.cpu_count() or 1), target_start=p.target_start,

@@ -1,4 +1,4 @@
-"""Tests of the lasso path solver (datamodels_ml.lasso) against scikit-learn and planted models."""
+"""Tests of the lasso path solver (datamodels_ml.solvers) against scikit-learn and planted models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from datamodels_ml.lasso import LassoPath, TensorBatches, lambda_grid, lambda_max, lasso_path
+from datamodels_ml.solvers import LassoPath, TensorBatches, feature_stats, lambda_grid, lambda_max, lasso_path
 
 METHODS = ["saga", "fista"]
 
@@ -282,3 +282,106 @@ def test_bad_inputs_raise():
         lasso_path((Xt, Yt), (Xv, Yv), lambdas=torch.ones(3, 5))
     with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
         lambda_grid(torch.ones(2), k=0, eps=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# solvers package: statistics built in place, screening, shared statistics across target blocks
+@pytest.mark.parametrize("kind", ["bool", "uint8", "float"])
+@pytest.mark.parametrize("batch", [7, 64])
+def test_feature_stats_gram_is_the_standardized_gram(kind, batch):
+    # p > 1024 spans two column blocks of the upper-triangular accumulation
+    g = torch.Generator().manual_seed(11)
+    n, nv, p = 40, 9, 1030
+    X = torch.rand(n + nv, p, generator=g) < 0.3
+    if kind == "uint8":
+        X = X.to(torch.uint8)
+    elif kind == "float":
+        X = X.double() * torch.rand(n + nv, p, generator=g, dtype=torch.float64)
+    X[:, 5] = 1  # constant on the training rows: zero row and column
+    Y = torch.zeros(n + nv, 1)
+    dtype = torch.float64 if kind == "float" else torch.float32
+    st = feature_stats(TensorBatches(X[:n], Y[:n], batch_size=batch, seed=1),
+                       TensorBatches(X[n:], Y[n:], batch_size=batch, shuffle=False), dtype=dtype)
+    Z = _standardize(X[:n])
+    Z[:, 5] = 0
+    ref = Z.T @ Z / n
+    assert st.gram.dtype == dtype and (st.n_train, st.n_val, st.n_features) == (n, nv, p)
+    torch.testing.assert_close(st.gram.double(), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(st.mean, X[:n].double().mean(0))
+    assert st.std[5] == 1.0 and not st.nonconst[5]
+    assert st.binary == (kind != "float")
+    assert st.x_val.dtype == (torch.uint8 if kind != "float" else dtype)
+    torch.testing.assert_close(st.x_val.double(), X[n:].double())
+    assert st.nbytes == st.gram.numel() * st.gram.element_size() + st.x_val.numel() * st.x_val.element_size() + p * 17
+
+
+def _sparse_problem(seed, p=120, n=160, n_val=60, T=4, n_true=4, noise=0.5):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n + n_val, p, generator=g) < 0.5
+    W = torch.zeros(p, T, dtype=torch.float64)
+    for t in range(T):
+        W[torch.randperm(p, generator=g)[:n_true], t] = 1.0 + torch.rand(n_true, generator=g, dtype=torch.float64)
+    Y = _standardize(X, X[:n]) @ W + noise * torch.randn(n + n_val, T, generator=g, dtype=torch.float64)
+    return X[:n], Y[:n], X[n:], Y[n:]
+
+
+@pytest.mark.parametrize("refit", [False, True])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("seed, T", [(0, 4), (1, 4), (2, 16)])
+def test_screened_path_equals_unscreened(seed, T, fit_intercept, refit):
+    # p (120) close to n (160): strong rules discard most features at large λ and the KKT check
+    # has to add some back at small λ; the result must be the full problem's solution. With 16
+    # targets the union of their sets is large next to each one: per-target sub-Grams (batched).
+    Xt, Yt, Xv, Yv = _sparse_problem(seed, T=T)
+    kw = dict(k=30, eps=1e-3, fit_intercept=fit_intercept, refit=refit, dtype=torch.float64, tol=1e-20,
+              max_epochs=50_000, min_lambdas=30)
+    full = lasso_path((Xt, Yt), (Xv, Yv), screen=False, **kw)
+    scr = lasso_path((Xt, Yt), (Xv, Yv), screen=True, **kw)
+    torch.testing.assert_close(scr.nnz, full.nnz, equal_nan=True)
+    torch.testing.assert_close(scr.val_mse, full.val_mse, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(scr.train_mse, full.train_mse, rtol=1e-6, atol=1e-9, equal_nan=True)
+    assert torch.equal(scr.best_index, full.best_index)
+    torch.testing.assert_close(scr.weight, full.weight, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scr.bias, full.bias, rtol=0, atol=1e-5)
+
+
+def test_shared_stats_over_target_blocks_equal_one_piece():
+    Xt, Yt, Xv, Yv = _sparse_problem(3, p=50, T=6)
+    kw = dict(k=15, eps=1e-2, dtype=torch.float64, tol=1e-20, max_epochs=50_000)
+    one = lasso_path((Xt, Yt), (Xv, Yv), **kw)
+    st = feature_stats(TensorBatches(Xt, Yt[:, :0], batch_size=32), TensorBatches(Xv, Yv[:, :0], batch_size=32,
+                       shuffle=False), dtype=torch.float64)
+    for a, b in [(0, 2), (2, 6)]:
+        part = lasso_path((Xt, Yt[:, a:b]), (Xv, Yv[:, a:b]), stats=st, **kw)
+        torch.testing.assert_close(part.weight, one.weight[:, a:b], rtol=0, atol=1e-8)
+        torch.testing.assert_close(part.val_mse, one.val_mse[:, a:b], equal_nan=True)
+    with pytest.raises(ValueError, match="stats .* do not match the sources"):
+        lasso_path((Xt[:-1], Yt[:-1]), (Xv, Yv), stats=st, **kw)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_gram_operators_match_the_explicit_gram(refit):
+    from datamodels_ml.solvers.screening import RefitGram, TrainGram
+
+    Xt, Yt, Xv, Yv = _sparse_problem(5, p=30, n=50, n_val=20)
+    st = feature_stats(TensorBatches(Xt, Yt, batch_size=16), TensorBatches(Xv, Yv, batch_size=16, shuffle=False),
+                       dtype=torch.float64)
+    if refit:  # train+val rows, train standardization, centered on their own mean
+        Za = _standardize(torch.cat([Xt, Xv]), Xt)
+        zbar = Za.mean(0)
+        ref = Za.T @ Za / len(Za) - zbar[:, None] * zbar[None, :]
+        op = RefitGram(st, torch.float64, zbar)
+    else:
+        Zt = _standardize(Xt)
+        ref, op = Zt.T @ Zt / len(Zt), TrainGram(st, torch.float64)
+    idx = torch.tensor([1, 4, 5, 17, 29])
+    torch.testing.assert_close(op.block(idx), ref[idx][:, idx])
+    W = torch.zeros(30, 3, dtype=torch.float64)
+    W[[2, 7, 11], [0, 1, 1]] = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(op.apply(W), ref @ W)
+    full = op.block(torch.arange(30))  # all features: the matrix itself or its product
+    torch.testing.assert_close(full(W) if callable(full) and not isinstance(full, torch.Tensor) else full @ W, ref @ W)
+    b = op.batch_block(torch.tensor([[1, 4, 5], [2, 9, 0]]), torch.tensor([[True, True, True], [True, True, False]]))
+    torch.testing.assert_close(b[0], ref[[1, 4, 5]][:, [1, 4, 5]])
+    torch.testing.assert_close(b[1, :2, :2], ref[[2, 9]][:, [2, 9]])
+    assert (b[1, 2] == 0).all() and (b[1, :, 2] == 0).all()

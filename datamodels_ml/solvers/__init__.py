@@ -1,0 +1,15 @@
+"""The regression solver: lasso paths for datamodels, pure torch (CPU or CUDA), no I/O or MLflow.
+
+Modules, one concept each: ``sources`` (batch sources), ``stats`` (sufficient statistics built
+to scale), ``grid`` (λ_max and the path grid), ``fista`` (FISTA on a Gram), ``screening``
+(strong rules + KKT check, Gram operators), ``saga`` (the streaming method), ``path`` (the path
+driver: warm starts, early stop, validation selection, refit).
+"""
+
+from datamodels_ml.solvers.grid import lambda_grid, lambda_max
+from datamodels_ml.solvers.path import METHODS, LassoPath, lasso_path
+from datamodels_ml.solvers.sources import BatchSource, ChainedSource, TensorBatches
+from datamodels_ml.solvers.stats import FeatureStats, feature_stats
+
+__all__ = ["BatchSource", "ChainedSource", "TensorBatches", "FeatureStats", "feature_stats", "LassoPath",
+           "lasso_path", "lambda_max", "lambda_grid", "METHODS"]

@@ -1,0 +1,390 @@
+"""The path driver: one lasso per target along a λ path, selection on validation rows, refit.
+
+For each target (the columns of the sources' ``y``: one block of targets) it builds the grid from
+the analytic λ_max, walks it with warm starts (screened FISTA on the Gram, or SAGA streaming),
+stops a target once its validation MSE turns up, selects λ by validation MSE and optionally refits
+at that λ on train+val rows. Sufficient statistics of the masks (:class:`FeatureStats`) can be
+computed once by the caller and shared by all target blocks.
+
+Objective for target ``t`` (scikit-learn's convention)::
+
+    (1 / (2 n)) * ||y_t - Z w_t - b_t||^2 + lam_t * ||w_t||_1,      Z = (X - mean) / std
+
+with ``mean``/``std`` the per-feature statistics of the *training* rows (population std; a
+constant column gets ``std = 1`` and stays identically zero). ``b_t`` is an unpenalized intercept
+when ``fit_intercept`` (then ``b_t = mean(y_t)`` on the training rows), else ``0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from datamodels_ml.solvers.grid import check_k_eps, lambda_grid
+from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
+from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
+from datamodels_ml.solvers.sources import BatchSource, ChainedSource, as_source
+from datamodels_ml.solvers.stats import FeatureStats, feature_stats, moments, target_stats
+
+__all__ = ["LassoPath", "lasso_path", "METHODS"]
+
+Callback = Callable[[str, dict], None]
+METHODS = ("saga", "fista")
+
+
+@dataclass
+class LassoPath:
+    """Result of :func:`lasso_path` (k = path length, p = features, T = targets).
+
+    Attributes:
+        weight: ``[p, T]`` coefficients on the standardized scale at each target's selected λ
+            (after the refit if ``refit=True``).
+        bias: ``[T]`` intercepts (zeros if not ``fit_intercept``).
+        lam: ``[T]`` selected λ per target.
+        lam_path: ``[k, T]`` the λ grid.
+        best_index: ``[T]`` int64 index into the path of the selected λ (argmin of ``val_mse``).
+        val_mse: ``[k, T]`` validation MSE; NaN where the target had already stopped.
+        train_mse: ``[k, T]`` training MSE; NaN likewise. (saga: from the SAGA residual table,
+            i.e. each row's residual at its last visit - exact at convergence.)
+        nnz: ``[k, T]`` number of non-zero coefficients (float); NaN likewise.
+        active: ``[k]`` fraction of targets still on the path at each λ index.
+        mean, std: ``[p]`` standardization statistics (training rows).
+        epochs: saga: total passes over the data by the solver (path + refit, excluding the
+            set-up passes); fista: total iterations (over all working sets).
+    """
+
+    weight: Tensor
+    bias: Tensor
+    lam: Tensor
+    lam_path: Tensor
+    best_index: Tensor
+    val_mse: Tensor
+    train_mse: Tensor
+    nnz: Tensor
+    active: Tensor
+    mean: Tensor
+    std: Tensor
+    epochs: int
+
+    def predict(self, X: Tensor) -> Tensor:
+        """``((X - mean) / std) @ weight + bias`` for raw masks ``X`` ``[n, p]`` -> ``[n, T]``."""
+        w = self.weight
+        Z = (X.to(device=w.device, dtype=w.dtype) - self.mean.to(w)) / self.std.to(w)
+        return Z @ w + self.bias
+
+
+def _grid(lambdas: Tensor | None, lam_max: Tensor, k: int, eps: float, T: int, device) -> Tensor:
+    if lambdas is None:
+        return lambda_grid(lam_max, k=k, eps=eps)
+    lam_path = torch.as_tensor(lambdas, dtype=torch.float64, device=device)
+    if lam_path.ndim == 1:
+        lam_path = lam_path[:, None].expand(-1, T)
+    if lam_path.ndim != 2 or lam_path.shape[1] != T or lam_path.shape[0] < 1:
+        raise ValueError(f"lambdas must have shape [k] or [k, {T}], got {tuple(lam_path.shape)}")
+    if bool((lam_path < 0).any()):
+        raise ValueError("lambdas must be non-negative")
+    return lam_path.clone()
+
+
+def lasso_path(
+    train: BatchSource | tuple[Tensor, Tensor],
+    val: BatchSource | tuple[Tensor, Tensor],
+    *,
+    k: int = 100,
+    eps: float = 1e-6,
+    method: str = "fista",
+    fit_intercept: bool = True,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    max_epochs: int | None = None,
+    check_every: int = 3,
+    tol: float = 5e-11,
+    min_lambdas: int = 5,
+    refit: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    callback: Callback | None = None,
+    lambdas: Tensor | None = None,
+    stats: FeatureStats | None = None,
+    screen: bool = True,
+) -> LassoPath:
+    """Fit one lasso per target along a regularization path and select λ per target on ``val``.
+
+    Args:
+        train, val: BatchSources, or tuples ``(X [n, p], Y [n, T])`` (wrapped in
+            :class:`TensorBatches`; train shuffled with ``batch_size``, val not shuffled). Their
+            ``y`` are the targets of this call (one target block).
+        k: path length. The grid is ``lambda_grid(lambda_max(train), k=k, eps=eps)`` ([k, T]).
+        eps: smallest λ as a fraction of λ_max, in (0, 1].
+        method: ``"fista"`` (default: FISTA on the ``p x p`` Gram matrix with screening; memory
+            ``4 p²`` bytes for a float32 Gram, ``n_val p`` for the validation masks, at most
+            ``0.5 p²`` bytes of working sub-Grams, O(batch p + (n_val + p) T)) or ``"saga"``
+            (streaming minibatch SAGA, memory O(n_train·T + p·T), for data whose Gram does not
+            fit).
+        fit_intercept: fit an unpenalized intercept per target.
+        batch_size: rows per batch when ``train``/``val`` are tuples (saga default 128; fista uses
+            4096 for its statistics passes).
+        lr: SAGA step size. Default ``1 / (2 L_b)`` with the minibatch smoothness constant
+            ``L_b = (n-b)/(b(n-1)) L_max + n(b-1)/(b(n-1)) L`` (Gazagnadou et al. 2019).
+            FISTA always uses ``1 / L`` with ``L`` the top eigenvalue of its working Gram.
+        max_epochs: cap per λ index (and for the refit): saga epochs (default 200), fista
+            iterations per working set (default 5000).
+        check_every: convergence test period in saga epochs (fista tests every iteration).
+        tol: convergence tolerance: target ``t`` is converged when
+            ``max_j var(z_j) * (Δw_jt)² / D_t < tol`` (saga: also the bias, with weight 1), where
+            ``Δ`` is the change over the last epoch (saga) or iteration (fista), ``var(z_j)`` is 1
+            (0 for constant features) and ``D_t`` the null deviance per row.
+        min_lambdas: early stopping is only considered from λ index ``min_lambdas`` on: a target
+            stops (and its later path entries are NaN) as soon as its validation MSE exceeds the
+            best one seen so far.
+        refit: after selection, re-solve each target at its selected λ on train+val (rows of both,
+            standardization unchanged: train mean/std), warm-started from the selected weights.
+        device: where the state lives (default: device of the train tensors, else CPU).
+        dtype: working float type.
+        callback: ``callback(event, info)``: ``"epoch"`` after every saga epoch / fista iteration
+            (``{"epoch", "lambda_index", "n_active"}``; ``lambda_index`` is -1 during the refit),
+            ``"lambda"`` after each λ index (``{"index", "lam_ratio", "val_mse", "train_mse",
+            "nnz", "active"}``; means over the targets computed at that index), and ``"refit"``
+            when the refit starts (``{"n_rows", "n_targets"}``).
+        lambdas: optional explicit grid ``[k, T]`` (or ``[k]`` for all targets), decreasing;
+            overrides ``k``/``eps``.
+        stats: :func:`feature_stats` of ``train``/``val`` computed once for all target blocks
+            (None: computed here). Must come from the same rows in the same order.
+        screen: fista: sequential strong rules with a KKT check (False: every feature, every
+            iteration; the same solution, slower).
+
+    Returns:
+        :class:`LassoPath`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if lambdas is None:
+        check_k_eps(k, eps)
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        device = train[0].device if isinstance(train, (tuple, list)) and isinstance(train[0], Tensor) else "cpu"
+    device = torch.device(device)
+    bs = batch_size or (128 if method == "saga" else 4096)
+    train = as_source(train, "train", bs, shuffle=True, seed=0)
+    val = as_source(val, "val", batch_size or 4096, shuffle=False)
+    if train.n_features != val.n_features:
+        raise ValueError(f"train and val have different n_features: {train.n_features} != {val.n_features}")
+    if train.n_targets != val.n_targets:
+        raise ValueError(f"train and val have different n_targets: {train.n_targets} != {val.n_targets}")
+    if max_epochs is None:
+        max_epochs = 200 if method == "saga" else 5000
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+    if stats is None and method == "fista":
+        stats = feature_stats(train, val, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    elif stats is not None and (stats.n_features != train.n_features or stats.n_train != train.n_rows
+                                or stats.n_val != val.n_rows):
+        raise ValueError(f"stats (n_train={stats.n_train}, n_val={stats.n_val}, p={stats.n_features}) do not "
+                         f"match the sources (n_train={train.n_rows}, n_val={val.n_rows}, p={train.n_features})")
+    run = _Run(train, val, stats, k=k, eps=eps, method=method, fit_intercept=fit_intercept, bs=bs, lr=lr,
+               max_epochs=max_epochs, check_every=check_every, tol=tol, min_lambdas=min_lambdas,
+               device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen)
+    return run.path(refit)
+
+
+class _Run:
+    """The state of one lasso_path call (one target block)."""
+
+    def __init__(self, train, val, stats: FeatureStats, *, k, eps, method, fit_intercept, bs, lr, max_epochs,
+                 check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen):
+        self.train, self.val = train, val
+        self.method, self.fit_intercept, self.bs, self.lr = method, fit_intercept, bs, lr
+        self.max_epochs, self.check_every, self.tol, self.min_lambdas = max_epochs, check_every, tol, min_lambdas
+        self.device, self.dtype, self.callback, self.screen = device, dtype, callback, screen
+        self.T = train.n_targets
+        self.ts = target_stats(train, device=device)
+        if stats is None:  # streaming method: the moments come from the same pass
+            mean, std, nonconst = moments(self.ts.n, self.ts.sx, self.ts.sxx)
+            stats = FeatureStats(n_train=self.ts.n, n_val=val.n_rows, mean=mean, std=std, nonconst=nonconst,
+                                 gram=None, x_val=None, binary=False)
+        self.stats = stats
+        self.inv = stats.inv_std.to(device)
+        self.mean64 = stats.mean.to(device)
+        self.c64, nd = self.ts.quad(self.mean64, self.inv, fit_intercept)
+        self.lam_max = self.c64.abs().amax(0)
+        self.lam_path = _grid(lambdas, self.lam_max, k, eps, self.T, device)
+        self.nulldev = nd.clamp_min(1e-30).to(dtype)
+        self.var = stats.nonconst.to(device=device, dtype=dtype)  # 1, or 0 for constant features
+        self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
+        self.cur_l = 0
+        self.epochs = 0
+        # power-iteration vectors per target, warm start across path points (cold: a fixed
+        # random vector, the same for every target, so a target's result ignores its block)
+        gen = torch.Generator().manual_seed(0)
+        r = torch.rand(stats.n_features, generator=gen, dtype=torch.float64).add_(0.5).to(device=device, dtype=dtype)
+        self.eig = {"V": r[:, None].repeat(1, self.T), "seen": torch.zeros(self.T, dtype=torch.bool, device=device)}
+        if method == "fista":
+            self.vs = target_stats(val, keep_y=True, device=device)
+            self.Yv = self.vs.Y.to(dtype)
+            self.op = TrainGram(stats, dtype)
+            self.c = self.c64.to(dtype)
+
+    def on_epoch(self, e: int, n_active: int) -> None:
+        if self.callback is not None:
+            self.callback("epoch", {"epoch": e, "lambda_index": self.cur_l, "n_active": n_active})
+
+    # -- fista pieces --------------------------------------------------------------------------
+    def _val_mse_fista(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+        Wi = W[:, idx]
+        A = (Wi != 0).any(1).nonzero().squeeze(1)
+        pred = b[idx].expand(self.Yv.shape[0], -1).clone()
+        if A.numel():
+            pred.addmm_(self.stats.z_val(A, self.dtype), Wi[A])
+        r = pred - self.Yv[:, idx]
+        return (r * r).sum(0, dtype=torch.float64) / max(r.shape[0], 1)
+
+    def path(self, refit: bool) -> LassoPath:
+        T, dtype, device = self.T, self.dtype, self.device
+        lam_path, lam_max = self.lam_path, self.lam_max
+        k = lam_path.shape[0]
+        lam_w = lam_path.to(dtype)
+        fista = self.method == "fista"
+        W = torch.zeros(self.stats.n_features, T, dtype=dtype, device=device)
+        if fista:
+            grad = self.c.clone()  # c - G W at W = 0
+            wGw_all = torch.zeros(T, dtype=dtype, device=device)
+            yy = (self.nulldev if self.fit_intercept else self.ts.yy.to(dtype))
+        else:
+            std_int = torch.where(self.stats.nonconst, self.stats.std, torch.full_like(self.stats.std, math.inf))
+            self.std_int = std_int.to(device=device, dtype=dtype)
+            saga = Saga(self.train, self.mean64.to(dtype), self.std_int, W, self.bias0,
+                        fit_intercept=self.fit_intercept, lr=1.0, dtype=dtype, device=device)
+            Lmax, Lest = saga.fill()
+            saga.lr = self.lr if self.lr is not None else saga_lr(self.train, Lmax, Lest, self.fit_intercept, self.bs)
+        nan = float("nan")
+        val_mse_t = torch.full((k, T), nan, dtype=torch.float64, device=device)
+        train_mse = torch.full_like(val_mse_t, nan)
+        nnz = torch.full_like(val_mse_t, nan)
+        active_frac = torch.zeros(k, dtype=torch.float64, device=device)
+        on_path = torch.ones(T, dtype=torch.bool, device=device)
+        best_mse = torch.full((T,), math.inf, dtype=torch.float64, device=device)
+        W_best = torch.zeros_like(W)
+        b_best = self.bias0.clone()
+
+        for i in range(k):
+            idx = on_path.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            self.cur_l = i
+            active_frac[i] = idx.numel() / T
+            # at λ >= λ_max the solution is exactly zero (skip the solver; for saga only while the
+            # state is still at zero, so that its table stays consistent)
+            Wcur = W if fista else saga.W
+            trivial = (lam_path[i, idx] >= lam_max[idx]) & (Wcur[:, idx] == 0).all(0)
+            solve_idx = idx[~trivial]
+            if fista:
+                W[:, idx[trivial]] = 0
+                wGw_all[idx[trivial]] = 0
+                if solve_idx.numel() > 0:
+                    lam_prev = lam_path[i - 1] if i > 0 else lam_max
+                    s = solve_idx
+                    Wi, wGw, g, e = solve_screened(
+                        self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W[:, s], grad[:, s],
+                        nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
+                        screen=self.screen, on_iter=self.on_epoch, eig=self.eig, ids=s)
+                    W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
+                    self.epochs += e
+                b = self.bias0
+                Wi = W[:, idx]
+                tm = (yy[idx] - 2 * (self.c[:, idx] * Wi).sum(0) + wGw_all[idx]).clamp_min(0).to(torch.float64)
+                vm = self._val_mse_fista(W, b, idx)
+            else:
+                if solve_idx.numel() > 0:
+                    self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.nulldev[solve_idx],
+                                            var=self.var, tol=self.tol, max_epochs=self.max_epochs,
+                                            check_every=self.check_every, on_epoch=self.on_epoch)
+                W, b = saga.W, saga.b
+                tm = saga.train_mse()[idx].to(torch.float64)
+                vm = val_mse(self.val, W, b, self.mean64.to(dtype), self.std_int)[idx]
+            val_mse_t[i, idx] = vm
+            train_mse[i, idx] = tm
+            nnz[i, idx] = (W[:, idx] != 0).sum(0).to(torch.float64)
+            better = vm < best_mse[idx]
+            bi = idx[better]
+            best_mse[bi] = vm[better]
+            W_best[:, bi] = W[:, bi]
+            b_best[bi] = b[bi]
+            if i >= self.min_lambdas:
+                on_path[idx[~better & (vm > best_mse[idx])]] = False
+            if self.callback is not None:
+                self.callback("lambda", {
+                    "index": i,
+                    "lam_ratio": float((lam_path[i, idx] / lam_max[idx].clamp_min(1e-300)).mean()),
+                    "val_mse": float(vm.mean()), "train_mse": float(tm.mean()),
+                    "nnz": float(nnz[i, idx].mean()), "active": float(active_frac[i]),
+                })
+
+        best_index = torch.where(torch.isnan(val_mse_t), torch.inf, val_mse_t).argmin(0)
+        lam_sel = lam_path.gather(0, best_index[None]).squeeze(0)
+        weight, bias = W_best, b_best
+        if refit:
+            if self.callback is not None:
+                self.callback("refit", {"n_rows": self.train.n_rows + self.val.n_rows, "n_targets": T})
+            self.cur_l = -1
+            if fista:
+                del W, grad
+                weight, bias = self._refit_fista(W_best, lam_sel.to(dtype))
+            else:
+                del saga, W  # the path's n x T table goes before the refit allocates its own
+                weight, bias = self._refit_saga(W_best, b_best, lam_sel.to(dtype))
+        if not self.fit_intercept:
+            bias = torch.zeros_like(bias)
+        return LassoPath(weight=weight, bias=bias, lam=lam_sel, lam_path=lam_path, best_index=best_index,
+                         val_mse=val_mse_t, train_mse=train_mse, nnz=nnz, active=active_frac,
+                         mean=self.stats.mean.to(device=self.device, dtype=dtype),
+                         std=self.stats.std.to(device=self.device, dtype=dtype), epochs=int(self.epochs))
+
+    def _refit_fista(self, W0: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        """Re-solve at ``lam`` on train+val: Gram and linear term from the train statistics and
+        the validation rows kept in memory (no pass over the training rows)."""
+        nt, nv = self.stats.n_train, self.stats.n_val
+        N = nt + nv
+        ts, vs = self.ts, self.vs
+        m, inv = self.mean64, self.inv
+        zty = (nt * ts.zty(m, inv) + nv * vs.zty(m, inv)) / N
+        zbar = (nt * ts.zbar(m, inv) + nv * vs.zbar(m, inv)) / N
+        ybar = (nt * ts.ybar + nv * vs.ybar) / N
+        yy = (nt * ts.yy + nv * vs.yy) / N
+        if self.fit_intercept:
+            c64, nd = zty - zbar[:, None] * ybar[None, :], (yy - ybar**2).clamp_min(0)
+        else:
+            c64, nd = zty, yy
+        op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
+        c = c64.to(self.dtype)
+        grad = gradient(op, c, W0)
+        W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
+                                    var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
+                                    on_iter=self.on_epoch, eig=self.eig)  # ids: all targets
+        self.epochs += e
+        if self.fit_intercept:
+            bias = (ybar - (zbar[:, None] * W.to(torch.float64)).sum(0)).to(self.dtype)
+        else:
+            bias = torch.zeros(self.T, dtype=self.dtype, device=self.device)
+        return W, bias
+
+    def _refit_saga(self, W0: Tensor, b0: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        both = ChainedSource(self.train, self.val)
+        saga = Saga(both, self.mean64.to(self.dtype), self.std_int, W0, b0, fit_intercept=self.fit_intercept,
+                    lr=1.0, dtype=self.dtype, device=self.device)
+        Lmax, Lest = saga.fill()
+        saga.lr = self.lr if self.lr is not None else saga_lr(both, Lmax, Lest, self.fit_intercept, self.bs)
+        vs = target_stats(self.val, device=self.device)
+        nt, nv = self.ts.n, vs.n
+        ybar = (nt * self.ts.ybar + nv * vs.ybar) / (nt + nv)
+        yy = (nt * self.ts.yy + nv * vs.yy) / (nt + nv)
+        nd = ((yy - ybar**2) if self.fit_intercept else yy).clamp_min(1e-30).to(self.dtype)
+        self.epochs += saga.run(torch.arange(self.T, device=self.device), lam, nulldev=nd, var=self.var, tol=self.tol,
+                                max_epochs=self.max_epochs, check_every=self.check_every, on_epoch=self.on_epoch)
+        return saga.W, saga.b

@@ -1,0 +1,282 @@
+"""Sufficient statistics of the masks and of one block of targets, built to scale.
+
+:func:`feature_stats` reads the masks ``X`` once (train and val sources) and keeps what every target
+block shares: the feature means/stds of the training rows, the *standardized* training Gram
+``G = Z'Z / n`` (``Z = (X - mean) / std``) and the validation masks in compact form (uint8 when
+binary) from which the validation predictions and the train+val Gram of the refit are formed:
+``G_all = (n_t G + Zv'Zv) / (n_t + n_v)`` (minus the mean outer product with an intercept), with no
+second pass over the training rows and no second ``p x p`` matrix.
+
+The Gram is built in one streaming pass *in place*: raw counts ``X'X`` are accumulated into a single
+``p x p`` buffer, upper-triangular column blocks only (half the flops of a full product), mirrored
+at the end and then centered and scaled in place, ``G = D^-1 (X'X / n - m m') D^-1``, row chunk by
+row chunk in float64. Peak memory: ``4 p^2`` bytes (float32) + one batch + one chunk.
+
+Precision: 0/1 (bool/uint8) masks give integer counts, exact in float32 up to 2^24 rows; the scaled
+Gram then carries float32 rounding (relative 6e-8 per entry), as before. Non-binary masks are
+accumulated in the working dtype (float32: relative error ~1e-7 * sqrt(n) per entry; pass
+``dtype=torch.float64`` for float64 accumulation at 8 bytes per entry). On CUDA, binary masks are
+multiplied as float16 in chunks of at most 2048 rows (every partial count exact in float16) and
+accumulated in float32 (UNTESTED: no GPU was available when it was written).
+
+:func:`target_stats` is the per-block pass: raw sums ``X'y``, ``Σy``, ``Σy²`` (standardized by
+:class:`TargetStats` with any mean/std) and, for the validation source, ``Y`` itself
+(``n_val x T``); its feature sums also give the moments for the streaming method, so that SAGA
+reads the data once before its epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from datamodels_ml.solvers.sources import BatchSource
+
+__all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "moments"]
+
+_BLOCK = 1024  # columns per block of the upper-triangular Gram accumulation
+_CHUNK = 512  # rows per chunk of the in-place standardization / per Zv chunk
+_F16_ROWS = 2048  # float16 holds every integer up to 2048 exactly
+
+
+@dataclass
+class FeatureStats:
+    """What :func:`feature_stats` keeps for all target blocks (``p`` features).
+
+    Attributes:
+        n_train: training rows.
+        mean: ``[p]`` float64 feature means of the training rows.
+        std: ``[p]`` float64 population stds (1 for a feature constant on the training rows).
+        nonconst: ``[p]`` bool, the features that vary on the training rows.
+        gram: ``[p, p]`` standardized training Gram ``Z'Z / n_train`` (rows/cols of constant
+            features are 0), or None when built without it (streaming method).
+        x_val: ``[n_val, p]`` validation masks in row order of the val source (uint8 when binary,
+            else the working dtype), or None without the Gram.
+        binary: whether every mask value seen was 0 or 1.
+    """
+
+    n_train: int
+    n_val: int
+    mean: Tensor
+    std: Tensor
+    nonconst: Tensor
+    gram: Tensor | None
+    x_val: Tensor | None
+    binary: bool
+
+    @property
+    def n_features(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def inv_std(self) -> Tensor:
+        """``[p]`` float64 ``1 / std``, 0 for constant features (they stay identically zero)."""
+        return torch.where(self.nonconst, 1.0 / self.std, torch.zeros_like(self.std))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors of this object."""
+        ts = [self.mean, self.std, self.nonconst, self.gram, self.x_val]
+        return int(sum(t.numel() * t.element_size() for t in ts if t is not None))
+
+    def z_val(self, cols: Tensor | slice | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Standardized validation rows ``[n_val, |cols|]`` (train mean/std) in ``dtype``."""
+        if self.x_val is None:
+            raise ValueError("these FeatureStats were built without the validation rows (gram=False)")
+        dtype = dtype or (self.gram.dtype if self.gram is not None else torch.float32)
+        cols = slice(None) if cols is None else cols
+        x = self.x_val[:, cols].to(dtype)
+        return (x - self.mean[cols].to(dtype)) * self.inv_std[cols].to(dtype)
+
+
+@dataclass
+class TargetStats:
+    """Raw sums of one source over its rows (float64): ``sx``/``sxx`` ``[p]`` (features),
+    ``sxy = X'y`` ``[p, T]``, ``sy``/``syy`` ``[T]``, and ``Y`` ``[n, T]`` itself when asked (the
+    validation rows). Standardized quantities come from :meth:`zty`, :meth:`zbar`, :meth:`quad`."""
+
+    n: int
+    sx: Tensor
+    sxx: Tensor
+    sxy: Tensor
+    sy: Tensor
+    syy: Tensor
+    Y: Tensor | None = None
+
+    @property
+    def ybar(self) -> Tensor:
+        return self.sy / self.n
+
+    @property
+    def yy(self) -> Tensor:
+        """Mean square of ``y`` ``[T]``."""
+        return self.syy / self.n
+
+    def zty(self, mean: Tensor, inv_std: Tensor) -> Tensor:
+        """``Z'y / n`` ``[p, T]`` with ``Z = (X - mean) * inv_std``."""
+        return (self.sxy - mean[:, None] * self.sy[None, :]) * inv_std[:, None] / self.n
+
+    def zbar(self, mean: Tensor, inv_std: Tensor) -> Tensor:
+        """Mean of the rows of ``Z`` ``[p]``."""
+        return (self.sx / self.n - mean) * inv_std
+
+    def quad(self, mean: Tensor, inv_std: Tensor, fit_intercept: bool) -> tuple[Tensor, Tensor]:
+        """``(c [p, T], nulldev [T])``: the linear term and the null deviance per row."""
+        if fit_intercept:
+            c = self.zty(mean, inv_std) - self.zbar(mean, inv_std)[:, None] * self.ybar[None, :]
+            return c, (self.yy - self.ybar**2).clamp_min(0)
+        return self.zty(mean, inv_std), self.yy
+
+
+def moments(n: int, sx: Tensor, sxx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Train mean [p], std [p] (1 for constant columns) and the non-constant indicator [p]."""
+    mean = sx / n
+    var = (sxx / n - mean * mean).clamp_min(0)
+    std = var.sqrt()
+    nonconst = std > 1e-7 * (1 + mean.abs())
+    std = torch.where(nonconst, std, torch.ones_like(std))
+    return mean, std, nonconst
+
+
+def _is_binary(xb: Tensor) -> bool:
+    if xb.dtype == torch.bool:
+        return True
+    if xb.numel() == 0:
+        return True
+    return bool(((xb == 0) | (xb == 1)).all())
+
+
+def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
+    """``G += x'x`` on the upper-triangular column blocks of ``G`` (``x`` ``[b, p]``)."""
+    p = x.shape[1]
+    if not half:
+        for j0 in range(0, p, _BLOCK):
+            j1 = min(p, j0 + _BLOCK)
+            G[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
+        return
+    # CUDA, binary masks (UNTESTED): float16 products of <= 2048 rows are exact integer counts
+    for r0 in range(0, x.shape[0], _F16_ROWS):
+        xh = x[r0 : r0 + _F16_ROWS]
+        for j0 in range(0, p, _BLOCK):
+            j1 = min(p, j0 + _BLOCK)
+            G[:j1, j0:j1] += (xh[:, :j1].T @ xh[:, j0:j1]).to(G.dtype)
+
+
+def _mirror_and_standardize(G: Tensor, n: int, mean: Tensor, inv: Tensor) -> None:
+    """Copy the upper blocks to the lower ones, then ``G = D^-1 (G / n - m m') D^-1`` in place."""
+    p = G.shape[0]
+    for j0 in range(0, p, _BLOCK):
+        j1 = min(p, j0 + _BLOCK)
+        G[j0:j1, :j0] = G[:j0, j0:j1].T
+    for r0 in range(0, p, _CHUNK):
+        r1 = min(p, r0 + _CHUNK)
+        blk = G[r0:r1].to(torch.float64)
+        blk.div_(n).sub_(mean[r0:r1, None] * mean[None, :])
+        blk.mul_(inv[r0:r1, None]).mul_(inv[None, :])
+        G[r0:r1] = blk.to(G.dtype)
+
+
+def _check_batch(xb: Tensor, p: int, name: str) -> None:
+    if xb.ndim != 2 or xb.shape[1] != p:
+        raise ValueError(f"{name}: batch shape {tuple(xb.shape)} does not match n_features={p}")
+
+
+def feature_stats(
+    train: BatchSource,
+    val: BatchSource,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    gram: bool = True,
+) -> FeatureStats:
+    """One pass over the masks of ``train`` and of ``val``: moments, standardized Gram, val masks.
+
+    Only ``X`` is used (the sources' ``y`` may be any block of targets). ``dtype`` is the Gram's
+    (float32: 4 bytes per entry; float64 for float64 work). With ``gram=False`` (streaming method)
+    only the moments are computed.
+    """
+    device = torch.device(device)
+    p = train.n_features
+    if val.n_features != p:
+        raise ValueError(f"train and val have different n_features: {p} != {val.n_features}")
+    sx = torch.zeros(p, dtype=torch.float64, device=device)
+    sxx = torch.zeros_like(sx)
+    G = torch.zeros(p, p, dtype=dtype, device=device) if gram else None
+    binary, n = True, 0
+    half = device.type == "cuda" and dtype == torch.float32
+    for xb, _, _ in train:
+        _check_batch(xb, p, "train")
+        xb = xb.to(device)
+        binary = binary and _is_binary(xb)
+        x = xb.to(dtype)
+        n += x.shape[0]
+        sx += x.sum(0, dtype=torch.float64)
+        sxx += (x * x).sum(0, dtype=torch.float64)
+        if G is not None:
+            if half and _is_binary(xb):
+                _accumulate(G, xb.to(torch.float16), half=True)
+            else:
+                _accumulate(G, x, half=False)
+    if n != train.n_rows:
+        raise ValueError(f"source announced n_rows={train.n_rows} but yielded {n} rows")
+    if n < 1:
+        raise ValueError("the training source has no rows")
+    mean, std, nonconst = moments(n, sx, sxx)
+    inv = torch.where(nonconst, 1.0 / std, torch.zeros_like(std))
+    x_val = None
+    if G is not None:
+        _mirror_and_standardize(G, n, mean, inv)
+        xv_rows: list[tuple[Tensor, Tensor]] = []
+        vbin, nv = True, 0
+        for xb, _, rows in val:
+            _check_batch(xb, p, "val")
+            xb = xb.to(device)
+            vbin = vbin and _is_binary(xb)
+            xv_rows.append((xb, rows.to(device)))
+            nv += xb.shape[0]
+        if nv != val.n_rows:
+            raise ValueError(f"source announced n_rows={val.n_rows} but yielded {nv} rows")
+        x_val = torch.empty(nv, p, dtype=torch.uint8 if vbin else dtype, device=device)
+        for xb, rows in xv_rows:
+            x_val[rows] = xb.to(x_val.dtype)
+        del xv_rows
+        binary = binary and vbin
+    return FeatureStats(n_train=n, n_val=val.n_rows, mean=mean, std=std, nonconst=nonconst, gram=G,
+                        x_val=x_val, binary=binary)
+
+
+def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.device | str = "cpu") -> TargetStats:
+    """One pass over ``source``: raw sums of ``X``, ``X'y``, ``y``, ``y²`` (and ``Y`` if ``keep_y``).
+
+    float64 accumulation (``p x T`` + one batch of memory).
+    """
+    device = torch.device(device)
+    p, T = source.n_features, source.n_targets
+    f64 = dict(dtype=torch.float64, device=device)
+    sxy, sx, sxx = torch.zeros(p, T, **f64), torch.zeros(p, **f64), torch.zeros(p, **f64)
+    sy, syy = torch.zeros(T, **f64), torch.zeros(T, **f64)
+    Y = torch.empty(source.n_rows, T, **f64) if keep_y else None
+    n = 0
+    for xb, yb, rows in source:
+        y = yb.to(**f64)
+        if y.ndim == 1:
+            y = y[:, None]
+        if xb.ndim != 2 or xb.shape[1] != p or y.shape[1] != T or xb.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"batch shapes {tuple(xb.shape)}, {tuple(y.shape)} do not match the source "
+                f"(n_features={p}, n_targets={T})"
+            )
+        x = xb.to(**f64)
+        n += x.shape[0]
+        sx += x.sum(0)
+        sxx += (x * x).sum(0)
+        sxy.addmm_(x.T, y)
+        sy += y.sum(0)
+        syy += (y * y).sum(0)
+        if Y is not None:
+            Y[rows.to(device)] = y
+    if n != source.n_rows:
+        raise ValueError(f"source announced n_rows={source.n_rows} but yielded {n} rows")
+    return TargetStats(n=n, sx=sx, sxx=sxx, sxy=sxy, sy=sy, syy=syy, Y=Y)
