@@ -12,11 +12,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def solver_lasso_path():
-    """The package's ``lasso_path`` (the solver package once merged, else the one-module solver)."""
-    try:
-        from datamodels_ml.solvers import lasso_path
-    except ImportError:
-        from datamodels_ml.lasso import lasso_path
+    """The package's ``lasso_path``."""
+    from datamodels_ml.solvers import lasso_path
+
     return lasso_path
 
 

@@ -249,7 +249,7 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
                           batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
                           check_every=cfg.early_stopping.check_every, tol=cfg.early_stopping.eps,
                           min_lambdas=c.min_lambdas, refit=c.refit, device=p.device, dtype=p.dtype,
-                          callback=bar)
+                          callback=bar, stats=stats)
     finally:
         bar.end_block()
     seconds = time.perf_counter() - start
@@ -264,18 +264,16 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
 
 
 def _feature_stats(p: Plan, device: str) -> Any:
-    """The solver's X-only statistics on ``device``, computed once for every block (None: not available)."""
-    try:
-        from datamodels_ml.solvers import feature_stats  # the solver package, once merged
-    except ImportError:
-        return None
+    """The solver's X-only statistics on ``device``, computed once for every block (with the Gram
+    for fista; moments only for the streaming method, whose point is to never hold a p x p matrix)."""
     from datamodels_ml.dataset import BetonBatches
+    from datamodels_ml.solvers import feature_stats
 
     c = p.cfg.cfg
     x_only = dict(batch_size=c.batch_size, target_start=p.target_start, target_end=p.target_start, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=False, **x_only)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)
-    return feature_stats(train, val, device=device, dtype=p.dtype)
+    return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
 
 
 def _fit_blocks(p: Plan, bar: _Progress, store: Any = None) -> dict[str, Any]:

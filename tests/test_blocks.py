@@ -47,10 +47,12 @@ def _args(beton, *extra):
             "data.target_end_ind=-1", "cfg.k=8", "cfg.method=fista", *extra]
 
 
-# fista: equal to float precision. saga: the epochs at each λ run until the slowest target of the block
-# converges and draw the minibatch order from one stream, so a block sees other orders than the whole:
-# equal within the solver's tolerance (reg_tiny.yaml caps saga at 20 epochs per λ).
-@pytest.mark.parametrize("method, atol", [("fista", 1e-5), ("saga", 2e-2)])
+# Equal within the solver's tolerance. fista: the screened working sets (and the step size of each) are
+# chosen per block of targets, so each target stops at a slightly different iterate (measured: 1.2e-4 at
+# most, on weights up to 1.1). saga: the epochs at each λ run until the slowest target of the block
+# converges and draw the minibatch order from one stream, so a block sees other orders than the whole
+# (reg_tiny.yaml caps saga at 20 epochs per λ).
+@pytest.mark.parametrize("method, atol", [("fista", 5e-4), ("saga", 2e-2)])
 def test_blocks_give_the_one_piece_result(beton, method, atol):
     one = fit(load(RegressConfig, _args(beton, "cfg.out_dir=x", f"cfg.method={method}", f"cfg.target_block={T}"),
                    config_key="config"), progress=False, log=False)
@@ -89,7 +91,7 @@ def test_killed_run_resumes_at_the_next_block(beton, tmp_path):
     dm = torch.load(out / "datamodels.pt", weights_only=True)
     torch.testing.assert_close(dm["weight"][:, :7], saved["weight"])  # the saved block was used as it was
     whole = fit(load(RegressConfig, _args(beton, "cfg.out_dir=x"), config_key="config"), progress=False, log=False)
-    torch.testing.assert_close(dm["weight"], whole["weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dm["weight"], whole["weight"], rtol=1e-4, atol=5e-4)  # within the solver tolerance (see above)
 
 
 def test_memory_plan_is_printed(beton, tmp_path):
