@@ -70,7 +70,6 @@ def cluster_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         "processes": gpus or 1,  # one worker process per GPU
         "job_script_prologue": list(cfg["setup"]),
         "job_extra_directives": list(cfg["job_directives"]),
-        "scheduler_options": {"dashboard_address": None},
     }
     if gpus:
         kwargs["worker_extra_args"] = ["--resources", "GPU=1"]

@@ -150,7 +150,8 @@ class DaskFanout:
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise UserError(f"scheduler=/cluster= need Dask distributed: {exc} (pip install distributed)") from None
         self.store = Store(store.path)  # this thread's own maps; the driver commits through its own
-        self.job = dict(job, main=_resolve_main(job["main"]))
+        # absolute paths: a worker on this machine (or on a shared file system) finds them from its own cwd
+        self.job = dict(job, main=_resolve_main(job["main"]), store=str(Path(job["store"]).resolve()))
         self.todo = list(todo)
         self.timeout = timeout
         self.gpus = gpus
@@ -197,7 +198,8 @@ class DaskFanout:
         threads = sum(w.get("nthreads", 0) for w in workers.values())
         what = f"{len(workers)} workers, {threads} threads" if workers else "no workers yet: waiting for them"
         gpu = ", one model per GPU (resource GPU=1)" if self.gpus else ""
-        return f"on the Dask cluster at {self.client.scheduler.address} ({self.where or 'scheduler'}; {what}{gpu})"
+        where = "" if self.where == self.client.scheduler.address else f"{self.where}; "
+        return f"on the Dask cluster at {self.client.scheduler.address} ({where}{what}{gpu})"
 
     def params(self) -> dict[str, Any]:
         return {"backend": "dask", "scheduler": self.client.scheduler.address}
