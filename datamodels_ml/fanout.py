@@ -42,9 +42,9 @@ class TrainConfig:
     timeout: float = field(default=0.0, metadata={"help": "per-model timeout in seconds (0: none)"})
     args: dict[str, Any] = field(default_factory=dict, metadata={"help": "args.NAME=VALUE reach main as keyword arguments"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    scheduler: str = field(default="", metadata={
+    scheduler: str | None = field(default="", metadata={
         "help": "run on the Dask cluster at this scheduler address (tcp://HOST:PORT) or scheduler JSON file"})
-    cluster: str = field(default="", metadata={
+    cluster: str | None = field(default="", metadata={
         "help": "start a Dask cluster through dask-jobqueue from this YAML file (configs/cluster/slurm.yaml)"})
 
 
@@ -85,7 +85,7 @@ def _backend(cfg: TrainConfig, store: Store, job: dict[str, Any], todo: list[int
                         "(drop jobs=, or set jobs: in the cluster YAML)")
     from datamodels_ml.fanout_dask import DaskFanout
 
-    return DaskFanout(store, job, todo, timeout, scheduler=cfg.scheduler, cluster=cfg.cluster, gpus=cfg.gpus)
+    return DaskFanout(store, job, todo, timeout, scheduler=cfg.scheduler or "", cluster=cfg.cluster or "", gpus=cfg.gpus)
 
 
 class _Recorder:

@@ -206,3 +206,10 @@ def test_cluster_yaml_errors_name_the_key(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(UserError, match=message):
         load_cluster_config(tmp_path / "c.yaml")
+
+
+def test_empty_scheduler_and_cluster_mean_the_local_slots(tmp_path, store):
+    # what the MLproject's train entry point passes by default: scheduler= cluster=
+    proc = run_cli("train", "store=st", f"main={FAULTS}", "n=2", "jobs=1", "scheduler=", "cluster=", "progress=false",
+                   cwd=tmp_path, check=True)
+    assert "on 1 CPU slot" in proc.stdout and "2 completed" in proc.stdout
