@@ -37,6 +37,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
+from distributed import WorkerPlugin
+
 from datamodels_ml.errors import UserError
 from datamodels_ml.store import RowError, Store
 from datamodels_ml.worker import ModelResult, load_main, nonfinite_keys, scalar_outputs
@@ -116,7 +118,7 @@ def train_task(job: dict[str, Any], index: int, timeout: float | None = None) ->
     return {"index": index, "status": "completed", "duration": time.perf_counter() - start, "outputs": outputs}
 
 
-class PinGPU:
+class PinGPU(WorkerPlugin):
     """Worker plugin: worker process k of a job that sees GPUs a,b,c,... keeps only the k-th.
 
     dask-jobqueue starts ``processes`` worker processes per job, named ``<job>-0``, ``<job>-1``, ...;
@@ -145,10 +147,8 @@ class DaskFanout:
 
     def __init__(self, store: Store, job: dict[str, Any], todo: list[int], timeout: float | None, *,
                  scheduler: str = "", cluster: str = "", gpus: int = 0):
-        try:
-            import distributed
-        except ImportError as exc:  # pragma: no cover - a dependency of the package
-            raise UserError(f"scheduler=/cluster= need Dask distributed: {exc} (pip install distributed)") from None
+        import distributed
+
         self.store = Store(store.path)  # this thread's own maps; the driver commits through its own
         # absolute paths: a worker on this machine (or on a shared file system) finds them from its own cwd
         self.job = dict(job, main=_resolve_main(job["main"]), store=str(Path(job["store"]).resolve()))

@@ -213,3 +213,23 @@ def test_empty_scheduler_and_cluster_mean_the_local_slots(tmp_path, store):
     proc = run_cli("train", "store=st", f"main={FAULTS}", "n=2", "jobs=1", "scheduler=", "cluster=", "progress=false",
                    cwd=tmp_path, check=True)
     assert "on 1 CPU slot" in proc.stdout and "2 completed" in proc.stdout
+
+
+@pytest.mark.parametrize("name, visible, expected", [
+    ("SLURMCluster-3-2", "4,5,6,7", "6"),  # worker 2 of a 4-GPU job keeps the job's third GPU
+    ("SLURMCluster-3-0", "4,5,6,7", "4"),
+    ("SLURMCluster-3", "1", "1"),  # one GPU per job: nothing to choose
+    ("tcp://10.0.0.1:4242", "0,1", "0,1"),  # an unnamed worker: left as it is
+])
+def test_each_worker_process_of_a_gpu_job_keeps_one_gpu(monkeypatch, name, visible, expected):
+    from types import SimpleNamespace
+
+    from distributed import WorkerPlugin
+
+    from datamodels_ml.fanout_dask import PinGPU
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    plugin = PinGPU()
+    assert isinstance(plugin, WorkerPlugin)  # what Client.register_plugin accepts
+    plugin.setup(SimpleNamespace(name=name))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
