@@ -139,7 +139,9 @@ def test_worker_killed_mid_run_its_model_runs_elsewhere_and_no_row_is_lost_or_do
     check_rows(store, n)
     ran = Counter(calls(store))
     assert set(ran) == set(range(n))
-    assert sum(c - 1 for c in ran.values()) <= 1  # only the model the lost worker was running ran again
+    # main ran again only for what the lost worker held: the model it was running, and results it had
+    # finished but the driver had not fetched yet (Dask keeps results on the worker until gathered)
+    assert max(ran.values()) <= 2 and sum(c - 1 for c in ran.values()) <= 3
     children = child_runs(tmp_path)
     assert sorted(int(r.data.params["index"]) for r in children) == list(range(n))  # one child run per model
 
