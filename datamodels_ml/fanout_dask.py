@@ -12,8 +12,9 @@ worker (same machine, or a shared file system), else ``<tmp>/datamodels_ml/<stor
 the worker's local disk (``tempfile.gettempdir()``), left there.
 
 Faults. A worker lost mid-task (kill -9, a node gone) makes the scheduler run its tasks again on
-other workers: the one it was running and those whose results it held, not fetched yet (up to ``distributed.scheduler.allowed-failures`` times, then ``KilledWorker``: the
-model is recorded failed). The driver gets one result per index whatever happened, so no row is
+other workers: the one it was running and those whose results it held, not fetched yet (up to
+``distributed.scheduler.allowed-failures`` times, then ``KilledWorker``: the model is recorded
+failed). The driver gets one result per index whatever happened, so no row is
 written twice. Killing the driver cancels its tasks (the scheduler drops a disconnected client's
 work); rows it had committed stay complete and a rerun trains the missing indices only.
 
