@@ -162,6 +162,7 @@ class DaskFanout:
         self.stop = threading.Event()
         self._futures: dict[str, tuple[Any, int]] = {}
         self._lock = threading.Lock()
+        self._window_at, self._window_size = -1e9, WINDOW
         self.cluster = None
         self.where = scheduler
         if cluster:
@@ -206,17 +207,23 @@ class DaskFanout:
         return {"backend": "dask", "scheduler": self.client.scheduler.address}
 
     def _window(self) -> int:
-        try:
-            threads = sum(w.get("nthreads", 0) for w in self.client.scheduler_info()["workers"].values())
-        except Exception:  # noqa: BLE001 - the scheduler is slow to answer: keep the default
-            threads = 0
-        return max(WINDOW, 4 * threads)
+        """Tasks to keep in flight: 4 per worker thread (the cluster may grow), at least ``WINDOW``."""
+        now = time.monotonic()
+        if now - self._window_at > 5.0:
+            self._window_at = now
+            try:
+                threads = sum(w.get("nthreads", 0) for w in self.client.scheduler_info()["workers"].values())
+            except Exception:  # noqa: BLE001 - the scheduler is slow to answer: keep the last value
+                threads = 0
+            self._window_size = max(WINDOW, 4 * threads, self._window_size)
+        return self._window_size
 
-    def _submit(self, pending: Any, count: int, ac: Any) -> None:
+    def _submit(self, pending: Any, ac: Any) -> None:
         resources = {"GPU": 1} if self.gpus else None
-        for index in islice(pending, count):
-            future = self.client.submit(train_task, self.job, index, self.timeout, key=f"datamodels-{index}-{uuid.uuid4().hex[:8]}",
-                                        pure=False, resources=resources)
+        for index in islice(pending, max(0, self._window() - len(self._futures))):
+            key = f"datamodels-{index}-{uuid.uuid4().hex[:8]}"
+            future = self.client.submit(train_task, self.job, index, self.timeout, key=key, pure=False,
+                                        resources=resources)
             with self._lock:
                 self._futures[future.key] = (future, index)
             ac.add(future)
@@ -227,7 +234,7 @@ class DaskFanout:
         try:
             pending = iter(self.todo)
             ac = as_completed(loop=self.client.loop)
-            self._submit(pending, self._window(), ac)
+            self._submit(pending, ac)
             for future in ac:
                 with self._lock:
                     _, index = self._futures.pop(future.key)
@@ -239,7 +246,7 @@ class DaskFanout:
                     self.kill_all()
                     break
                 self.results.put(result)
-                self._submit(pending, 1, ac)
+                self._submit(pending, ac)
         except Exception as exc:  # noqa: BLE001 - e.g. the scheduler went away: stop with one message
             self.deaths = (f"train stopped: the Dask back end failed ({type(exc).__name__}: {exc}); "
                            "completed models are kept, rerun the same command to resume")
