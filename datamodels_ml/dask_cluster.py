@@ -4,7 +4,7 @@ The YAML names what a user knows about their cluster; ``cluster_kwargs`` turns i
 arguments of a dask-jobqueue class (``SLURMCluster``, ``PBSCluster``, ...), and ``start_cluster``
 builds the cluster (no job is submitted until it is scaled). Keys (see configs/cluster/slurm.yaml):
 
-``type`` slurm | pbs | lsf | sge | htcondor | moab | oar; ``queue``; ``account``; ``walltime``;
+``type`` slurm | pbs | lsf | sge | htcondor | moab | oar (or local: the job scripts run here); ``queue``; ``account``; ``walltime``;
 ``jobs`` (at most this many batch jobs; fewer when there are fewer models); ``gpus_per_job`` (one
 worker process per GPU, each running one model at a time through the worker resource ``GPU=1``);
 ``cores_per_job``; ``memory_per_job``; ``setup`` (shell lines run in the job script before the
@@ -20,7 +20,8 @@ from typing import Any
 from datamodels_ml.errors import UserError
 
 TYPES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster", "sge": "SGECluster",
-         "htcondor": "HTCondorCluster", "moab": "MoabCluster", "oar": "OARCluster"}
+         "htcondor": "HTCondorCluster", "moab": "MoabCluster", "oar": "OARCluster",
+         "local": "local.LocalCluster"}  # local: the job scripts run as local processes (to try a config)
 KEYS = {"type", "queue", "account", "walltime", "jobs", "gpus_per_job", "cores_per_job", "memory_per_job",
         "setup", "job_directives", "interface", "log_directory", "python", "options"}
 
@@ -56,6 +57,9 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
         if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
             raise UserError(f"{path}: {key} must be a list of strings (one line each)")
         cfg[key] = lines
+    if kind == "local" and cfg["setup"]:
+        raise UserError(f"{path}: setup lines run in batch job scripts only; type: local starts the workers "
+                        "directly, with the driver's environment")
     if not isinstance(cfg.get("options") or {}, dict):
         raise UserError(f"{path}: options must be a mapping of dask-jobqueue keywords")
     return cfg
@@ -87,9 +91,12 @@ def make_cluster(path: str | Path) -> tuple[Any, dict[str, Any]]:
     cfg = load_cluster_config(path)
     try:
         import dask_jobqueue
+        import dask_jobqueue.local  # noqa: F401 - type: local
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise UserError(f"cluster= needs dask-jobqueue: {exc} (pip install dask-jobqueue)") from None
-    cls = getattr(dask_jobqueue, TYPES[cfg["type"]])
+    cls: Any = dask_jobqueue
+    for part in TYPES[cfg["type"]].split("."):
+        cls = getattr(cls, part)
     try:
         cluster = cls(**cluster_kwargs(cfg))
     except (TypeError, ValueError) as exc:

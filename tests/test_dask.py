@@ -178,6 +178,7 @@ def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
 
 
 # -- SLURM through dask-jobqueue (the job script only: no SLURM here) ----------------------------------
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
     from datamodels_ml.dask_cluster import make_cluster
 
@@ -201,6 +202,7 @@ def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
     ("type: kubernetes\n", "type 'kubernetes' is not one of slurm, pbs"),
     ("jobs: 0\n", "jobs must be an integer >= 1, got 0"),
     ("setup: module load cuda\n", "setup must be a list of strings"),
+    ("type: local\nsetup: [module load cuda]\n", "setup lines run in batch job scripts only"),
 ])
 def test_cluster_yaml_errors_name_the_key(tmp_path, text, message):
     from datamodels_ml.dask_cluster import load_cluster_config
@@ -235,3 +237,14 @@ def test_each_worker_process_of_a_gpu_job_keeps_one_gpu(monkeypatch, name, visib
     assert isinstance(plugin, WorkerPlugin)  # what Client.register_plugin accepts
     plugin.setup(SimpleNamespace(name=name))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_train_with_a_cluster_yaml_starts_scales_and_closes_the_cluster(store, tmp_path):
+    # type: local runs dask-jobqueue's job scripts as local processes: the same path as SLURM, minus sbatch
+    (tmp_path / "cluster.yaml").write_text(
+        "type: local\njobs: 4\ncores_per_job: 1\nmemory_per_job: 1GB\nwalltime: '00:10:00'\n")
+    proc = run_cli("train", "store=st", f"main={FAULTS}", "n=3", "cluster=cluster.yaml", "progress=false",
+                   cwd=tmp_path, check=True, timeout=180)
+    assert "(LocalCluster from cluster.yaml; " in proc.stdout
+    assert "train: 3 completed, 0 failed, 0 not run (3/3 complete" in proc.stdout
+    check_rows(store, 3)
