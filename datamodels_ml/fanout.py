@@ -22,9 +22,9 @@ import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
+from datamodels_ml.fanout_local import LocalSlots, slot_environments
 from datamodels_ml.interrupts import Terminated, terminate_as_interrupt
 from datamodels_ml.lock import store_lock
-from datamodels_ml.fanout_local import LocalSlots, slot_environments
 from datamodels_ml.spec import load_spec
 from datamodels_ml.store import SPEC_FILE, Store, compress_ranges, create_store
 from datamodels_ml.store_layout import is_store
