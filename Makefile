@@ -23,13 +23,22 @@ BETON   ?= data/digits/reg_data.beton
 RESULTS ?= data/digits/reg_results
 DEMO    ?= configs/demo.yaml
 ARGS    ?=
+# Scaling out (README "Scaling out"): a running Dask scheduler, or a dask-jobqueue cluster YAML
+SCHEDULER ?=
+CLUSTER   ?=
+# make server: an MLflow tracking server for several users and machines
+BACKEND_STORE_URI ?= sqlite:///mlflow-server.db
+ARTIFACTS_DESTINATION ?= ./mlartifacts
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale ui lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale ui server lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
+	@echo "       make train [SCHEDULER=tcp://HOST:8786 | CLUSTER=configs/cluster/slurm.yaml]   (train on Dask)"
 	@echo
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
@@ -62,8 +71,9 @@ demo: setup ## the whole workflow on the digits example: train, write_dataset, r
 init: setup ## create the store from the spec (STORE, SPEC)
 	$(DM) init spec=$(SPEC) store=$(STORE)
 
-train: setup ## train N models over GPUS GPUs (or JOBS CPU slots) into STORE; resumes
-	$(DM) train store=$(STORE) spec=$(SPEC) main=$(MAIN) n=$(N) gpus=$(GPUS) jobs=$(JOBS) $(ARGS)
+train: setup ## train N models over GPUS GPUs (or JOBS CPU slots, or Dask: SCHEDULER/CLUSTER) into STORE; resumes
+	$(DM) train store=$(STORE) spec=$(SPEC) main=$(MAIN) n=$(N) gpus=$(GPUS) jobs=$(JOBS) \
+	  $(if $(SCHEDULER),scheduler=$(SCHEDULER)) $(if $(CLUSTER),cluster=$(CLUSTER)) $(ARGS)
 
 status: setup ## completed/missing models and failures of the last train in STORE
 	$(DM) status store=$(STORE)
@@ -94,6 +104,10 @@ bench-scale: setup ## regression at p=5k..30k features (long; ~10 GB at 30k) and
 
 ui: setup ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+server: setup ## MLflow tracking server: BACKEND_STORE_URI (sqlite/postgresql), ARTIFACTS_DESTINATION, SERVER_HOST/PORT
+	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) --artifacts-destination $(ARTIFACTS_DESTINATION) \
+	  --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 lint: setup ## byte-compile every module (syntax check)
 	$(PY) -m compileall -q datamodels_ml tests benchmarks

@@ -1,32 +1,30 @@
-"""``train``: run every incomplete index of a store over GPU or CPU slots with joblib.
+"""``train``: the driver that runs every incomplete index of a store through a fan-out back end.
 
-Design. A slot is a thread (joblib's threading backend) that supervises one long-lived runner
-process (``datamodels_ml.runner``) started with ``CUDA_VISIBLE_DEVICES`` set to the slot's GPU (or
-to nothing on CPU slots). The runner imports main, torch and friends once and then trains index
-after index, so a model costs only its own work plus a pipe round trip, not a Python start-up.
-If main hangs past the timeout (the slot kills the runner's process group: ``runner_process``) or
-kills its process, the slot records the failure, starts a fresh runner and goes on; a slot whose
-runner keeps dying stops the run with one message. The parent logs one MLflow child run per model, in batches (``tracking``),
-after the runner has written the row to the store.
+Two back ends share one small interface (``Backend``): the local slots of this machine
+(``fanout_local``: one long-lived runner process per GPU or CPU slot; the default) and a Dask
+cluster (``fanout_dask``: ``scheduler=tcp://HOST:PORT``, or ``cluster=CONFIG.yaml`` started through
+dask-jobqueue). The driver owns what does not depend on where models run: the store lock, the group
+commits of written rows (``Store.commit``), one MLflow child run per model, in batches (``tracking``),
+the progress bar, Ctrl-C/SIGTERM and the summary. A row counts (flag set, child run FINISHED) only
+after the driver has committed it.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
+from datamodels_ml.fanout_local import LocalSlots, slot_environments
 from datamodels_ml.interrupts import Terminated, terminate_as_interrupt
 from datamodels_ml.lock import store_lock
-from datamodels_ml.runner_process import RunnerProcess
 from datamodels_ml.spec import load_spec
 from datamodels_ml.store import SPEC_FILE, Store, compress_ranges, create_store
 from datamodels_ml.store_layout import is_store
@@ -48,125 +46,50 @@ class TrainConfig:
     argv: list[str] = field(default_factory=list, metadata={
         "help": "the script's sys.argv after its name, e.g. '[--training.lr=0.5]' (for scripts that read options)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    scheduler: str | None = field(default="", metadata={
+        "help": "run on the Dask cluster at this scheduler address (tcp://HOST:PORT) or scheduler JSON file"})
+    cluster: str | None = field(default="", metadata={
+        "help": "start a Dask cluster through dask-jobqueue from this YAML file (configs/cluster/slurm.yaml)"})
 
 
-def slot_environments(gpus: int, jobs: int) -> list[dict[str, str]]:
-    """Environment overrides per slot: slot s sees GPU s mod G only, or no GPU on CPU slots."""
-    if gpus < 0 or jobs < 0:
-        raise UserError("gpus and jobs must be non-negative")
-    if gpus == 0:
-        n_slots = jobs or (os.cpu_count() or 1)
-        return [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(n_slots)]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # "" hides every GPU; unset shows them all
-    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else [str(i) for i in range(gpus)]
-    if len(ids) < gpus:
-        raise UserError(f"gpus={gpus} but CUDA_VISIBLE_DEVICES lists only {len(ids)} devices ({visible})")
-    n_slots = jobs or gpus
-    return [{"CUDA_VISIBLE_DEVICES": ids[s % gpus]} for s in range(n_slots)]
+__all__ = ["Backend", "LocalSlots", "TrainConfig", "slot_environments", "train"]
 
 
-class Fanout:
-    """Runs indices on slots; results arrive on ``self.results``.
+class Backend(Protocol):
+    """Where models run. ``run`` (in a thread of the driver) trains the indices it was given and
+    puts one ``ModelResult`` per index on ``results``, then ``("done", "")``; "completed" means the
+    row's data are written into the store (not yet committed). ``fatal`` (main cannot be imported,
+    workers cannot start) and ``deaths`` (the run had to stop) say why it stopped early."""
 
-    A slot whose runner dies ``MAX_DEATHS_IN_ROW`` times in a row without completing a model (a
-    full disk under the store's memmaps kills every writer with SIGBUS; a broken GPU kills its slot)
-    stops the whole run: ``self.deaths`` then says which indices were burned and how each runner died.
-    """
+    results: queue.Queue
+    fatal: str | None
+    deaths: str | None
 
-    MAX_DEATHS_IN_ROW = 3
+    def describe(self) -> str: ...  # "on 4 CPU slots", "on the Dask cluster at tcp://..."
 
-    def __init__(self, job: dict[str, Any], envs: list[dict[str, str]], todo: list[int], timeout: float | None):
-        self.job = job
-        self.envs = envs
-        self.timeout = timeout
-        self.todo: queue.Queue[int] = queue.Queue()
-        for i in todo:
-            self.todo.put(i)
-        self.results: queue.Queue[ModelResult | tuple[str, str]] = queue.Queue()
-        self.stop = threading.Event()
-        self.fatal: str | None = None
-        self.deaths: str | None = None
-        self._runners: set[RunnerProcess] = set()
-        self._lock = threading.Lock()
+    def params(self) -> dict[str, Any]: ...  # what the train run logs about the back end
 
-    def _name(self, slot: int) -> str:
-        gpu = self.envs[slot].get("CUDA_VISIBLE_DEVICES")
-        return f"slot {slot}" + (f" (GPU {gpu})" if gpu else "")
+    def run(self) -> None: ...
 
-    def _start(self, slot: int) -> RunnerProcess | None:
-        runner = RunnerProcess(self.job, self.envs[slot])
-        with self._lock:
-            self._runners.add(runner)
-        fatal = runner.wait_ready()
-        if fatal is not None:
-            if not self.stop.is_set():  # not a runner that kill_all stopped while it started
-                self.fatal = fatal if not fatal.startswith("the runner process") else f"{self._name(slot)}: {fatal}"
-                self.stop.set()
-            self._close(runner, kill=True)
-            return None
-        return runner
+    def kill_all(self) -> None: ...  # stop soon (Ctrl-C): kill what runs, start nothing new
 
-    def _close(self, runner: RunnerProcess, kill: bool) -> None:
-        with self._lock:
-            self._runners.discard(runner)
-        runner.stop(kill=kill)
+    def close(self) -> None: ...  # release the cluster connection, if any
 
-    def slot(self, slot: int) -> None:
-        """Pull indices until none are left (one joblib task per slot)."""
-        runner = None
-        burned: list[tuple[int, str]] = []  # deaths since this slot last completed a model
-        while not self.stop.is_set():
-            try:
-                index = self.todo.get_nowait()
-            except queue.Empty:
-                break
-            if runner is None:
-                runner = self._start(slot)
-                if runner is None:
-                    self.todo.put(index)
-                    return
-            result, outcome = runner.train(index, self.timeout)
-            death = runner.death
-            if outcome != RunnerProcess.OK:  # timed out (killed already) or died: a fresh runner next
-                self._close(runner, kill=True)
-                runner = None
-                if self.stop.is_set():  # killed by kill_all: not the model's fault
-                    self.todo.put(index)
-                    break
-            self.results.put(result)
-            if result.status == "completed":
-                burned.clear()
-            elif outcome == RunnerProcess.DEAD:
-                burned.append((index, death))
-                if len(burned) >= self.MAX_DEATHS_IN_ROW:
-                    self._stop_after_deaths(slot, burned)
-                    break
-        if runner is not None:
-            self._close(runner, kill=self.stop.is_set())
 
-    def _stop_after_deaths(self, slot: int, burned: list[tuple[int, str]]) -> None:
-        with self._lock:
-            if self.deaths is None:
-                deaths = "; ".join(f"index {i}: {why}" for i, why in burned)
-                self.deaths = (f"train stopped: the runner of {self._name(slot)} died {len(burned)} times in a row "
-                               f"without completing a model ({deaths}); those indices stay incomplete, "
-                               "rerun the same command to retry them once the cause is fixed")
-        self.stop.set()
+def _backend(cfg: TrainConfig, store: Store, job: dict[str, Any], todo: list[int]) -> Backend:
+    """The local slots, or a Dask back end connected (or started) now: errors come before any run."""
+    timeout = cfg.timeout or None
+    if not (cfg.scheduler or cfg.cluster):
+        envs = slot_environments(cfg.gpus, cfg.jobs)[: len(todo)]
+        return LocalSlots(job, envs, todo, timeout)
+    if cfg.scheduler and cfg.cluster:
+        raise UserError("give scheduler=ADDRESS (a running Dask cluster) or cluster=CONFIG.yaml (start one), not both")
+    if cfg.jobs:
+        raise UserError("jobs= sets the number of local slots; on Dask the workers' threads set the parallelism "
+                        "(drop jobs=, or set jobs: in the cluster YAML)")
+    from datamodels_ml.fanout_dask import DaskFanout
 
-    def run(self) -> None:
-        from joblib import Parallel, delayed
-
-        try:
-            Parallel(n_jobs=len(self.envs), backend="threading")(delayed(self.slot)(s) for s in range(len(self.envs)))
-        finally:
-            self.results.put(("done", ""))
-
-    def kill_all(self) -> None:
-        self.stop.set()
-        with self._lock:
-            runners = list(self._runners)
-        for r in runners:
-            r.kill()
+    return DaskFanout(store, job, todo, timeout, scheduler=cfg.scheduler or "", cluster=cfg.cluster or "", gpus=cfg.gpus)
 
 
 class _Recorder:
@@ -250,7 +173,7 @@ class _Recorder:
             self._log_progress()
 
 
-def _drain(fan: "Fanout", rec: _Recorder) -> None:
+def _drain(fan: Backend, rec: _Recorder) -> None:
     """After Ctrl-C: keep the results that arrived (rows already written) so they get committed."""
     while True:
         try:
@@ -280,39 +203,46 @@ def train(cfg: TrainConfig) -> int:
         raise UserError(f"n must be a positive number of models, got {cfg.n}")
     if cfg.timeout < 0:
         raise UserError("timeout must be >= 0 seconds")
-    envs = slot_environments(cfg.gpus, cfg.jobs)
+    if not (cfg.scheduler or cfg.cluster):
+        slot_environments(cfg.gpus, cfg.jobs)  # wrong gpus/jobs fail before the store is touched
+    elif cfg.gpus < 0:
+        raise UserError("gpus must be non-negative")
     store = _open_store(cfg)
     if cfg.n > store.num_models:
         raise UserError(f"n={cfg.n} but the store at {store.path} holds only {store.num_models} models (num_models in its spec)")
     with terminate_as_interrupt(), store_lock(store.path, "train"):
         store.reserve_space()  # a store made sparse (by the original tools, or before 0.2) gets its blocks now
-        return _train(cfg, store, envs)
+        return _train(cfg, store)
 
 
-def _train(cfg: TrainConfig, store: Store, envs: list[dict[str, str]]) -> int:
+def _train(cfg: TrainConfig, store: Store) -> int:
     done = store.completed[: cfg.n]
     todo = [int(i) for i in np.flatnonzero(~done)]
     if not todo:
         print(f"all {cfg.n} models are already complete in {store.path}: nothing to do")
         return 0
-    envs = envs[: len(todo)]
+    job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "argv": list(cfg.argv)}
+    fan = _backend(cfg, store, job, todo)
+    try:
+        return _run(cfg, store, fan, todo, int(done.sum()))
+    finally:
+        fan.close()
 
+
+def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already: int) -> int:
     from tqdm import tqdm
 
     from datamodels_ml import tracking
 
-    job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "argv": list(cfg.argv)}
-    params = {"n": cfg.n, "gpus": cfg.gpus, "jobs": len(envs), "main": cfg.main, "store": cfg.store}
+    params = {"n": cfg.n, "gpus": cfg.gpus, "main": cfg.main, "store": cfg.store, **fan.params()}
     params.update({f"args.{k}": v for k, v in cfg.args.items()})
     if cfg.argv:
         params["argv"] = " ".join(cfg.argv)
-    print(f"training {len(todo)} models ({int(done.sum())} of {cfg.n} already complete) on "
-          f"{len(envs)} {'GPU' if cfg.gpus else 'CPU'} slot{'s' if len(envs) > 1 else ''}", flush=True)
+    print(f"training {len(todo)} models ({already} of {cfg.n} already complete) {fan.describe()}", flush=True)
     with tracking.run("train", params=params) as parent:
         tracking.log_dict(store.spec.to_json(), SPEC_FILE)
         bar = tqdm(total=len(todo), unit="model", disable=not cfg.progress, dynamic_ncols=True)
         rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))
-        fan = Fanout(job, envs, todo, cfg.timeout or None)
         thread = threading.Thread(target=fan.run, name="fanout", daemon=True)
         interrupted: KeyboardInterrupt | None = None
         try:

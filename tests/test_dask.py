@@ -1,0 +1,250 @@
+"""``train`` on Dask distributed, with a real engine: a ``dask scheduler`` and two ``dask worker``
+processes on 127.0.0.1 (ephemeral ports, one thread each, no dashboard), the CLI as a subprocess.
+Faults: a worker killed with kill -9 mid-run (its model runs again elsewhere, no row lost or
+written twice) and the driver killed then rerun (only the missing indices run). SLURM: the job
+script dask-jobqueue generates from configs/cluster/slurm.yaml (no SLURM here)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+pytest.importorskip("dask_jobqueue")
+
+from conftest import CONFIGS, ROOT, cli_env, run_cli, tracking_client  # noqa: E402
+from datamodels_ml.errors import UserError  # noqa: E402
+
+FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
+SPEC = {"num_models": 64, "schema": {"values": {"shape": [10], "dtype": "uint8"},
+                                     "index": {"shape": [], "dtype": "int64"},
+                                     "loss": {"shape": [], "dtype": "float32"}}}
+
+
+def wait_for(predicate, what, timeout=60.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class LocalDask:
+    """A scheduler and named single-threaded workers (no nanny: kill -9 of a worker loses it)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.file = folder / "scheduler.json"
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+        self.scheduler = self._spawn("scheduler", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                                     "--no-dashboard", "--scheduler-file", str(self.file))
+        wait_for(lambda: self.file.exists() and "address" in self.file.read_text(), "the scheduler")
+        self.address = json.loads(self.file.read_text())["address"]
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name, module, *args):
+        log = open(self.folder / f"{name}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=self.folder, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def ensure_workers(self, names=("w0", "w1")):
+        for name in names:
+            if name not in self.workers or self.workers[name].poll() is not None:
+                (self.folder / f"{name}.log").unlink(missing_ok=True)
+                self.workers[name] = self._spawn(name, "distributed.cli.dask_worker", self.address, "--name", name,
+                                                 "--nworkers", "1", "--nthreads", "1", "--no-nanny", "--no-dashboard")
+        for name in names:
+            wait_for(lambda: "Registered to" in (self.folder / f"{name}.log").read_text(), f"worker {name}")
+
+    def close(self):
+        for proc in [*self.workers.values(), self.scheduler]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def local_dask(tmp_path_factory):
+    cluster = LocalDask(tmp_path_factory.mktemp("dask"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def dask_cluster(local_dask):
+    local_dask.ensure_workers()
+    return local_dask
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "spec.json").write_text(json.dumps(SPEC))
+    run_cli("init", "spec=spec.json", "store=st", cwd=tmp_path, check=True)
+    return tmp_path / "st"
+
+
+def train_args(n, address, *args):
+    return ["train", "store=st", f"main={FAULTS}", f"n={n}", f"scheduler={address}", "progress=false", *args]
+
+
+def calls(store):
+    log = store / "calls.log"
+    return [int(x) for x in log.read_text().split()] if log.exists() else []
+
+
+def check_rows(store, n):
+    done = np.load(store / "_completed.npy")
+    assert done[:n].all() and not done[n:].any()
+    assert (np.load(store / "values.npy")[:n] == np.arange(n)[:, None]).all()
+    assert (np.load(store / "index.npy")[:n] == np.arange(n)).all()
+
+
+def child_runs(tmp_path):
+    client = tracking_client(tmp_path)
+    runs = client.search_runs(["0"], max_results=1000)
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_train_on_a_dask_cluster_writes_every_row_once_from_the_driver(dask_cluster, store, tmp_path):
+    proc = run_cli(*train_args(12, dask_cluster.address), cwd=tmp_path, check=True)
+    assert "on the Dask cluster at tcp://127.0.0.1:" in proc.stdout and "2 workers, 2 threads" in proc.stdout
+    assert "train: 12 completed, 0 failed, 0 not run (12/12 complete" in proc.stdout
+    check_rows(store, 12)
+    assert sorted(calls(store)) == list(range(12))  # each model ran once
+    children = child_runs(tmp_path)
+    assert sorted(int(r.data.params["index"]) for r in children) == list(range(12))
+    assert {r.info.status for r in children} == {"FINISHED"}
+    # a scheduler JSON file works as the address too; nothing left to do
+    again = run_cli(*train_args(12, dask_cluster.file), cwd=tmp_path, check=True)
+    assert "all 12 models are already complete" in again.stdout
+
+
+def test_worker_killed_mid_run_its_model_runs_elsewhere_and_no_row_is_lost_or_doubled(dask_cluster, store, tmp_path):
+    n = 24
+    driver = subprocess.Popen([sys.executable, "-m", "datamodels_ml", *train_args(n, dask_cluster.address, "args.sleep=0.25")],
+                              cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(calls(store)) >= 4, "the first models")
+    os.kill(dask_cluster.workers["w0"].pid, signal.SIGKILL)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, out + err
+    assert f"train: {n} completed, 0 failed" in out
+    check_rows(store, n)
+    ran = Counter(calls(store))
+    assert set(ran) == set(range(n))
+    # main ran again only for what the lost worker held: the model it was running, and results it had
+    # finished but the driver had not fetched yet (Dask keeps results on the worker until gathered)
+    assert max(ran.values()) <= 2 and sum(c - 1 for c in ran.values()) <= 3
+    children = child_runs(tmp_path)
+    assert sorted(int(r.data.params["index"]) for r in children) == list(range(n))  # one child run per model
+
+
+def test_driver_killed_mid_run_then_rerun_trains_the_missing_indices_only(dask_cluster, store, tmp_path):
+    n = 24
+    driver = subprocess.Popen([sys.executable, "-m", "datamodels_ml", *train_args(n, dask_cluster.address, "args.sleep=0.2")],
+                              cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: np.load(store / "_completed.npy").sum() >= 4, "committed models")
+    driver.kill()
+    driver.wait()
+    done = set(np.flatnonzero(np.load(store / "_completed.npy")).tolist())
+    assert 4 <= len(done) < n
+    time.sleep(1.0)  # what the workers were running when the driver died finishes (its result is dropped)
+    before = len(calls(store))
+    proc = run_cli(*train_args(n, dask_cluster.address, "args.sleep=0.2"), cwd=tmp_path, check=True)
+    assert f"training {n - len(done)} models ({len(done)} of {n} already complete)" in proc.stdout
+    check_rows(store, n)
+    assert not set(calls(store)[before:]) & done  # no completed model trained again
+
+
+def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
+    bad = run_cli("train", "store=st", f"main={FAULTS}", "n=4", "scheduler=nowhere", cwd=tmp_path, check=False)
+    assert bad.returncode == 2
+    assert "scheduler='nowhere': expected an address such as tcp://HOST:8786 or a scheduler JSON file" in bad.stderr
+    both = run_cli(*train_args(4, dask_cluster.address, "cluster=x.yaml"), cwd=tmp_path, check=False)
+    assert "give scheduler=ADDRESS (a running Dask cluster) or cluster=CONFIG.yaml (start one), not both" in both.stderr
+    gpu = run_cli(*train_args(4, dask_cluster.address, "gpus=1"), cwd=tmp_path, check=False)
+    assert gpu.returncode == 2 and "but no worker of the Dask cluster" in gpu.stderr and "--resources GPU=1" in gpu.stderr
+    missing = run_cli("train", "store=st", "main=no_such_module_xyz", "n=4", f"scheduler={dask_cluster.address}",
+                      "progress=false", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "cannot import main module 'no_such_module_xyz'" in missing.stderr
+    assert not np.load(store / "_completed.npy").any()
+
+
+# -- SLURM through dask-jobqueue (the job script only: no SLURM here) ----------------------------------
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
+def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
+    from datamodels_ml.dask_cluster import make_cluster
+
+    monkeypatch.chdir(tmp_path)  # the jobs' log directory is created here
+    cluster, cfg = make_cluster(CONFIGS / "cluster" / "slurm.yaml")  # builds the scheduler; submits nothing
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in ["#SBATCH -p gpu", "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:4", "#SBATCH --cpus-per-task=32",
+                 "module load cuda/12.4", "source $HOME/datamodels_ml/.venv/bin/activate"]:
+        assert line in script.splitlines(), line
+    worker = script.strip().splitlines()[-1]
+    assert "distributed.cli.dask_worker" in worker and "--nworkers 4" in worker and "--resources GPU=1" in worker
+    assert "--nthreads 8" in worker  # 32 cores shared by 4 worker processes
+    assert cfg["jobs"] == 8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("queue: gpu\nwaltime: 1:00:00\n", "unknown key 'waltime'"),
+    ("type: kubernetes\n", "type 'kubernetes' is not one of slurm, pbs"),
+    ("jobs: 0\n", "jobs must be an integer >= 1, got 0"),
+    ("setup: module load cuda\n", "setup must be a list of strings"),
+    ("type: local\nsetup: [module load cuda]\n", "setup lines run in batch job scripts only"),
+])
+def test_cluster_yaml_errors_name_the_key(tmp_path, text, message):
+    from datamodels_ml.dask_cluster import load_cluster_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_cluster_config(tmp_path / "c.yaml")
+
+
+def test_empty_scheduler_and_cluster_mean_the_local_slots(tmp_path, store):
+    # what the MLproject's train entry point passes by default: scheduler= cluster=
+    proc = run_cli("train", "store=st", f"main={FAULTS}", "n=2", "jobs=1", "scheduler=", "cluster=", "progress=false",
+                   cwd=tmp_path, check=True)
+    assert "on 1 CPU slot" in proc.stdout and "2 completed" in proc.stdout
+
+
+@pytest.mark.parametrize("name, visible, expected", [
+    ("SLURMCluster-3-2", "4,5,6,7", "6"),  # worker 2 of a 4-GPU job keeps the job's third GPU
+    ("SLURMCluster-3-0", "4,5,6,7", "4"),
+    ("SLURMCluster-3", "1", "1"),  # one GPU per job: nothing to choose
+    ("tcp://10.0.0.1:4242", "0,1", "0,1"),  # an unnamed worker: left as it is
+])
+def test_each_worker_process_of_a_gpu_job_keeps_one_gpu(monkeypatch, name, visible, expected):
+    from types import SimpleNamespace
+
+    from distributed import WorkerPlugin
+
+    from datamodels_ml.fanout_dask import PinGPU
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    plugin = PinGPU()
+    assert isinstance(plugin, WorkerPlugin)  # what Client.register_plugin accepts
+    plugin.setup(SimpleNamespace(name=name))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_train_with_a_cluster_yaml_starts_scales_and_closes_the_cluster(store, tmp_path):
+    # type: local runs dask-jobqueue's job scripts as local processes: the same path as SLURM, minus sbatch
+    (tmp_path / "cluster.yaml").write_text(
+        "type: local\njobs: 4\ncores_per_job: 1\nmemory_per_job: 1GB\nwalltime: '00:10:00'\n")
+    proc = run_cli("train", "store=st", f"main={FAULTS}", "n=3", "cluster=cluster.yaml", "progress=false",
+                   cwd=tmp_path, check=True, timeout=180)
+    assert "(LocalCluster from cluster.yaml; " in proc.stdout
+    assert "train: 3 completed, 0 failed, 0 not run (3/3 complete" in proc.stdout
+    check_rows(store, 3)
