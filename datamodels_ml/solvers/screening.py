@@ -119,8 +119,8 @@ class RefitGram:
         return out
 
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
-        if idx.numel() == self.n_features:  # all features: the product, never the matrix
-            return self._product
+        if idx.numel() == self.n_features and idx.numel() ** 2 > _budget(self.n_features):
+            return self._product  # all features of a large Gram: its product, never the matrix
         st = self.stats
         zi = st.z_val(idx, self.dtype)  # [n_val, |idx|], once
         out = torch.empty(idx.numel(), idx.numel(), dtype=self.dtype, device=st.gram.device)
