@@ -114,11 +114,17 @@ def main() -> None:
                     help="limit torch and BLAS threads on both sides (0: library defaults)")
     ap.add_argument("--targets-baseline", type=int, default=0,
                     help="sklearn solves only the first N targets; its time is scaled per target (0: all)")
+    ap.add_argument("--size", default="",
+                    help="N_MODELS,FEATURES,TARGETS,N_VAL (default 4000,1000,300,400; issue 8's target: 20000,5000,200,4000)")
+    ap.add_argument("--k", type=int, default=50)
     args = ap.parse_args()
+    k, eps = args.k, 1e-3
     if args.quick:
-        n, p, T, n_val, k, eps = 600, 100, 20, 100, 15, 1e-3
+        n, p, T, n_val, k = 600, 100, 20, 100, 15
+    elif args.size:
+        n, p, T, n_val = (int(v) for v in args.size.split(","))
     else:
-        n, p, T, n_val, k, eps = 4000, 1000, 300, 400, 50, 1e-3
+        n, p, T, n_val = 4000, 1000, 300, 400
     size = (n, p, T)
     print(f"problem: {n - n_val} train / {n_val} val models, {p} features, {T} targets, k={k}, eps={eps}; "
           f"device {args.device}, threads {args.threads or 'default'}")

@@ -42,7 +42,7 @@ class SolverConfig:
     eps: float = field(default=1e-6, metadata={"help": "smallest λ as a fraction of λ_max, in (0, 1]"})
     batch_size: int = field(default=2000, metadata={"help": "rows per minibatch (saga) or per read (fista)"})
     lr: Optional[float] = field(default=None, metadata={"help": "saga step size (null: automatic)"})
-    num_workers: int = field(default=0, metadata={"help": "FFCV loader threads (FFCV also sets torch's CPU threads to it; 0: all cores)"})
+    num_workers: int = field(default=0, metadata={"help": "accepted for the original's configs; the .beton reader reads ahead in one thread, so it has no effect"})
     use_bias: bool = field(default=True, metadata={"help": "fit an unpenalized intercept per target"})
     method: str = field(default="fista", metadata={"help": "solver: fista (Gram matrix, screened) or saga (streams the data)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda or cuda:N"})
