@@ -34,7 +34,7 @@ SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale ui server lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale gpu-check ui server lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
@@ -95,6 +95,11 @@ bench: setup ## benchmarks (~10 min): train overhead, regression vs sklearn, sca
 	$(PY) benchmarks/bench_regression.py
 	$(PY) benchmarks/bench_scale.py --sizes 5000
 	$(PY) benchmarks/bench_startup.py
+
+gpu-check: setup ## on a CUDA machine (setup with a CUDA TORCH_SPEC): GPU tests and GPU benchmarks, < 8 min
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu
+	$(PY) benchmarks/bench_regression.py --device cuda
+	$(PY) benchmarks/bench_scale.py --device cuda --sizes 5000,20000
 
 bench-regression: setup ## regression vs scikit-learn's lasso_path sharing one Gram, time and peak memory
 	$(PY) benchmarks/bench_regression.py $(ARGS)
