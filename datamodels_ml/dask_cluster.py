@@ -28,15 +28,9 @@ KEYS = {"type", "queue", "account", "walltime", "jobs", "gpus_per_job", "cores_p
 
 def load_cluster_config(path: str | Path) -> dict[str, Any]:
     """The YAML as a dict, checked: known keys, a known type, positive counts."""
-    import yaml
+    from datamodels_ml.files import read_yaml
 
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"cluster config not found: {path}")
-    try:
-        cfg = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    cfg = read_yaml(path, "cluster config")
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a mapping of keys ({', '.join(sorted(KEYS))})")
     unknown = sorted(set(cfg) - KEYS)

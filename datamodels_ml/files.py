@@ -1,11 +1,29 @@
-"""Replacing a file atomically: write a temporary file beside it, then rename it into place.
+"""Small file helpers: replacing a file atomically, and reading a user's YAML file with one clear error.
 
-A reader sees the old file or the new one, never a partial one, and a failed write leaves the old
-file as it was. The temporary name carries the process id, so concurrent writers never share one.
+Atomic replace: write a temporary file beside it, then rename it into place. A reader sees the old
+file or the new one, never a partial one, and a failed write leaves the old file as it was. The
+temporary name carries the process id, so concurrent writers never share one.
 """
 
 import os
 from pathlib import Path
+from typing import Any
+
+from datamodels_ml.errors import UserError
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML file ``path`` (``{}`` when empty); a missing or malformed file is one
+    ``UserError`` naming ``what`` it should have been."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -28,15 +28,9 @@ def is_original(data: Any) -> bool:
 
 def read_original_config(path: str | Path) -> dict[str, Any]:
     """``data.*`` of an original regression config (YAML, fastargs sections)."""
-    import yaml
+    from datamodels_ml.files import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"original regression config not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = read_yaml(path, "original regression config")
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, dict):
         raise UserError(f"{path}: no 'data' section (expected the original regression config)")

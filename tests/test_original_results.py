@@ -70,3 +70,18 @@ def test_evaluate_scores_an_original_result(original):
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["n_heldout"] == 160 - NUM_TRAIN - NUM_VAL and metrics["target_start"] == 1
     assert metrics["lds"] > 0.5, proc.stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, r"original regression config not found: .*nope\.yaml"),
+    ("data: [unclosed", r"cfg\.yaml: not valid YAML"),
+    ("cfg:\n  k: 3\n", r"cfg\.yaml: no 'data' section"),
+    ("data:\n  data_path: x.beton\n  num_train: 3\n", r"cfg\.yaml: missing data\.num_val"),
+])
+def test_bad_original_config_is_one_clear_error(original, tmp_path, text, message):
+    root, *_ = original
+    config = tmp_path / ("nope.yaml" if text is None else "cfg.yaml")
+    if text is not None:
+        config.write_text(text)
+    with pytest.raises(UserError, match=message):
+        Datamodels.load(root / "datamodels.pt", original_config=config)
