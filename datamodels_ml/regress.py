@@ -2,9 +2,9 @@
 
 It owns the regression config (a superset of the original ``regression_config.yaml``), its
 validation, the random train/val split of the beton's rows, the batch sources handed to the solver
-(``lasso``), the loop over target blocks (sized by ``memory``, saved and resumed by ``blocks``,
-spread over ``gpus`` devices) and the MLflow record (one run; the path as metrics with ``step`` = λ
-index). The output directory is ``results``.
+(``solvers``), the loop over target blocks (sized by ``memory``, saved and resumed by ``blocks``,
+spread over ``gpus`` devices) and the MLflow record (one run; the path as metrics with
+``step`` = 100·log10(λ_max/λ), see ``path_step``). The output directory is ``results``.
 
 ``fit(cfg)`` is the same fit without files or a run of its own, for callers such as the model-budget
 curve; ``regress(cfg)`` is the command.
@@ -337,16 +337,32 @@ def _result(p: Plan, merged: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def path_step(lam_ratio: float) -> int:
+    """The MLflow step of a point of the path: ``round(100 * log10(λ_max / λ))``, 100 steps per decade.
+
+    Equal steps mean equal λ/λ_max in every run, whatever its k or eps, so the UI overlays the
+    paths of two regressions correctly (with more than 100 λ per decade two may share a step).
+    """
+    return int(round(-100.0 * np.log10(lam_ratio)))
+
+
 def _log_path(result: dict[str, Any]) -> None:
-    """The path as MLflow metrics, one step per λ index: means over the targets still on the path."""
+    """The path as MLflow metrics (step: ``path_step``) and as a table (``path_table.json``): means
+    over the targets still on the path."""
     from datamodels_ml import tracking
 
     lam_ratio, val, train, nnz = path_curves(result)
     active = result["active"].numpy()
+    table: dict[str, list] = {k: [] for k in ("step", "lam_ratio", "val_mse", "train_mse", "nnz", "active_fraction")}
     for i in range(len(lam_ratio)):
         if np.isfinite(val[i]):
-            tracking.log_metrics({"val_mse": float(val[i]), "train_mse": float(train[i]), "nnz": float(nnz[i]),
-                                  "lam_ratio": float(lam_ratio[i]), "active_fraction": float(active[i])}, step=i)
+            row = {"val_mse": float(val[i]), "train_mse": float(train[i]), "nnz": float(nnz[i]),
+                   "lam_ratio": float(lam_ratio[i]), "active_fraction": float(active[i])}
+            step = path_step(lam_ratio[i])
+            tracking.log_metrics(row, step=step)
+            for key, value in {"step": step, **row}.items():
+                table[key].append(value)
+    tracking.log_table(table, "path_table.json")
 
 
 def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = None) -> dict[str, Any]:
@@ -372,7 +388,7 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
     ``target_end``, ``x_name``/``y_name``/``store`` (from the beton's manifest, else None),
     ``data_path``, ``config``, ``format_version``; plus ``val_r2``, ``best_val_mse``, ``lam_ratio``,
     ``active``, ``epochs``, ``fit_seconds``. With ``log`` and an active MLflow run, the path is logged
-    to it as metrics with step = λ index.
+    to it as metrics with step = ``path_step(λ/λ_max)``.
     """
     return fit_plan(plan(cfg), progress=progress, log=log)
 

@@ -189,6 +189,11 @@ def log_dict(obj: Any, name: str) -> None:
     safe(lambda: mlflow.log_dict(obj, name), f"log {name}")
 
 
+def log_table(columns: Mapping[str, list], name: str) -> None:
+    """A table artifact the MLflow UI can chart (``mlflow.log_table``), columns of equal length."""
+    safe(lambda: mlflow.log_table(data=dict(columns), artifact_file=name), f"log {name}")
+
+
 def log_figure(fig: Any, name: str) -> None:
     safe(lambda: mlflow.log_figure(fig, name), f"log {name}")
 

@@ -80,17 +80,19 @@ def test_regress_end_to_end(digits, tmp_path):
     client = tracking_client(tmp_path)
     [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     assert run.info.run_name == "regress" and run.info.status == "FINISHED"
+    steps = [round(200 * i / (K - 1)) for i in range(K)]  # 100 * log10(λ_max / λ) on the grid 1 .. 0.01
     for metric in ("val_mse", "train_mse", "nnz", "lam_ratio", "active_fraction"):
         history = client.get_metric_history(run.info.run_id, metric)
-        assert sorted(m.step for m in history) == list(range(K)), metric
+        assert sorted(m.step for m in history) == steps, metric
     lam_ratio = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lam_ratio")}
-    assert lam_ratio[0] == pytest.approx(1.0) and lam_ratio[K - 1] == pytest.approx(0.01)
+    assert lam_ratio[0] == pytest.approx(1.0) and lam_ratio[200] == pytest.approx(0.01)
+    assert all(lam_ratio[s] == pytest.approx(10 ** (-s / 100), rel=0.012) for s in steps)
     for metric in ("best_val_mse", "mean_nnz_at_best", "mean_val_r2", "epochs", "fit_seconds"):
         assert metric in run.data.metrics
     assert run.data.params["data.num_train"] == "30" and run.data.params["cfg.k"] == str(K)
     assert run.data.params["data.data_path"] == str(digits / "reg.beton")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "datamodels.pt", "path.png", "targets.csv"} <= artifacts
+    assert {"config.yaml", "datamodels.pt", "path.png", "targets.csv", "path_table.json"} <= artifacts
 
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
                                f"cfg.min_lambdas={K}"], config_key="config")
