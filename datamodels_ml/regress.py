@@ -418,6 +418,9 @@ def regress(cfg: RegressConfig) -> int:
         tracking.log_metrics(stats)
         for name in ("config.yaml", RESULTS_FILE, "path.png", "targets.csv", MANIFEST_FILE):
             tracking.log_artifact(out / name)
+        from datamodels_ml.pyfunc import log_datamodels_model
+
+        log_datamodels_model(out / RESULTS_FILE)  # servable and registrable as soon as it exists
     print(f"wrote {out / RESULTS_FILE}: {p.target_end - p.target_start} targets, mean best val MSE "
           f"{stats['best_val_mse']:.4g}, mean val R² {stats['mean_val_r2']:.3f}, mean non-zeros "
           f"{stats['mean_nnz_at_best']:.1f}, {stats['fit_seconds']:.1f} s")

@@ -93,6 +93,12 @@ def test_regress_end_to_end(digits, tmp_path):
     assert run.data.params["data.data_path"] == str(digits / "reg.beton")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "datamodels.pt", "path.png", "targets.csv", "path_table.json"} <= artifacts
+    import mlflow.pyfunc
+
+    [model] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "datamodels"
+    served = mlflow.pyfunc.load_model(model.artifact_location)
+    np.testing.assert_allclose(served.predict(x.astype(bool)), Datamodels.from_dict(dm).predict(x), rtol=1e-6)
 
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
                                f"cfg.min_lambdas={K}"], config_key="config")
