@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str, str, str | None]] = {
     "regress": ("datamodels_ml.regress", "RegressConfig", "regress", "fit the datamodels (lasso paths)", "config"),
     "evaluate": ("datamodels_ml.evaluate", "EvaluateConfig", "evaluate",
                  "score datamodels on held-out models (LDS, correlations)", None),
-    "budget": ("datamodels_ml.evaluate", "BudgetConfig", "budget",
+    "budget": ("datamodels_ml.budget", "BudgetConfig", "budget",
                "LDS against the number of models used for the regression", "config"),
     "demo": ("datamodels_ml.pipeline", "DemoConfig", "demo",
              "the whole workflow on the digits example (init, train, write_dataset, regress, evaluate)", "config"),

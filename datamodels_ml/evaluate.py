@@ -1,20 +1,11 @@
-"""Scoring datamodels on held-out models: LDS, correlations, R², MSE; and the model-budget curve.
+"""Scoring datamodels on held-out models: LDS, correlations, R², MSE (the model-budget curve is ``budget``).
 
 The held-out models are models the regression never saw: every completed model of a second store
 (``heldout_store``), or else the completed models of the datamodels' own store outside the
 regression's ``train_indices`` and ``val_indices``. Their masks go through the datamodels; the
 predictions are compared, target by target, with the outputs those models actually produced.
 
-Metric conventions (pure functions below, shapes ``[n_models, n_targets]``):
-
-* ``spearman_per_target`` / ``pearson_per_target``: the correlation over models, per target. Ties
-  get average ranks (as ``scipy.stats.spearmanr``).
-* A target whose *actual* output is constant over the held-out models has no ranking to predict: its
-  correlations and R² are NaN, left out of every mean, and counted (``n_constant``).
-* A target whose *prediction* is constant (e.g. the lasso kept no weight) while the actual output
-  varies predicts no ranking at all: its correlations count as 0 (counted in ``n_constant_pred``).
-* ``lds`` is the mean Spearman correlation over the remaining targets (the linear datamodeling
-  score of the paper); ``pearson`` and ``r2`` are means the same way; ``mse`` is over all entries.
+The metrics themselves (LDS and the rest, with their conventions) are in ``metrics``.
 """
 
 import csv
@@ -24,132 +15,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from datamodels_ml.config import MISSING, to_dotlist
+from datamodels_ml.config import MISSING
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
+from datamodels_ml.metrics import (Scores, lds, mse, pearson, pearson_per_target, r2, r2_per_target, score,  # noqa: F401
+                                   spearman_per_target)
 from datamodels_ml.provenance import check_store
 
 MIN_HELDOUT = 3
-
-
-# -- metrics (pure) ------------------------------------------------------------------------------
-def _as_2d(pred: Any, actual: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(pred, dtype=np.float64)
-    a = np.asarray(actual, dtype=np.float64)
-    if p.ndim == 1:
-        p, a = p[:, None], a.reshape(-1, 1)
-    if p.shape != a.shape or p.ndim != 2:
-        raise ValueError(f"pred and actual must have the same shape [n_models, n_targets], got {p.shape} and {a.shape}")
-    return p, a
-
-
-def _constant(x: np.ndarray) -> np.ndarray:
-    """Per column: exactly constant (max == min), immune to rounding in the mean."""
-    if x.shape[0] == 0:
-        return np.ones(x.shape[1], dtype=bool)
-    return x.max(axis=0) == x.min(axis=0)
-
-
-def pearson_per_target(pred: Any, actual: Any) -> np.ndarray:
-    """Pearson correlation per column; NaN for a constant actual column, 0 for a constant prediction."""
-    p, a = _as_2d(pred, actual)
-    const_a, const_p = _constant(a), _constant(p)
-    pc = p - p.mean(axis=0)
-    ac = a - a.mean(axis=0)
-    den = np.sqrt((pc * pc).sum(axis=0) * (ac * ac).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (pc * ac).sum(axis=0) / den
-    r = np.clip(r, -1.0, 1.0)
-    r[const_p] = 0.0
-    r[const_a] = np.nan
-    return r
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x, method="average", axis=0) if x.shape[0] else x
-
-
-def spearman_per_target(pred: Any, actual: Any) -> np.ndarray:
-    """Spearman rank correlation per column (average ranks for ties), same NaN/0 rules as Pearson."""
-    p, a = _as_2d(pred, actual)
-    return pearson_per_target(_ranks(p), _ranks(a))
-
-
-def r2_per_target(pred: Any, actual: Any) -> np.ndarray:
-    """Coefficient of determination per column; NaN for a constant actual column."""
-    p, a = _as_2d(pred, actual)
-    ss_res = ((a - p) ** 2).sum(axis=0)
-    ss_tot = ((a - a.mean(axis=0)) ** 2).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r2 = 1.0 - ss_res / ss_tot
-    r2[_constant(a)] = np.nan
-    return r2
-
-
-def _nanmean(x: np.ndarray) -> float:
-    finite = x[np.isfinite(x)]
-    return float(finite.mean()) if finite.size else float("nan")
-
-
-def lds(pred: Any, actual: Any) -> float:
-    """Linear datamodeling score: mean over targets of the Spearman correlation (constant targets left out)."""
-    return _nanmean(spearman_per_target(pred, actual))
-
-
-def pearson(pred: Any, actual: Any) -> float:
-    """Mean over targets of the Pearson correlation (constant targets left out)."""
-    return _nanmean(pearson_per_target(pred, actual))
-
-
-def r2(pred: Any, actual: Any) -> float:
-    """Mean over targets of R² (constant targets left out)."""
-    return _nanmean(r2_per_target(pred, actual))
-
-
-def mse(pred: Any, actual: Any) -> float:
-    """Mean squared error over all models and targets."""
-    p, a = _as_2d(pred, actual)
-    return float(((p - a) ** 2).mean()) if p.size else float("nan")
-
-
-@dataclass
-class Scores:
-    """Every metric of one evaluation; the per-target arrays are indexed like the fitted slice."""
-
-    lds: float
-    pearson: float
-    r2: float
-    mse: float
-    n_models: int
-    n_targets: int
-    n_constant: int
-    n_constant_pred: int
-    spearman_t: np.ndarray = field(repr=False)
-    pearson_t: np.ndarray = field(repr=False)
-    r2_t: np.ndarray = field(repr=False)
-    mse_t: np.ndarray = field(repr=False)
-
-    def metrics(self) -> dict[str, float]:
-        return {"lds": self.lds, "pearson": self.pearson, "r2": self.r2, "mse": self.mse,
-                "n_heldout": self.n_models, "n_targets": self.n_targets, "n_constant_targets": self.n_constant,
-                "n_constant_predictions": self.n_constant_pred}
-
-
-def score(pred: Any, actual: Any) -> Scores:
-    """All metrics at once (see the module docstring for the conventions)."""
-    p, a = _as_2d(pred, actual)
-    sp, pe, r = spearman_per_target(p, a), pearson_per_target(p, a), r2_per_target(p, a)
-    const_a, const_p = _constant(a), _constant(p)
-    return Scores(lds=_nanmean(sp), pearson=_nanmean(pe), r2=_nanmean(r), mse=mse(p, a),
-                  n_models=int(p.shape[0]), n_targets=int(p.shape[1]), n_constant=int(const_a.sum()),
-                  n_constant_pred=int((const_p & ~const_a).sum()), spearman_t=sp, pearson_t=pe, r2_t=r,
-                  mse_t=((p - a) ** 2).mean(axis=0) if p.shape[0] else np.full(p.shape[1], np.nan))
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -423,113 +299,5 @@ def evaluate(cfg: EvaluateConfig) -> int:
     return 0
 
 
-# -- the model-budget curve ------------------------------------------------------------------------
-@dataclass
-class BudgetConfig:
-    reg_config: str = field(default="configs/reg.yaml", metadata={"help": "regression config (YAML) to start from"})
-    reg: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "overrides of the regression config, e.g. reg.data.data_path=... reg.cfg.k=20"})
-    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0], metadata={
-        "help": "fractions of data.num_train to fit on (each a separate regression)"})
-    store: str = field(default="", metadata={"help": "store of the models (default: the one the regression records)"})
-    heldout_store: str = field(default="", metadata={"help": "a second store with the held-out models (optional)"})
-    x_name: str = field(default="", metadata={"help": "mask key (default: from the regression)"})
-    y_name: str = field(default="", metadata={"help": "output key (default: from the regression)"})
-    out: str = field(default="", metadata={"help": "directory for budget.csv and budget.png (default: MLflow only)"})
-    progress: bool = field(default=False, metadata={"help": "show the regressions' progress bars"})
-
-
-def load_regress_config(path: str, overrides: dict[str, Any] | list[str]):
-    """The regression's ``RegressConfig`` from its YAML plus overrides (nested dict or dot-list tokens)."""
-    from datamodels_ml.config import load
-    from datamodels_ml.regress import RegressConfig
-
-    tokens = to_dotlist(overrides) if isinstance(overrides, dict) else list(overrides)
-    argv = ([f"config={path}"] if path else []) + tokens
-    return load(RegressConfig, argv, config_key="config")
-
-
-def budget_figure(rows: list[dict[str, Any]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xs = [r["num_models"] for r in rows]
-    ax.plot(xs, [r["lds"] for r in rows], marker="o", label="LDS (mean Spearman)")
-    ax.plot(xs, [r["pearson"] for r in rows], marker="s", ls="--", label="mean Pearson")
-    ax.set_xscale("log")
-    ax.set(xlabel="models used for the regression (train)", ylabel="correlation on held-out models",
-           title=f"model budget ({rows[-1]['n_heldout']} held-out models, {rows[-1]['n_targets']} targets)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def budget(cfg: BudgetConfig) -> int:
-    """Fit the datamodels on growing numbers of models and score each on the same held-out models."""
-    import dataclasses
-
-    from datamodels_ml import tracking
-    from datamodels_ml.regress import fit
-
-    fractions = sorted(set(float(f) for f in cfg.fractions))
-    if not fractions or any(not 0 < f <= 1 for f in fractions):
-        raise UserError(f"fractions must be in (0, 1], got {list(cfg.fractions)}")
-    base = load_regress_config(cfg.reg_config, cfg.reg)
-    full = int(base.data.num_train)
-    if full <= 0:
-        raise UserError(f"data.num_train must be a positive number of models for a budget curve, got {full}")
-    sizes = sorted(set(max(1, int(round(f * full))) for f in fractions))
-    fits: list[tuple[int, Datamodels]] = []
-    for n in sizes:
-        sub = dataclasses.replace(base, data=dataclasses.replace(base.data, num_train=n))
-        t0 = time.perf_counter()
-        print(f"budget: fitting on {n} models ...", flush=True)
-        fitted = Datamodels.from_dict(fit(sub, progress=cfg.progress, log=False), source=f"fit on {n} models")
-        print(f"budget: fitted on {n} models in {time.perf_counter() - t0:.1f} s", flush=True)
-        fits.append((n, fitted))
-    used = np.unique(np.concatenate([np.concatenate([d.indices("train_indices"), d.indices("val_indices")])
-                                     for _, d in fits]))
-    first = fits[-1][1]
-    store = cfg.store or first.store or ""
-    rows: list[dict[str, Any]] = []
-    held = None
-    for n, dm in fits:
-        held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name,
-                            y_name=cfg.y_name, source=f"the fit on {n} models", exclude=used)
-        s = score(dm.predict(held.masks), held.actual)
-        rows.append({"num_models": n, "lds": s.lds, "pearson": s.pearson, "r2": s.r2, "mse": s.mse,
-                     "n_heldout": s.n_models, "n_targets": s.n_targets})
-    print(f"{'models':>8} {'LDS':>8} {'Pearson':>8} {'R^2':>8} {'MSE':>10}   ({held.indices.size} held-out models)")
-    for r in rows:
-        print(f"{r['num_models']:>8} {r['lds']:>8.4f} {r['pearson']:>8.4f} {r['r2']:>8.4f} {r['mse']:>10.4g}")
-
-    import matplotlib.pyplot as plt
-
-    params = {"reg_config": cfg.reg_config, "fractions": fractions, "store": store,
-              "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size)}
-    params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in to_dotlist(cfg.reg)})
-    with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", params=params):
-        out = Path(cfg.out) if cfg.out else Path(tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        for r in rows:
-            tracking.log_metrics({k: r[k] for k in ("lds", "pearson", "r2", "mse")}, step=r["num_models"])
-        with open(out / "budget.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tracking.log_artifact(out / "budget.csv", "budget")
-        fig = budget_figure(rows)
-        fig.savefig(out / "budget.png", dpi=110)
-        tracking.log_figure(fig, "budget/budget.png")
-        plt.close(fig)
-    if cfg.out:
-        print(f"artifacts: {out / 'budget.csv'}, {out / 'budget.png'}")
-    return 0
-
-
 __all__ = ["lds", "pearson", "r2", "mse", "spearman_per_target", "pearson_per_target", "r2_per_target", "score",
-           "Scores", "EvaluateConfig", "evaluate", "run_evaluation", "BudgetConfig", "budget", "load_heldout"]
+           "Scores", "EvaluateConfig", "evaluate", "run_evaluation", "load_heldout"]

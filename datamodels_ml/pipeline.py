@@ -154,7 +154,7 @@ def stage_write_dataset(cfg: DemoConfig) -> StageResult:
 def regress_config(cfg: DemoConfig):
     """The regression config: the YAML, then the pipeline's paths, then the ``reg`` overrides."""
     from datamodels_ml.config import to_dotlist
-    from datamodels_ml.evaluate import load_regress_config
+    from datamodels_ml.budget import load_regress_config
 
     tokens = [f"data.data_path={cfg.beton}", f"cfg.out_dir={cfg.results}",
               f"cfg.progress={'true' if cfg.progress else 'false'}"]
