@@ -1,7 +1,7 @@
 """The ``regress`` stage: a config and a ``.beton`` in, ``datamodels.pt`` and the path metrics out.
 
-It owns the regression config (a superset of the original ``regression_config.yaml``), its
-validation, the random train/val split of the beton's rows, the batch sources handed to the solver
+It owns the validation of a config (``regress_config``) against its dataset, the random train/val
+split of the beton's rows, the batch sources handed to the solver
 (``solvers``), the loop over target blocks (sized by ``memory``, saved and resumed by ``blocks``,
 spread over ``gpus`` devices) and the MLflow record (one run; the path as metrics with
 ``step`` = 100·log10(λ_max/λ), see ``path_step``). The output directory is ``results``.
@@ -13,60 +13,17 @@ curve; ``regress(cfg)`` is the command.
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
 from datamodels_ml.provenance import fingerprint_from_beton
+from datamodels_ml.regress_config import (DataConfig, EarlyStoppingConfig, RegressConfig, SolverConfig,  # noqa: F401
+                                          check)
 from datamodels_ml.results import (FORMAT_VERSION, MANIFEST_FILE, RESULTS_FILE, config_dict, fingerprint,  # noqa: F401
                                    is_up_to_date, path_curves, summary, write_results)
-
-
-@dataclass
-class DataConfig:
-    data_path: str = field(default=MISSING, metadata={"help": "FFCV .beton written by write_dataset"})
-    num_train: int = field(default=MISSING, metadata={"help": "models used to fit the datamodels"})
-    num_val: int = field(default=MISSING, metadata={"help": "models used to pick λ per target"})
-    seed: int = field(default=0, metadata={"help": "seed of the random train/val split"})
-    target_start_ind: int = field(default=0, metadata={"help": "first target (column of y) to fit"})
-    target_end_ind: int = field(default=-1, metadata={"help": "end of the target slice, exclusive (-1: all)"})
-
-
-@dataclass
-class SolverConfig:
-    out_dir: str = field(default=MISSING, metadata={"help": "directory for datamodels.pt and the reports"})
-    k: int = field(default=100, metadata={"help": "number of λ values along the path"})
-    eps: float = field(default=1e-6, metadata={"help": "smallest λ as a fraction of λ_max, in (0, 1]"})
-    batch_size: int = field(default=2000, metadata={"help": "rows per minibatch (saga) or per read (fista)"})
-    lr: Optional[float] = field(default=None, metadata={"help": "saga step size (null: automatic)"})
-    num_workers: int = field(default=0, metadata={"help": "accepted for the original's configs; the .beton reader reads ahead in one thread, so it has no effect"})
-    use_bias: bool = field(default=True, metadata={"help": "fit an unpenalized intercept per target"})
-    method: str = field(default="fista", metadata={"help": "solver: fista (Gram matrix, screened) or saga (streams the data)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda or cuda:N"})
-    dtype: str = field(default="float32", metadata={"help": "working precision: float32 or float64"})
-    max_epochs: Optional[int] = field(default=None, metadata={"help": "cap per λ (saga epochs / fista iterations; null: solver default)"})
-    min_lambdas: int = field(default=5, metadata={"help": "λ indices always fitted before a target may stop early"})
-    refit: bool = field(default=True, metadata={"help": "refit each target at its selected λ on train+val"})
-    force: bool = field(default=False, metadata={"help": "replace the outputs of an earlier regress in out_dir (only its own files)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    target_block: int = field(default=0, metadata={"help": "targets solved at a time (0: as many as the memory holds)"})
-
-
-@dataclass
-class EarlyStoppingConfig:
-    check_every: int = field(default=3, metadata={"help": "epochs between convergence checks"})
-    eps: float = field(default=5e-11, metadata={"help": "convergence tolerance (relative, glmnet-style)"})
-
-
-@dataclass
-class RegressConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    cfg: SolverConfig = field(default_factory=SolverConfig)
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    gpus: int = field(default=0, metadata={"help": "CUDA devices to spread the target blocks over (0: cfg.device only)"})
 
 
 # -- validation and the split --------------------------------------------------------------------
@@ -103,41 +60,6 @@ def _device(name: str) -> str:
                 raise UserError(f"cfg.device={name}: there are {torch.cuda.device_count()} CUDA devices")
         return name
     raise UserError(f"cfg.device must be auto, cpu, cuda or cuda:N, got '{name}'")
-
-
-def check(cfg: RegressConfig) -> None:
-    """Validate the values that need no file (ranges, names)."""
-    c, d, es = cfg.cfg, cfg.data, cfg.early_stopping
-    if c.k < 1:
-        raise UserError(f"cfg.k must be >= 1, got {c.k}")
-    if not 0 < c.eps <= 1:
-        raise UserError(f"cfg.eps must be in (0, 1], got {c.eps}")
-    if c.batch_size < 1:
-        raise UserError(f"cfg.batch_size must be >= 1, got {c.batch_size}")
-    if c.lr is not None and not c.lr > 0:
-        raise UserError(f"cfg.lr must be > 0 (or null for automatic), got {c.lr}")
-    if c.method not in ("saga", "fista"):
-        raise UserError(f"cfg.method must be saga or fista, got '{c.method}'")
-    if c.dtype not in ("float32", "float64"):
-        raise UserError(f"cfg.dtype must be float32 or float64, got '{c.dtype}'")
-    if c.max_epochs is not None and c.max_epochs < 1:
-        raise UserError(f"cfg.max_epochs must be >= 1 (or null), got {c.max_epochs}")
-    if c.min_lambdas < 0:
-        raise UserError(f"cfg.min_lambdas must be >= 0, got {c.min_lambdas}")
-    if c.num_workers < 0:
-        raise UserError(f"cfg.num_workers must be >= 0, got {c.num_workers}")
-    if es.check_every < 1:
-        raise UserError(f"early_stopping.check_every must be >= 1, got {es.check_every}")
-    if not es.eps > 0:
-        raise UserError(f"early_stopping.eps must be > 0, got {es.eps}")
-    if d.num_train < 1:
-        raise UserError(f"data.num_train must be >= 1, got {d.num_train}")
-    if d.num_val < 1:
-        raise UserError(f"data.num_val must be >= 1 (the validation models pick λ), got {d.num_val}")
-    if c.target_block < 0:
-        raise UserError(f"cfg.target_block must be >= 0 (0: automatic), got {c.target_block}")
-    if cfg.gpus < 0:
-        raise UserError(f"gpus must be >= 0, got {cfg.gpus}")
 
 
 def _devices(cfg: RegressConfig) -> tuple[str, ...]:
