@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.store_layout import human_bytes as fmt_bytes  # one byte format for every message
 
 USABLE = 0.8  # fraction of the available memory a plan may use
 GRAM_BYTES_PER_P2 = 4.5  # float32 Gram + the refit's validation part
@@ -54,14 +55,6 @@ class MemoryPlan:
                 f"{self.n_targets} targets in {self.n_blocks} block(s) of {self.target_block} ({how}, "
                 f"{fmt_bytes(self.per_target_bytes)} per target); about {fmt_bytes(self.block_bytes)} on {where}, "
                 f"{avail} available")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def cpu_available() -> int | None:

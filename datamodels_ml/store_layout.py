@@ -93,6 +93,7 @@ def store_bytes(spec: Spec) -> int:
 
 
 def human_bytes(n: float) -> str:
+    """``4012192`` -> ``'4.0 MB'`` (powers of 1000), for every size a message shows."""
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1000 or unit == "PB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
