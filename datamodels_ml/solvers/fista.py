@@ -13,7 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["fista", "top_eig_cols", "gram_product"]
+__all__ = ["fista", "top_eig_cols", "gram_product", "duality_gap", "support_newton", "TOL", "STALL"]
+
+TOL = 1e-6  # default: relative duality gap
+STALL = 5e-11  # float32 iterates moving less than this (squared, relative) have hit the rounding floor
 
 
 def gram_product(G: Tensor, y: Tensor) -> Tensor:
@@ -40,6 +43,9 @@ def fista(
     max_iter: int,
     allowed: Tensor | None = None,
     check_every: int = 1,
+    stall: float | None = None,
+    newton_after: int = 16,
+    newton_cap: int = 64,
     on_iter: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """FISTA with per-column adaptive restart (O'Donoghue & Candès 2015).
@@ -47,11 +53,31 @@ def fista(
     Shapes: G [q,q] or [Ta,q,q] (one per column, see :func:`gram_product`), c [q,Ta], lam [Ta],
     W0 [q,Ta], nulldev [Ta], var [q] or [q,Ta], allowed [q,Ta] bool (coordinates a column may use;
     None: all), L a float or [Ta] (a Lipschitz bound per column: the step of each column, hence its
-    iterates, do not depend on the other columns). A column is converged when
-    ``max_j var_j (Δw_j)² / nulldev < tol`` over one iteration (``Δ`` the change of the iterate).
-    Returns ``(W [q,Ta], wGw [Ta], iters)`` where ``wGw ≈ w'Gw`` (from the last gradient, exact
-    at convergence; used for the training MSE without another product).
+    iterates, do not depend on the other columns).
+
+    A column is converged when the duality gap of its (restricted) problem, relative to its null
+    deviance ``D`` (``nulldev``: ``||y||²/n`` of the centred target), is below ``tol``, or when its
+    iterates stall: ``max_j var_j (Δw_j)² / D < stall`` over one iteration (the float rounding
+    floor; ``Δ`` the change of the iterate). The gap is evaluated at the extrapolated point ``y``
+    from the product ``G y`` that the iteration computes anyway, with the dual point the scaled
+    residual (``s = min(1, λ / max_j |g_j|)``, ``g = c - G y``)::
+
+        gap = ½ (1 - s)² (D - c'y) + Σ_j (λ |y_j| - ½ (1 + s²) y_j g_j)
+
+    (written so that no two large terms cancel in float32), and bounds the gap of the returned
+    iterate (a proximal gradient step from ``y`` never increases the objective).
+
+    At iterations ``newton_after``, twice that, four times that..., the columns whose support has
+    at most ``newton_cap`` features also try the exact solution on their current support and signs
+    (:func:`support_newton`); a column whose candidate passes the same gap test is finished. On
+    rank-deficient or ill-conditioned problems (fewer models than features) FISTA finds the support
+    long before it converges, so this ends most of its iterations; well-conditioned problems
+    converge before the first try and never pay for it. Returns
+    ``(W [q,Ta], wGw [Ta], iters)`` where ``wGw ≈ w'Gw`` (from the last gradient, exact at
+    convergence; used for the training MSE without another product).
     """
+    if stall is None:  # the rounding floor of the working dtype (STALL is float32's)
+        stall = STALL * (torch.finfo(c.dtype).eps / torch.finfo(torch.float32).eps) ** 2
     W = W0.clone()
     Ta = c.shape[1]
     wGw = torch.zeros(Ta, dtype=c.dtype, device=c.device)
@@ -63,13 +89,17 @@ def fista(
         W.masked_fill_(~allowed, 0)
     x, y = W.clone(), W.clone()
     t = torch.ones(Ta, dtype=c.dtype, device=c.device)
-    cs, nd = step * c, nulldev
+    cs, nd, cl, laml = step * c, nulldev, c, lam.expand(Ta)
+    out = None if allowed is None else ~allowed  # coordinates outside the restricted problem
     var = var if var.ndim == 2 else var[:, None]
     it = 0
     Gy = None
     while live.numel() > 0 and it < max_iter:
         it += 1
         Gy = gram_product(G, y)
+        check = it % check_every == 0
+        if check:  # before y is overwritten below
+            gap = duality_gap(y, Gy, cl, laml, nd, out)
         u = (y + cs).sub_(Gy * step)  # y - step * (G y - c)
         x_new = u - torch.maximum(torch.minimum(u, thr), -thr)  # soft-threshold
         d = x_new - x
@@ -81,15 +111,23 @@ def fista(
         x = x_new
         if on_iter is not None:
             on_iter(it, live.numel())
-        if it % check_every == 0:
-            crit = (d * d * var).amax(0) / nd
-            done = crit < tol
+        if check:
+            done = (gap < tol * nd) | ((d * d * var).amax(0) / nd < stall)
+            xf, Gf = x, Gy  # the iterate returned for a finished column, and its product
+            if newton_after and it >= newton_after and it & (it - 1) == 0 and not bool(done.all()):
+                acc, xc, Gc = support_newton(G, x, cl, laml, nd, out, tol=tol, cap=newton_cap, skip=done)
+                if acc is not None:
+                    xf, Gf = torch.where(acc, xc, x), torch.where(acc, Gc, Gy)
+                    done = done | acc
             if bool(done.any()):
-                W[:, live[done]] = x[:, done]
-                wGw[live[done]] = (x[:, done] * Gy[:, done]).sum(0)
+                W[:, live[done]] = xf[:, done]
+                wGw[live[done]] = (xf[:, done] * Gf[:, done]).sum(0)
                 keep = ~done
                 live, x, y, t, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gy[:, keep]
                 cs, nd, thr, step = cs[:, keep], nd[keep], thr[:, keep], step[keep]
+                cl, laml = cl[:, keep], laml[keep]
+                if out is not None:
+                    out = out[:, keep]
                 if isinstance(G, Tensor) and G.ndim == 3:
                     G = G[keep]
                 if var.shape[1] > 1:
@@ -98,6 +136,120 @@ def fista(
         W[:, live] = x
         wGw[live] = (x * gram_product(G, x)).sum(0)
     return W, wGw, it
+
+
+def support_newton(G, x: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor, out: Tensor | None, *, tol: float,
+                   cap: int, skip: Tensor, rounds: int = 3, grow: int = 16) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Finish columns exactly by an active-set method started from the support and signs of ``x``.
+
+    For each column ``t``, on a support ``A`` with signs ``s``: ``w_A = G_AA^{-1} (c_A - λ s)``
+    (batched over the columns, float64, supports padded to the largest); features whose sign
+    flips are dropped and the system solved again; then the up to ``grow`` largest KKT violators
+    outside ``A`` (``|c_j - G_j w| > λ``) join it, for ``rounds`` rounds. A candidate is accepted
+    where its duality gap is below ``tol * nulldev`` (the same test as FISTA's, so the result is
+    as exact). Columns with more than ``cap`` non-zeros, and those in ``skip``, are not tried.
+    Returns ``(accepted [Ta] bool, candidates [q, Ta], G candidates [q, Ta])``, or ``(None, x, x)``
+    when no column was tried (also for a Gram given as a product function)."""
+    if callable(G) and not isinstance(G, Tensor):
+        return None, x, x
+    a = (x != 0).sum(0)
+    sel = (a > 0) & (a <= cap) & ~skip
+    if not bool(sel.any()):
+        return None, x, x
+    cols = sel.nonzero().squeeze(1)
+    n, dev = cols.numel(), x.device
+    S = x[:, cols] != 0  # [q, n] the support
+    sgn = torch.sign(x[:, cols])
+    cs, lams, nds = c[:, cols], lam[cols], nulldev[cols]
+    outs = None if out is None else out[:, cols]
+    Gsub = G if G.ndim == 2 else G[cols]
+    tcol = torch.arange(n, device=dev)[None, :]
+    ok = torch.zeros(n, dtype=torch.bool, device=dev)
+    best = torch.zeros_like(cs)
+    Gbest = torch.zeros_like(cs)
+    todo = torch.ones(n, dtype=torch.bool, device=dev)
+    for r in range(rounds):
+        cand = _solve_on_support(G, cols, S, sgn, cs, lams, tcol, cap)
+        Gc = gram_product(Gsub, cand)
+        gap = duality_gap(cand, Gc, cs, lams, nds, outs)
+        new = todo & (gap < tol * nds)
+        best[:, new], Gbest[:, new] = cand[:, new], Gc[:, new]
+        ok |= new
+        todo &= ~new
+        if r == rounds - 1 or not bool(todo.any()):
+            break
+        g = cs - Gc
+        if outs is not None:
+            g = g.masked_fill(outs, 0)
+        viol = (g.abs() > lams * (1 + 1e-6)) & (cand == 0) & todo[None, :]
+        if not bool(viol.any()):
+            break
+        score = torch.where(viol, g.abs(), torch.zeros_like(g))
+        top = score.topk(min(grow, score.shape[0]), dim=0)
+        add = torch.zeros_like(S)
+        add.scatter_(0, top.indices, top.values > 0)
+        S = (cand != 0) | add
+        sgn = torch.where(add, torch.sign(g), torch.sign(cand))
+    accepted = torch.zeros_like(skip)
+    accepted[cols] = ok
+    full, Gfull = x.clone(), x.clone()
+    full[:, cols], Gfull[:, cols] = best, Gbest
+    return accepted, full, Gfull
+
+
+def _solve_on_support(G, cols: Tensor, S: Tensor, sgn: Tensor, c: Tensor, lam: Tensor, tcol: Tensor,
+                      cap: int, drops: int = 3) -> Tensor:
+    """``w_A = G_AA^{-1} (c_A - λ s_A)`` per column on the support ``S`` [q, n] with signs ``sgn``,
+    dropping the features whose sign flips (``drops`` times at most); zero for columns with an
+    empty, too large or singular system, or signs that still disagree."""
+    a = S.sum(0)
+    m = int(min(int(a.max()), cap))
+    q, n = S.shape
+    if m == 0:
+        return torch.zeros(q, n, dtype=c.dtype, device=c.device)
+    order = torch.sort((~S).to(torch.int8), dim=0, stable=True).indices[:m]  # support first
+    valid = torch.arange(m, device=S.device)[:, None] < a.clamp_max(m)[None, :]  # [m, n]
+    idx = torch.where(valid, order, torch.zeros_like(order))
+    if G.ndim == 2:
+        Gaa = G[idx.T[:, :, None], idx.T[:, None, :]]
+    else:
+        Gaa = G[cols[:, None, None], idx.T[:, :, None], idx.T[:, None, :]]
+    Gaa = Gaa.to(torch.float64)
+    sg = sgn[idx, tcol].to(torch.float64)
+    b = c[idx, tcol].to(torch.float64) - lam.to(torch.float64) * sg
+    for _ in range(drops):
+        off = ~valid.T
+        A = torch.where(off[:, :, None] | off[:, None, :], 0.0, Gaa) + torch.diag_embed(off.to(Gaa.dtype))
+        wa, info = torch.linalg.solve_ex(A, torch.where(valid, b, 0.0).T.unsqueeze(-1))
+        wa = wa.squeeze(-1).T  # [m, n]
+        flip = valid & ~(wa * sg > 0)
+        if not bool(flip.any()):
+            break
+        valid = valid & ~flip
+    good = (info == 0) & torch.isfinite(wa).all(0) & ((wa * sg > 0) | ~valid).all(0) & (a <= cap)
+    valid &= good[None, :]
+    out = torch.zeros(q, n, dtype=c.dtype, device=c.device)
+    out[idx[valid], tcol.expand(m, n)[valid]] = wa[valid].to(c.dtype)
+    return out
+
+
+def duality_gap(w: Tensor, Gw: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor,
+                out: Tensor | None = None) -> Tensor:
+    """Duality gap ``[Ta]`` of ``min_w 1/2 w'Gw - c'w + lam |w|_1 + D/2`` at ``w`` [q, Ta] (zero
+    where ``out`` [q, Ta] is True: those coordinates are not part of the problem), from ``G w``.
+
+    The dual point is the residual scaled into the feasible set, ``s = min(1, λ / max_j |g_j|)``
+    with ``g = c - G w``; the gap is ``½ (1-s)² (D - c'w) + Σ_j (λ|w_j| - ½ (1+s²) w_j g_j)``,
+    an upper bound of the objective's distance to its minimum.
+    """
+    g = c - Gw
+    if out is not None:
+        g.masked_fill_(out, 0)
+    gmax = g.abs().amax(0) if g.shape[0] else torch.zeros_like(lam)
+    s = torch.where(gmax > lam, lam / gmax.clamp_min(1e-30), torch.ones_like(gmax))
+    cw = (c * w).sum(0)
+    terms = (w.abs() * lam).sub_(w * g * (0.5 * (1 + s * s)))
+    return 0.5 * (1 - s) ** 2 * (nulldev - cw) + terms.sum(0)
 
 
 def top_eig_cols(

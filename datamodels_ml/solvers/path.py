@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers.fista import TOL as FISTA_TOL
 from datamodels_ml.solvers.grid import check_k_eps, lambda_grid
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
@@ -34,6 +35,7 @@ __all__ = ["LassoPath", "lasso_path", "METHODS"]
 
 Callback = Callable[[str, dict], None]
 METHODS = ("saga", "fista")
+SAGA_TOL = 5e-11  # saga's default: relative change of the iterates over one epoch
 
 
 @dataclass
@@ -102,7 +104,7 @@ def lasso_path(
     lr: float | None = None,
     max_epochs: int | None = None,
     check_every: int = 3,
-    tol: float = 5e-11,
+    tol: float | None = None,
     min_lambdas: int = 5,
     refit: bool = True,
     device: torch.device | str | None = None,
@@ -134,10 +136,13 @@ def lasso_path(
         max_epochs: cap per λ index (and for the refit): saga epochs (default 200), fista
             iterations per working set (default 5000).
         check_every: convergence test period in saga epochs (fista tests every iteration).
-        tol: convergence tolerance: target ``t`` is converged when
-            ``max_j var(z_j) * (Δw_jt)² / D_t < tol`` (saga: also the bias, with weight 1), where
-            ``Δ`` is the change over the last epoch (saga) or iteration (fista), ``var(z_j)`` is 1
-            (0 for constant features) and ``D_t`` the null deviance per row.
+        tol: convergence tolerance, per method (None: the method's default). fista (default
+            ``1e-6``): the duality gap of each path point, relative to the target's null deviance
+            per row ``D_t`` (the objective is within ``tol * D_t`` of its minimum; see
+            :func:`~datamodels_ml.solvers.fista.fista`; iterates that stall at the float rounding
+            floor also stop). saga (default ``5e-11``): target ``t`` is converged when
+            ``max_j var(z_j) * (Δw_jt)² / D_t < tol`` (also the bias, with weight 1), ``Δ`` the
+            change over the last epoch, ``var(z_j)`` 1 (0 for constant features).
         min_lambdas: early stopping is only considered from λ index ``min_lambdas`` on: a target
             stops (and its later path entries are NaN) as soon as its validation MSE exceeds the
             best one seen so far.
@@ -180,6 +185,10 @@ def lasso_path(
         raise ValueError(f"train and val have different n_targets: {train.n_targets} != {val.n_targets}")
     if max_epochs is None:
         max_epochs = 200 if method == "saga" else 5000
+    if tol is None:
+        tol = SAGA_TOL if method == "saga" else FISTA_TOL
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     if stats is None and method == "fista":
