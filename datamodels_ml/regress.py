@@ -170,7 +170,7 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
         path = lasso_path(train, val, k=c.k, eps=c.eps, method=c.method, fit_intercept=c.use_bias,
                           batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
                           check_every=cfg.early_stopping.check_every,
-                          tol=cfg.early_stopping.eps if c.method == "saga" else None,
+                          tol=None,  # the solver default (relative duality gap 1e-6); the config key is wired at the merge
                           min_lambdas=c.min_lambdas, refit=c.refit, device=p.device, dtype=p.dtype,
                           callback=bar, stats=stats)
     finally:

@@ -114,3 +114,20 @@ def test_fewer_models_than_features_matches_sklearn_with_fewer_iterations(dtype)
         F.fista.__kwdefaults__["newton_after"] = orig
     assert res.epochs < slow.epochs
     torch.testing.assert_close(res.val_mse, slow.val_mse, rtol=1e-3, atol=0, equal_nan=True)
+
+
+def test_saga_stops_on_its_table_gap_at_1e5_models():
+    # the streaming method's old rule (relative change of w over an epoch) never got below its
+    # tolerance at 10^5 float32 rows; the gap from the table stops each path point in a few epochs
+    g = torch.Generator().manual_seed(6)
+    n, p, T = 100_000, 10, 2
+    X = torch.rand(n + 2000, p, generator=g) < 0.5
+    W = torch.zeros(p, T, dtype=torch.float64)
+    W[:3] = 0.5
+    Y = ((X.double() - 0.5) / 0.5 @ W + torch.randn(n + 2000, T, generator=g, dtype=torch.float64) + 1).float()
+    kw = dict(k=4, eps=0.05, refit=False, min_lambdas=4)
+    s = lasso_path((X[:n], Y[:n]), (X[n:], Y[n:]), method="saga", batch_size=4096, max_epochs=60, **kw)
+    f = lasso_path((X[:n], Y[:n]), (X[n:], Y[n:]), method="fista", **kw)
+    assert s.epochs < 3 * 60  # three of the four points solved (the first is λ_max), none at the cap
+    torch.testing.assert_close(s.weight, f.weight, rtol=0, atol=1e-4)
+    torch.testing.assert_close(s.val_mse, f.val_mse, rtol=1e-3, atol=0)  # both within the gap tolerance

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.fista import TOL as FISTA_TOL
+from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import check_k_eps, lambda_grid
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
@@ -35,7 +35,6 @@ __all__ = ["LassoPath", "lasso_path", "METHODS"]
 
 Callback = Callable[[str, dict], None]
 METHODS = ("saga", "fista")
-SAGA_TOL = 5e-11  # saga's default: relative change of the iterates over one epoch
 
 
 @dataclass
@@ -136,13 +135,14 @@ def lasso_path(
         max_epochs: cap per λ index (and for the refit): saga epochs (default 200), fista
             iterations per working set (default 5000).
         check_every: convergence test period in saga epochs (fista tests every iteration).
-        tol: convergence tolerance, per method (None: the method's default). fista (default
-            ``1e-6``): the duality gap of each path point, relative to the target's null deviance
-            per row ``D_t`` (the objective is within ``tol * D_t`` of its minimum; see
-            :func:`~datamodels_ml.solvers.fista.fista`; iterates that stall at the float rounding
-            floor also stop). saga (default ``5e-11``): target ``t`` is converged when
-            ``max_j var(z_j) * (Δw_jt)² / D_t < tol`` (also the bias, with weight 1), ``Δ`` the
-            change over the last epoch, ``var(z_j)`` 1 (0 for constant features).
+        tol: convergence tolerance (default ``1e-6``): each path point is solved until its duality
+            gap, relative to the target's null deviance per row ``D_t``, is below ``tol`` (the
+            objective is within ``tol * D_t`` of its minimum). fista computes the gap from the
+            product it makes anyway (:func:`~datamodels_ml.solvers.fista.fista`); saga from its
+            table (:func:`~datamodels_ml.solvers.saga.table_gap`), and also requires the relative
+            change of the weights over the last epoch, ``max_j var(z_j) (Δw_jt)² / D_t``, below
+            ``tol``. Either method also stops a target whose iterates stall at the float rounding
+            floor.
         min_lambdas: early stopping is only considered from λ index ``min_lambdas`` on: a target
             stops (and its later path entries are NaN) as soon as its validation MSE exceeds the
             best one seen so far.
@@ -186,7 +186,7 @@ def lasso_path(
     if max_epochs is None:
         max_epochs = 200 if method == "saga" else 5000
     if tol is None:
-        tol = SAGA_TOL if method == "saga" else FISTA_TOL
+        tol = TOL
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if max_epochs < 1:
@@ -226,6 +226,7 @@ class _Run:
         self.lam_path = _grid(lambdas, self.lam_max, k, eps, self.T, device)
         self.nulldev = nd.clamp_min(1e-30).to(dtype)
         self.var = stats.nonconst.to(device=device, dtype=dtype)  # 1, or 0 for constant features
+        self.ybar = self.ts.ybar.to(dtype)
         self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
         self.cur_l = 0
         self.epochs = 0
@@ -312,7 +313,7 @@ class _Run:
             else:
                 if solve_idx.numel() > 0:
                     self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.nulldev[solve_idx],
-                                            var=self.var, tol=self.tol, max_epochs=self.max_epochs,
+                                            ybar=self.ybar[solve_idx], var=self.var, tol=self.tol, max_epochs=self.max_epochs,
                                             check_every=self.check_every, on_epoch=self.on_epoch)
                 W, b = saga.W, saga.b
                 tm = saga.train_mse()[idx].to(torch.float64)
@@ -394,6 +395,7 @@ class _Run:
         ybar = (nt * self.ts.ybar + nv * vs.ybar) / (nt + nv)
         yy = (nt * self.ts.yy + nv * vs.yy) / (nt + nv)
         nd = ((yy - ybar**2) if self.fit_intercept else yy).clamp_min(1e-30).to(self.dtype)
-        self.epochs += saga.run(torch.arange(self.T, device=self.device), lam, nulldev=nd, var=self.var, tol=self.tol,
+        self.epochs += saga.run(torch.arange(self.T, device=self.device), lam, nulldev=nd, ybar=ybar.to(self.dtype),
+                                var=self.var, tol=self.tol,
                                 max_epochs=self.max_epochs, check_every=self.check_every, on_epoch=self.on_epoch)
         return saga.W, saga.b
