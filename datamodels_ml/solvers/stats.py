@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers.blas import mm, syrk_upper_
+
 from datamodels_ml.solvers.sources import BatchSource
 
 __all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "moments"]
@@ -152,6 +154,8 @@ def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
     """``G += x'x`` on the upper-triangular column blocks of ``G`` (``x`` ``[b, p]``)."""
     p = x.shape[1]
     if not half:
+        if syrk_upper_(G, x):  # CPU: BLAS syrk in place (half the flops of a general product)
+            return
         for j0 in range(0, p, _BLOCK):
             j1 = min(p, j0 + _BLOCK)
             G[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
@@ -165,11 +169,13 @@ def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
 
 
 def _mirror_and_standardize(G: Tensor, n: int, mean: Tensor, inv: Tensor) -> None:
-    """Copy the upper blocks to the lower ones, then ``G = D^-1 (G / n - m m') D^-1`` in place."""
+    """Copy the upper triangle to the lower one, then ``G = D^-1 (G / n - m m') D^-1`` in place."""
     p = G.shape[0]
     for j0 in range(0, p, _BLOCK):
         j1 = min(p, j0 + _BLOCK)
         G[j0:j1, :j0] = G[:j0, j0:j1].T
+        d = G[j0:j1, j0:j1]  # the diagonal block: only its upper triangle is certain (syrk)
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
     for r0 in range(0, p, _CHUNK):
         r1 = min(p, r0 + _CHUNK)
         blk = G[r0:r1].to(torch.float64)
@@ -272,7 +278,7 @@ def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.dev
         n += x.shape[0]
         sx += x.sum(0)
         sxx += (x * x).sum(0)
-        sxy.addmm_(x.T, y)
+        sxy += mm(x.T, y)
         sy += y.sum(0)
         syy += (y * y).sum(0)
         if Y is not None:

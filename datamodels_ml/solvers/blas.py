@@ -1,0 +1,53 @@
+"""Dense products on the CPU through the BLAS that numpy and scipy ship (OpenBLAS).
+
+PyTorch's CPU build multiplies with MKL, which on the AMD CPUs measured here is 2-4x slower than
+OpenBLAS for the products the solver spends its time in (``benchmarks/bench_blas.py``): the Gram
+``X'X`` (a symmetric rank-k update, half the work of a general product) and ``G @ W``. These
+helpers take and return torch tensors, sharing their memory with numpy (no copies); on other
+devices, dtypes or layouts they fall back to torch. Set ``DATAMODELS_TORCH_BLAS=1`` to always use
+torch's (e.g. on Intel CPUs, where MKL is the faster one).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["mm", "syrk_upper_", "enabled"]
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def enabled(*ts: Tensor) -> bool:
+    """Whether the OpenBLAS path applies to these tensors (CPU, float32/float64, one dtype)."""
+    if os.environ.get("DATAMODELS_TORCH_BLAS", "") not in ("", "0"):
+        return False
+    dt = ts[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dt and dt in _NP and not t.requires_grad for t in ts)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (2-D): numpy's matmul (OpenBLAS gemm) on the CPU, torch's elsewhere."""
+    if not enabled(a, b):
+        return a @ b
+    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
+def syrk_upper_(G: Tensor, x: Tensor) -> bool:
+    """``G += x'x`` on the upper triangle of the C-contiguous ``G`` [p, p] (``x`` [b, p]), in place
+    through BLAS ``syrk``; the lower triangle is left as it was. Returns False (and does nothing)
+    when the BLAS path does not apply; the caller then uses its own product."""
+    if not enabled(G, x) or not G.is_contiguous() or G.ndim != 2 or G.shape[0] != G.shape[1]:
+        return False
+    from scipy.linalg import blas
+
+    syrk = blas.ssyrk if G.dtype == torch.float32 else blas.dsyrk
+    Gf = G.numpy().T  # Fortran view of the same memory; its lower triangle is G's upper one
+    xf = np.asfortranarray(x.numpy().T) if not x.numpy().T.flags.f_contiguous else x.numpy().T  # [p, b]
+    out = syrk(1.0, xf, beta=1.0, c=Gf, trans=0, lower=1, overwrite_c=1)
+    if not np.shares_memory(out, Gf):  # f2py copied: write back (not expected for a contiguous G)
+        Gf[...] = out
+    return True

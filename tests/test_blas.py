@@ -1,0 +1,44 @@
+"""The CPU products through OpenBLAS (datamodels_ml.solvers.blas) against torch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodels_ml.solvers import TensorBatches, feature_stats
+from datamodels_ml.solvers.blas import enabled, mm, syrk_upper_
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mm_and_syrk_match_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 40, generator=g, dtype=dtype)
+    b = torch.randn(40, 7, generator=g, dtype=dtype)
+    torch.testing.assert_close(mm(a, b), a @ b)
+    torch.testing.assert_close(mm(a.T[:, 3:20], a[3:20, :5]), a.T[:, 3:20] @ a[3:20, :5])  # strided views
+    x = (torch.rand(30, 40, generator=g) < 0.5).to(dtype)
+    G = torch.full((40, 40), 2.0, dtype=dtype)
+    assert syrk_upper_(G, x)
+    up = torch.triu(torch.ones(40, 40, dtype=torch.bool))
+    torch.testing.assert_close(G[up], (x.T @ x + 2.0)[up])
+    assert bool((G[~up] == 2.0).all())  # the lower triangle is untouched
+
+
+def test_torch_fallback_when_asked_or_not_applicable(monkeypatch):
+    x = torch.ones(3, 3)
+    assert enabled(x) and not enabled(x.to(torch.int64)) and not enabled(x, x.double())
+    monkeypatch.setenv("DATAMODELS_TORCH_BLAS", "1")
+    assert not enabled(x)
+    assert not syrk_upper_(torch.zeros(3, 3), x)
+
+
+@pytest.mark.parametrize("torch_blas", ["0", "1"])
+def test_feature_stats_gram_is_the_same_either_way(monkeypatch, torch_blas):
+    monkeypatch.setenv("DATAMODELS_TORCH_BLAS", torch_blas)
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(300, 200, generator=g) < 0.3
+    Y = torch.randn(300, 2, generator=g)
+    st = feature_stats(TensorBatches(X[:250], Y[:250], batch_size=64), TensorBatches(X[250:], Y[250:], batch_size=64))
+    Z = X[:250].double()
+    Z = (Z - Z.mean(0)) / Z.std(0, unbiased=False)
+    torch.testing.assert_close(st.gram.double(), Z.T @ Z / 250, rtol=0, atol=1e-5)
