@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.grid import check_k_eps, lambda_grid
+from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
 from datamodels_ml.solvers.sources import BatchSource, ChainedSource, as_source
@@ -34,6 +34,7 @@ __all__ = ["LassoPath", "lasso_path", "METHODS"]
 
 Callback = Callable[[str, dict], None]
 METHODS = ("saga", "fista")
+TOL_MODES = ("relative", "absolute")
 
 
 @dataclass
@@ -77,19 +78,6 @@ class LassoPath:
         return Z @ w + self.bias
 
 
-def _grid(lambdas: Tensor | None, lam_max: Tensor, k: int, eps: float, T: int, device) -> Tensor:
-    if lambdas is None:
-        return lambda_grid(lam_max, k=k, eps=eps)
-    lam_path = torch.as_tensor(lambdas, dtype=torch.float64, device=device)
-    if lam_path.ndim == 1:
-        lam_path = lam_path[:, None].expand(-1, T)
-    if lam_path.ndim != 2 or lam_path.shape[1] != T or lam_path.shape[0] < 1:
-        raise ValueError(f"lambdas must have shape [k] or [k, {T}], got {tuple(lam_path.shape)}")
-    if bool((lam_path < 0).any()):
-        raise ValueError("lambdas must be non-negative")
-    return lam_path.clone()
-
-
 def lasso_path(
     train: BatchSource | tuple[Tensor, Tensor],
     val: BatchSource | tuple[Tensor, Tensor],
@@ -111,6 +99,8 @@ def lasso_path(
     lambdas: Tensor | None = None,
     stats: FeatureStats | None = None,
     screen: bool = True,
+    grid: str = "datamodels_ml",
+    tol_mode: str = "relative",
 ) -> LassoPath:
     """Fit one lasso per target along a regularization path and select λ per target on ``val``.
 
@@ -156,12 +146,18 @@ def lasso_path(
             (None: computed here). Must come from the same rows in the same order.
         screen: fista: sequential strong rules with a KKT check (False: every feature, every
             iteration; the same solution, slower).
+        grid: ``"datamodels_ml"`` (``lambda_grid``) or ``"fast_l1"`` (the original's,
+            :func:`fast_l1_grid`: k + 1 points, the last λ = 0); ignored with ``lambdas``.
+        tol_mode: ``"relative"`` (``tol`` as above) or ``"absolute"``, fast_l1's test:
+            ``max_j std_j² (Δw_jt)² < tol`` (``std_j`` of the raw masks; saga: the bias too).
 
     Returns:
         :class:`LassoPath`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if grid not in GRIDS or tol_mode not in TOL_MODES:
+        raise ValueError(f"grid must be one of {GRIDS} and tol_mode one of {TOL_MODES}, got {grid!r}, {tol_mode!r}")
     if lambdas is None:
         check_k_eps(k, eps)
     if check_every < 1:
@@ -190,7 +186,8 @@ def lasso_path(
                          f"match the sources (n_train={train.n_rows}, n_val={val.n_rows}, p={train.n_features})")
     run = _Run(train, val, stats, k=k, eps=eps, method=method, fit_intercept=fit_intercept, bs=bs, lr=lr,
                max_epochs=max_epochs, check_every=check_every, tol=tol, min_lambdas=min_lambdas,
-               device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen)
+               device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen, grid=grid,
+               tol_mode=tol_mode)
     return run.path(refit)
 
 
@@ -198,7 +195,8 @@ class _Run:
     """The state of one lasso_path call (one target block)."""
 
     def __init__(self, train, val, stats: FeatureStats, *, k, eps, method, fit_intercept, bs, lr, max_epochs,
-                 check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen):
+                 check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen, grid="datamodels_ml",
+                 tol_mode="relative"):
         self.train, self.val = train, val
         self.method, self.fit_intercept, self.bs, self.lr = method, fit_intercept, bs, lr
         self.max_epochs, self.check_every, self.tol, self.min_lambdas = max_epochs, check_every, tol, min_lambdas
@@ -214,9 +212,13 @@ class _Run:
         self.mean64 = stats.mean.to(device)
         self.c64, nd = self.ts.quad(self.mean64, self.inv, fit_intercept)
         self.lam_max = self.c64.abs().amax(0)
-        self.lam_path = _grid(lambdas, self.lam_max, k, eps, self.T, device)
+        self.lam_path = path_grid(lambdas, self.c64, stats.std.to(device), k=k, eps=eps, grid=grid)
         self.nulldev = nd.clamp_min(1e-30).to(dtype)
         self.var = stats.nonconst.to(device=device, dtype=dtype)  # 1, or 0 for constant features
+        self.absolute = tol_mode == "absolute"
+        if self.absolute:  # fast_l1's test: max_j std_j² Δw_j² < tol, no division by the target's variance
+            self.var = self.var * stats.std.to(device=device, dtype=dtype) ** 2
+        self.crit_nd = torch.ones_like(self.nulldev) if self.absolute else self.nulldev
         self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
         self.cur_l = 0
         self.epochs = 0
@@ -292,7 +294,7 @@ class _Run:
                     s = solve_idx
                     Wi, wGw, g, e = solve_screened(
                         self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W[:, s], grad[:, s],
-                        nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
+                        nulldev=self.crit_nd[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
                         screen=self.screen, on_iter=self.on_epoch, eig=self.eig, ids=s)
                     W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
                     self.epochs += e
@@ -302,7 +304,7 @@ class _Run:
                 vm = self._val_mse_fista(W, b, idx)
             else:
                 if solve_idx.numel() > 0:
-                    self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.nulldev[solve_idx],
+                    self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.crit_nd[solve_idx],
                                             var=self.var, tol=self.tol, max_epochs=self.max_epochs,
                                             check_every=self.check_every, on_epoch=self.on_epoch)
                 W, b = saga.W, saga.b
@@ -364,6 +366,7 @@ class _Run:
         op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
         c = c64.to(self.dtype)
         grad = gradient(op, c, W0)
+        nd = torch.ones_like(nd) if self.absolute else nd
         W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
                                     var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
                                     on_iter=self.on_epoch, eig=self.eig)  # ids: all targets
@@ -385,6 +388,7 @@ class _Run:
         ybar = (nt * self.ts.ybar + nv * vs.ybar) / (nt + nv)
         yy = (nt * self.ts.yy + nv * vs.yy) / (nt + nv)
         nd = ((yy - ybar**2) if self.fit_intercept else yy).clamp_min(1e-30).to(self.dtype)
+        nd = torch.ones_like(nd) if self.absolute else nd
         self.epochs += saga.run(torch.arange(self.T, device=self.device), lam, nulldev=nd, var=self.var, tol=self.tol,
                                 max_epochs=self.max_epochs, check_every=self.check_every, on_epoch=self.on_epoch)
         return saga.W, saga.b
