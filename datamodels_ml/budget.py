@@ -34,12 +34,11 @@ class BudgetConfig:
 
 def load_regress_config(path: str, overrides: dict[str, Any] | list[str]):
     """The regression's ``RegressConfig`` from its YAML plus overrides (nested dict or dot-list tokens)."""
-    from datamodels_ml.config import load
-    from datamodels_ml.regress import RegressConfig
+    from datamodels_ml.original_config import load_config
 
     tokens = to_dotlist(overrides) if isinstance(overrides, dict) else list(overrides)
     argv = ([f"config={path}"] if path else []) + tokens
-    return load(RegressConfig, argv, config_key="config")
+    return load_config(argv, config_key="config")
 
 
 def budget_figure(rows: list[dict[str, Any]]):

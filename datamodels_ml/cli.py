@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if script_key:
             rest, script = split_script_options(schema, rest)
         tokens = apply_aliases(schema, normalize_args(rest, config_key=yaml_key))
-        cfg = load(schema, tokens, config_key=yaml_key)
+        loader = getattr(module, "load_config", None)  # regress: original configs keep the original's meaning
+        cfg = loader(tokens) if loader is not None else load(schema, tokens, config_key=yaml_key)
         if script:  # after any argv=[...] given as a key
             setattr(cfg, script_key, [*getattr(cfg, script_key), *script])
         return int(func(cfg) or 0)

@@ -1,7 +1,8 @@
 """The ``regress`` stage: a config and a ``.beton`` in, ``datamodels.pt`` and the path metrics out.
 
-It owns the validation of a config (``regress_config``) against its dataset, the random train/val
-split of the beton's rows, the batch sources handed to the solver
+It owns the validation of a config (``regress_config``; files written for the original are read
+by ``original_config``) against its dataset, the train/val split of the beton's rows (random, or
+ordered as the original's), the batch sources handed to the solver
 (``solvers``), the loop over target blocks (sized by ``memory``, saved and resumed by ``blocks``,
 spread over ``gpus`` devices) and the MLflow record (one run; the path as metrics with
 ``step`` = 100·log10(λ_max/λ), see ``path_step``). The output directory is ``results``.
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.original_config import load_config, notes  # noqa: F401  (the CLI reads configs with load_config)
 from datamodels_ml.provenance import fingerprint_from_beton
 from datamodels_ml.regress_config import (DataConfig, EarlyStoppingConfig, RegressConfig, SolverConfig,  # noqa: F401
                                           check)
@@ -95,7 +97,10 @@ def plan(cfg: RegressConfig) -> Plan:
     if not 0 <= start < end <= info.n_targets:
         raise UserError(f"target range data.target_start_ind={d.target_start_ind}, data.target_end_ind="
                         f"{d.target_end_ind} is not inside the {info.n_targets} targets of {d.data_path}")
-    order = np.random.default_rng(d.seed).permutation(info.num_rows)
+    if d.split == "ordered":  # the original's: rows 0..num_train-1 train, the next num_val validate
+        order = np.arange(info.num_rows)
+    else:
+        order = np.random.default_rng(d.seed).permutation(info.num_rows)
     devices = _devices(cfg)
     c = cfg.cfg
     memory = plan_memory(n_features=info.n_features, n_targets=end - start, n_train=d.num_train, n_val=d.num_val,
@@ -135,6 +140,16 @@ class _Progress:
         self.bar.close()
 
 
+def tolerance(cfg: RegressConfig) -> tuple[float, str]:
+    """The solver's convergence test: ``early_stopping.eps`` (the original's absolute one) for saga
+    when set, else ``cfg.tol`` (relative). fista ignores ``early_stopping.eps``: its per-iteration
+    changes are not fast_l1's per-epoch ones (``original_config.notes`` says so)."""
+    eps = cfg.early_stopping.eps
+    if eps is not None and cfg.cfg.method == "saga":
+        return float(eps), "absolute"
+    return float(cfg.cfg.tol), "relative"
+
+
 def _val_variance(source) -> Any:
     """Per-target variance of the validation outputs (the denominator of R²)."""
     import torch
@@ -158,31 +173,39 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
     import torch
 
     from datamodels_ml.dataset import BetonBatches
-    from datamodels_ml.solvers import lasso_path
+    from datamodels_ml.solvers import ChainedSource, lasso_path
 
     cfg, c = p.cfg, p.cfg.cfg
-    common = dict(batch_size=c.batch_size, num_workers=c.num_workers or (os.cpu_count() or 1), target_start=p.target_start,
+    cores = os.cpu_count() or 1
+    common = dict(batch_size=c.batch_size, num_workers=min(c.num_workers, cores) or cores, target_start=p.target_start,
                   target_end=p.target_end, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=True, seed=p.cfg.data.seed, **common)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **common)
+    tol, tol_mode = tolerance(cfg)
+    solver = dict(method=c.method, fit_intercept=c.use_bias, batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
+                  check_every=cfg.early_stopping.check_every, tol=tol, tol_mode=tol_mode, min_lambdas=c.min_lambdas,
+                  device=p.device, dtype=p.dtype, callback=bar)
+    restandardize = c.refit and c.refit_standardization == "train_val"
     start = time.perf_counter()
     try:
-        path = lasso_path(train, val, k=c.k, eps=c.eps, method=c.method, fit_intercept=c.use_bias,
-                          batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
-                          check_every=cfg.early_stopping.check_every,
-                          tol=None,  # the solver default (relative duality gap 1e-6); the config key is wired at the merge
-                          min_lambdas=c.min_lambdas, refit=c.refit, device=p.device, dtype=p.dtype,
-                          callback=bar, stats=stats)
+        path = lasso_path(train, val, k=c.k, eps=c.eps, grid=c.grid, refit=c.refit and not restandardize, stats=stats,
+                          **solver)
+        refit, epochs = path, path.epochs
+        if restandardize:  # the original's refit: train+val rows standardized with their own mean/std
+            both = ChainedSource(train, BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=True,
+                                                     seed=p.cfg.data.seed + 1, **common), seed=p.cfg.data.seed)
+            refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, **solver)
+            epochs += refit.epochs
     finally:
         bar.end_block()
     seconds = time.perf_counter() - start
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    return {"weight": cpu(path.weight).float().contiguous(), "bias": cpu(path.bias).float(),
-            "lam": cpu(path.lam).float(), "mean": cpu(path.mean).float(), "std": cpu(path.std).float(),
+    return {"weight": cpu(refit.weight).float().contiguous(), "bias": cpu(refit.bias).float(),
+            "lam": cpu(path.lam).float(), "mean": cpu(refit.mean).float(), "std": cpu(refit.std).float(),
             "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
             "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
             "best_index": cpu(path.best_index).long(), "active": cpu(path.active).to(torch.float64),
-            "val_var": _val_variance(val), "epochs": torch.tensor(int(path.epochs)),
+            "val_var": _val_variance(val), "epochs": torch.tensor(int(epochs)),
             "seconds": torch.tensor(float(seconds))}
 
 
@@ -278,7 +301,7 @@ def _log_path(result: dict[str, Any]) -> None:
     active = result["active"].numpy()
     table: dict[str, list] = {k: [] for k in ("step", "lam_ratio", "val_mse", "train_mse", "nnz", "active_fraction")}
     for i in range(len(lam_ratio)):
-        if np.isfinite(val[i]):
+        if np.isfinite(val[i]) and lam_ratio[i] > 0:  # λ = 0 (cfg.grid=fast_l1) has no place on the log scale
             row = {"val_mse": float(val[i]), "train_mse": float(train[i]), "nnz": float(nnz[i]),
                    "lam_ratio": float(lam_ratio[i]), "active_fraction": float(active[i])}
             step = path_step(lam_ratio[i])
@@ -292,7 +315,8 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = N
     """Run the solver for a validated plan, block by block, and return the datamodels dict (see ``fit``)."""
     from datamodels_ml import tracking
 
-    bar = _Progress(p.cfg.cfg.k, p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
+    c = p.cfg.cfg
+    bar = _Progress(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
     try:
         result = _result(p, _fit_blocks(p, bar, store))
     finally:
@@ -324,6 +348,8 @@ def regress(cfg: RegressConfig) -> int:
     from datamodels_ml.results import check_out_dir
 
     check(cfg)
+    for line in notes(cfg):
+        print(f"regress: {line}", file=sys.stderr)
     out = check_out_dir(cfg)
     p = plan(cfg)  # every check before MLflow starts: a refused command leaves no run behind
     print(f"regress: {cfg.data.num_train} train + {cfg.data.num_val} val models of {p.info.num_rows}, "

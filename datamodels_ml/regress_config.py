@@ -3,6 +3,9 @@
 A superset of the original ``regression_config.yaml`` (sections ``data``, ``cfg``,
 ``early_stopping``), merged as schema <- YAML <- command line by ``config.load``; unknown or missing
 keys are refused with the key's name there. ``check`` refuses out-of-range values with one line.
+A key spelled as in the original means what it means there; where we differ, the behaviour has a
+key of its own (``data.split``, ``cfg.grid``, ``cfg.refit_standardization``, ``cfg.tol``), and
+``original_config`` sets those for a file written for the original.
 """
 
 from dataclasses import dataclass, field
@@ -12,12 +15,18 @@ from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
 
 
+SPLITS = ("random", "ordered")
+GRIDS = ("datamodels_ml", "fast_l1")
+REFIT_STANDARDIZATIONS = ("train", "train_val")
+
+
 @dataclass
 class DataConfig:
     data_path: str = field(default=MISSING, metadata={"help": "FFCV .beton written by write_dataset"})
     num_train: int = field(default=MISSING, metadata={"help": "models used to fit the datamodels"})
     num_val: int = field(default=MISSING, metadata={"help": "models used to pick λ per target"})
-    seed: int = field(default=0, metadata={"help": "seed of the random train/val split"})
+    seed: int = field(default=0, metadata={"help": "seed of the random train/val split (data.split=random) and of the batch order"})
+    split: str = field(default="random", metadata={"help": "random: a seeded random train/val split; ordered: the first num_train rows, then the next num_val (the original's)"})
     target_start_ind: int = field(default=0, metadata={"help": "first target (column of y) to fit"})
     target_end_ind: int = field(default=-1, metadata={"help": "end of the target slice, exclusive (-1: all)"})
 
@@ -25,11 +34,12 @@ class DataConfig:
 @dataclass
 class SolverConfig:
     out_dir: str = field(default=MISSING, metadata={"help": "directory for datamodels.pt and the reports"})
-    k: int = field(default=100, metadata={"help": "number of λ values along the path"})
-    eps: float = field(default=1e-6, metadata={"help": "smallest λ as a fraction of λ_max, in (0, 1]"})
+    k: int = field(default=100, metadata={"help": "number of λ values along the path (cfg.grid=fast_l1: plus λ = 0)"})
+    eps: float = field(default=1e-6, metadata={"help": "grid depth in (0, 1]: the smallest λ is eps·λ_max (cfg.grid=fast_l1: λ_max·eps^((k-1)/k))"})
+    grid: str = field(default="datamodels_ml", metadata={"help": "datamodels_ml: k λ from λ_max of the standardized masks down to eps·λ_max; fast_l1: the original's (λ_max of the raw masks · eps^(i/k), i < k, then λ = 0)"})
     batch_size: int = field(default=2000, metadata={"help": "rows per minibatch (saga) or per read (fista)"})
     lr: Optional[float] = field(default=None, metadata={"help": "saga step size (null: automatic)"})
-    num_workers: int = field(default=0, metadata={"help": "accepted for the original's configs; the .beton reader reads ahead in one thread, so it has no effect"})
+    num_workers: int = field(default=0, metadata={"help": "the original's FFCV loader threads; accepted, no effect (the .beton reader reads ahead in one thread)"})
     use_bias: bool = field(default=True, metadata={"help": "fit an unpenalized intercept per target"})
     method: str = field(default="fista", metadata={"help": "solver: fista (Gram matrix, screened) or saga (streams the data)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda or cuda:N"})
@@ -37,6 +47,8 @@ class SolverConfig:
     max_epochs: Optional[int] = field(default=None, metadata={"help": "cap per λ (saga epochs / fista iterations; null: solver default)"})
     min_lambdas: int = field(default=5, metadata={"help": "λ indices always fitted before a target may stop early"})
     refit: bool = field(default=True, metadata={"help": "refit each target at its selected λ on train+val"})
+    refit_standardization: str = field(default="train", metadata={"help": "mean/std of the refit (and saved): train (the path's) or train_val (recomputed on train+val, the original's)"})
+    tol: float = field(default=1e-6, metadata={"help": "convergence tolerance: each λ is solved until its duality gap is below tol * var(y) (early_stopping.eps is the original's absolute one, saga only)"})
     force: bool = field(default=False, metadata={"help": "replace the outputs of an earlier regress in out_dir (only its own files)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     target_block: int = field(default=0, metadata={"help": "targets solved at a time (0: as many as the memory holds)"})
@@ -44,8 +56,8 @@ class SolverConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    check_every: int = field(default=3, metadata={"help": "epochs between convergence checks"})
-    eps: float = field(default=5e-11, metadata={"help": "convergence tolerance (relative, glmnet-style)"})
+    check_every: int = field(default=3, metadata={"help": "saga epochs between convergence checks"})
+    eps: Optional[float] = field(default=None, metadata={"help": "the original's absolute tolerance (saga): a λ is done when max_j std_j²·Δw_j² over an epoch < eps (null: cfg.tol)"})
 
 
 @dataclass
@@ -77,9 +89,18 @@ def check(cfg: RegressConfig) -> None:
         raise UserError(f"cfg.min_lambdas must be >= 0, got {c.min_lambdas}")
     if c.num_workers < 0:
         raise UserError(f"cfg.num_workers must be >= 0, got {c.num_workers}")
+    if d.split not in SPLITS:
+        raise UserError(f"data.split must be {' or '.join(SPLITS)}, got '{d.split}'")
+    if c.grid not in GRIDS:
+        raise UserError(f"cfg.grid must be {' or '.join(GRIDS)}, got '{c.grid}'")
+    if c.refit_standardization not in REFIT_STANDARDIZATIONS:
+        raise UserError(f"cfg.refit_standardization must be {' or '.join(REFIT_STANDARDIZATIONS)}, "
+                        f"got '{c.refit_standardization}'")
+    if not c.tol > 0:
+        raise UserError(f"cfg.tol must be > 0, got {c.tol}")
     if es.check_every < 1:
         raise UserError(f"early_stopping.check_every must be >= 1, got {es.check_every}")
-    if not es.eps > 0:
+    if es.eps is not None and not es.eps > 0:
         raise UserError(f"early_stopping.eps must be > 0, got {es.eps}")
     if d.num_train < 1:
         raise UserError(f"data.num_train must be >= 1, got {d.num_train}")

@@ -175,7 +175,7 @@ def test_fit_recovers_planted_support(planted, method, use_bias):
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={root / y_name}.beton", "cfg.out_dir=unused",
                                "data.num_train=400", "data.num_val=150", "data.target_end_ind=-1", "cfg.k=20",
                                "cfg.eps=0.001", "cfg.batch_size=50", f"cfg.method={method}", f"cfg.use_bias={use_bias}",
-                               "cfg.max_epochs=100", "early_stopping.eps=1e-8"], config_key="config")
+                               "cfg.max_epochs=100", "cfg.tol=1e-8"], config_key="config")
     dm = fit(cfg, progress=False, log=False)
     weight = dm["weight"].numpy()
     assert weight.shape == (P_SYN, T_SYN)

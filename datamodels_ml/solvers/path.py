@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.fista import TOL
-from datamodels_ml.solvers.grid import check_k_eps, lambda_grid
+from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
 from datamodels_ml.solvers.sources import BatchSource, ChainedSource, as_source
@@ -35,6 +35,7 @@ __all__ = ["LassoPath", "lasso_path", "METHODS"]
 
 Callback = Callable[[str, dict], None]
 METHODS = ("saga", "fista")
+TOL_MODES = ("relative", "absolute")
 
 
 @dataclass
@@ -78,19 +79,6 @@ class LassoPath:
         return Z @ w + self.bias
 
 
-def _grid(lambdas: Tensor | None, lam_max: Tensor, k: int, eps: float, T: int, device) -> Tensor:
-    if lambdas is None:
-        return lambda_grid(lam_max, k=k, eps=eps)
-    lam_path = torch.as_tensor(lambdas, dtype=torch.float64, device=device)
-    if lam_path.ndim == 1:
-        lam_path = lam_path[:, None].expand(-1, T)
-    if lam_path.ndim != 2 or lam_path.shape[1] != T or lam_path.shape[0] < 1:
-        raise ValueError(f"lambdas must have shape [k] or [k, {T}], got {tuple(lam_path.shape)}")
-    if bool((lam_path < 0).any()):
-        raise ValueError("lambdas must be non-negative")
-    return lam_path.clone()
-
-
 def lasso_path(
     train: BatchSource | tuple[Tensor, Tensor],
     val: BatchSource | tuple[Tensor, Tensor],
@@ -112,6 +100,8 @@ def lasso_path(
     lambdas: Tensor | None = None,
     stats: FeatureStats | None = None,
     screen: bool = True,
+    grid: str = "datamodels_ml",
+    tol_mode: str = "relative",
 ) -> LassoPath:
     """Fit one lasso per target along a regularization path and select λ per target on ``val``.
 
@@ -161,12 +151,21 @@ def lasso_path(
             (None: computed here). Must come from the same rows in the same order.
         screen: fista: sequential strong rules with a KKT check (False: every feature, every
             iteration; the same solution, slower).
+        grid: ``"datamodels_ml"`` (``lambda_grid``) or ``"fast_l1"`` (the original's,
+            :func:`fast_l1_grid`: k + 1 points, the last λ = 0); ignored with ``lambdas``.
+        tol_mode: ``"relative"`` (``tol`` as above) or ``"absolute"`` (saga only), fast_l1's
+            test: ``max_j std_j² (Δw_jt)² < tol`` over an epoch (``std_j`` of the raw masks; the
+            bias too), with no duality gap.
 
     Returns:
         :class:`LassoPath`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if grid not in GRIDS or tol_mode not in TOL_MODES:
+        raise ValueError(f"grid must be one of {GRIDS} and tol_mode one of {TOL_MODES}, got {grid!r}, {tol_mode!r}")
+    if tol_mode == "absolute" and method != "saga":
+        raise ValueError("tol_mode='absolute' (fast_l1's test on the change over an epoch) is for method='saga'")
     if lambdas is None:
         check_k_eps(k, eps)
     if check_every < 1:
@@ -199,7 +198,8 @@ def lasso_path(
                          f"match the sources (n_train={train.n_rows}, n_val={val.n_rows}, p={train.n_features})")
     run = _Run(train, val, stats, k=k, eps=eps, method=method, fit_intercept=fit_intercept, bs=bs, lr=lr,
                max_epochs=max_epochs, check_every=check_every, tol=tol, min_lambdas=min_lambdas,
-               device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen)
+               device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen, grid=grid,
+               tol_mode=tol_mode)
     return run.path(refit)
 
 
@@ -207,7 +207,8 @@ class _Run:
     """The state of one lasso_path call (one target block)."""
 
     def __init__(self, train, val, stats: FeatureStats, *, k, eps, method, fit_intercept, bs, lr, max_epochs,
-                 check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen):
+                 check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen, grid="datamodels_ml",
+                 tol_mode="relative"):
         self.train, self.val = train, val
         self.method, self.fit_intercept, self.bs, self.lr = method, fit_intercept, bs, lr
         self.max_epochs, self.check_every, self.tol, self.min_lambdas = max_epochs, check_every, tol, min_lambdas
@@ -223,10 +224,13 @@ class _Run:
         self.mean64 = stats.mean.to(device)
         self.c64, nd = self.ts.quad(self.mean64, self.inv, fit_intercept)
         self.lam_max = self.c64.abs().amax(0)
-        self.lam_path = _grid(lambdas, self.lam_max, k, eps, self.T, device)
+        self.lam_path = path_grid(lambdas, self.c64, stats.std.to(device), k=k, eps=eps, grid=grid)
         self.nulldev = nd.clamp_min(1e-30).to(dtype)
         self.var = stats.nonconst.to(device=device, dtype=dtype)  # 1, or 0 for constant features
         self.ybar = self.ts.ybar.to(dtype)
+        self.absolute = tol_mode == "absolute"
+        if self.absolute:  # fast_l1's test: max_j std_j² Δw_j² < tol, no division by the target's variance
+            self.var = self.var * stats.std.to(device=device, dtype=dtype) ** 2
         self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
         self.cur_l = 0
         self.epochs = 0
@@ -313,7 +317,8 @@ class _Run:
             else:
                 if solve_idx.numel() > 0:
                     self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.nulldev[solve_idx],
-                                            ybar=self.ybar[solve_idx], var=self.var, tol=self.tol, max_epochs=self.max_epochs,
+                                            ybar=self.ybar[solve_idx], var=self.var, tol=self.tol,
+                                            absolute=self.absolute, max_epochs=self.max_epochs,
                                             check_every=self.check_every, on_epoch=self.on_epoch)
                 W, b = saga.W, saga.b
                 tm = saga.train_mse()[idx].to(torch.float64)
@@ -396,6 +401,6 @@ class _Run:
         yy = (nt * self.ts.yy + nv * vs.yy) / (nt + nv)
         nd = ((yy - ybar**2) if self.fit_intercept else yy).clamp_min(1e-30).to(self.dtype)
         self.epochs += saga.run(torch.arange(self.T, device=self.device), lam, nulldev=nd, ybar=ybar.to(self.dtype),
-                                var=self.var, tol=self.tol,
+                                var=self.var, tol=self.tol, absolute=self.absolute,
                                 max_epochs=self.max_epochs, check_every=self.check_every, on_epoch=self.on_epoch)
         return saga.W, saga.b

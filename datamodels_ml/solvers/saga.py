@@ -86,6 +86,7 @@ class Saga:
         tol: float,
         max_epochs: int,
         check_every: int,
+        absolute: bool = False,
         stall: float | None = None,
         on_epoch: Callable[[int, int], None] | None = None,
     ) -> int:
@@ -93,7 +94,8 @@ class Saga:
         converged: its table's duality gap (:func:`table_gap`) below ``tol * nulldev`` and its
         weights' relative change over the last epoch below ``tol`` too (the table mixes the
         epoch's iterates), or that change below ``stall`` (the rounding floor; default: 5e-11 in
-        float32, scaled by the squared machine epsilon for other dtypes). Returns epochs."""
+        float32, scaled by the squared machine epsilon for other dtypes). ``absolute``: fast_l1's
+        test instead, that change (not divided by ``nulldev``) below ``tol``. Returns epochs."""
         if stall is None:
             stall = 5e-11 * (torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps) ** 2
         full = idx.numel() == self.W.shape[1]
@@ -141,9 +143,13 @@ class Saga:
                 on_epoch(epoch, live.numel())
             if check:
                 dW = W - W_prev
-                crit = torch.maximum((dW * dW * var[:, None]).amax(0), (b - b_prev) ** 2) / nd
-                gap = table_gap(W, b, R, A, a, lams, ybs, var, fit_intercept=self.fit_intercept)
-                done = ((gap < tol * nd) & (crit < tol)) | (crit < stall)
+                crit = torch.maximum((dW * dW * var[:, None]).amax(0), (b - b_prev) ** 2)
+                if absolute:
+                    done = crit < tol
+                else:
+                    crit = crit / nd
+                    gap = table_gap(W, b, R, A, a, lams, ybs, var, fit_intercept=self.fit_intercept)
+                    done = ((gap < tol * nd) & (crit < tol)) | (crit < stall)
                 if bool(done.any()):
                     # the full state is updated in place: only a subset needs writing back (no
                     # copy of the n x T table; the subsetting below copies the live columns only)
