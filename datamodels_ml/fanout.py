@@ -22,7 +22,7 @@ import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
-from datamodels_ml.fanout_local import LocalSlots, slot_environments
+from datamodels_ml.fanout_local import LocalSlots, check_gpus_visible, slot_environments
 from datamodels_ml.interrupts import Terminated, terminate_as_interrupt
 from datamodels_ml.lock import store_lock
 from datamodels_ml.spec import load_spec
@@ -205,6 +205,7 @@ def train(cfg: TrainConfig) -> int:
         raise UserError("timeout must be >= 0 seconds")
     if not (cfg.scheduler or cfg.cluster):
         slot_environments(cfg.gpus, cfg.jobs)  # wrong gpus/jobs fail before the store is touched
+        check_gpus_visible(cfg.gpus)  # the Dask back end checks its workers' GPUs instead
     elif cfg.gpus < 0:
         raise UserError("gpus must be non-negative")
     store = _open_store(cfg)
