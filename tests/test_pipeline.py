@@ -30,7 +30,7 @@ def demo_runs(tmp_path_factory):
     """The tiny demo run twice in the same directory: (cwd, first, second, seconds1, seconds2)."""
     cwd = tmp_path_factory.mktemp("demo")
     tracking_client(cwd).search_experiments()  # its own MLflow store (see test_evaluate.own_mlflow_db)
-    first, t1 = run_demo(cwd, *TINY)
+    first, t1 = run_demo(cwd, *TINY, "progress=true")  # bars into a pipe: see test_progress_in_a_pipe
     assert first.returncode == 0, f"stdout:\n{first.stdout}\nstderr:\n{first.stderr}"
     second, t2 = run_demo(cwd, *TINY)
     assert second.returncode == 0, f"stdout:\n{second.stdout}\nstderr:\n{second.stderr}"
@@ -54,6 +54,18 @@ def test_first_run_does_every_stage_and_prints_the_lds(demo_runs):
                  "data/digits/evaluate/per_target.csv", "data/digits/evaluate/scatter.png",
                  "data/digits/evaluate/digits_influence.png"):
         assert (cwd / name).is_file(), name
+
+
+def test_progress_in_a_pipe(demo_runs):
+    """Piped output gets labelled plain lines (at most one per tenth, plus one every 10 s), no \\r."""
+    _, first, _, t1, _ = demo_runs
+    assert "\r" not in first.stderr and "\r" not in first.stdout
+    labels = ("train", "write_dataset: checking rows", "write_dataset: writing rows", "regress")
+    counts = {label: len(re.findall(rf"^{label}: \d+(/\d+)? \w+s( \(\d+%\))?, \d+ s", first.stderr, re.M))
+              for label in labels}
+    assert all(1 <= c <= 11 + t1 / 10 for c in counts.values()), (counts, first.stderr)
+    assert re.search(r"^train: 60/60 models \(100%\), \d+ s, completed=60, failed=0$", first.stderr, re.M)
+    assert re.search(r"^write_dataset: writing rows: 60/60 rows \(100%\)", first.stderr, re.M), first.stderr
 
 
 def test_second_run_reuses_the_finished_stages(demo_runs):
