@@ -1,14 +1,17 @@
 """The demo pipeline end to end on configs/demo_tiny.yaml (real training, FFCV, lasso, MLflow), its
 reuse of finished stages on a second run, and the model-budget curve on the same data."""
 
+import csv
 import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import CONFIGS, cli_env, tracking_client
+from datamodels_ml.datamodel import Datamodels
 
 STAGES = ("init", "train", "write_dataset", "regress")
 
@@ -101,13 +104,29 @@ def test_budget_curve_on_the_demo_data(demo_runs):
     proc = subprocess.run([sys.executable, "-m", "datamodels_ml", *args], cwd=cwd, env=cli_env(cwd),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    rows = re.findall(r"^\s+(\d+)\s+(-?[0-9.]+|nan)\s", proc.stdout, re.M)
-    assert [int(n) for n, _ in rows] == [15, 30], proc.stdout
-    assert (cwd / "budget" / "budget.csv").read_text().splitlines()[0].startswith("num_models,lds")
+    assert "core-seconds" in proc.stdout and "note:" not in proc.stdout, proc.stdout
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([0-9.]+)\s+(-?[0-9.]+|nan)\s", proc.stdout, re.M)
+    assert [(int(n), int(used)) for n, used, _, _ in rows] == [(15, 25), (30, 40)], proc.stdout  # + 10 val
+    with open(cwd / "budget" / "budget.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0])[:4] == ["num_models", "models_used", "compute_seconds", "lds"]
+    # the compute of the full point: the recorded seconds of the demo regression's 40 models (same split)
+    client = tracking_client(cwd)
+    seconds = {}
+    for train_run in client.search_runs(["0"], filter_string="attributes.run_name = 'train'"):  # the second reused
+        children = client.search_runs(["0"], filter_string=f"tags.mlflow.parentRunId = '{train_run.info.run_id}'",
+                                      max_results=1000)
+        seconds.update({int(c.data.params["index"]): c.data.metrics["duration"] for c in children})
+    assert len(seconds) == 60
+    dm = Datamodels.load(cwd / "data/digits/reg_results/datamodels.pt")
+    expected = sum(seconds[int(i)] for i in np.union1d(dm.indices("train_indices"), dm.indices("val_indices")))
+    assert float(table[1]["compute_seconds"]) == pytest.approx(expected, rel=1e-6)
+    assert 0 < float(table[0]["compute_seconds"]) < float(table[1]["compute_seconds"])
     assert (cwd / "budget" / "budget.png").is_file()
-    run = tracking_client(cwd).search_runs(["0"], filter_string="attributes.run_name = 'budget'")[0]
-    history = tracking_client(cwd).get_metric_history(run.info.run_id, "lds")
-    assert sorted(m.step for m in history) == [15, 30]
+    run = client.search_runs(["0"], filter_string="attributes.run_name = 'budget'")[0]
+    history = client.get_metric_history(run.info.run_id, "lds")
+    assert sorted(m.step for m in history) == [25, 40]  # step: models used
+    assert run.data.params["compute_unit"] == "core-seconds"
     assert not (cwd / "unused").exists()  # fit writes no files
 
 
