@@ -85,6 +85,15 @@ def test_train_gpus_without_cuda_fails_fast(tmp_path, store_exists):
         assert not (tmp_path / "st").exists()
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the exact message of a CPU-only torch build")
+def test_demo_gpus_without_cuda_fails_before_init(tmp_path):
+    out = run_cli("demo", f"config={CONFIGS / 'demo_tiny.yaml'}", f"spec={CONFIGS / 'digits_spec.json'}",
+                  f"reg_config={CONFIGS / 'reg_tiny.yaml'}", "gpus=2", cwd=tmp_path,
+                  env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
+    assert out.returncode == 2 and out.stderr.startswith("error: gpus=2 but torch sees 0 CUDA devices"), out.stderr
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.gpu
 def test_train_on_gpu_slots(tmp_path):
     """On a CUDA machine, the whole train command with gpus=1 and two slots on that GPU."""
