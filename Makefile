@@ -34,7 +34,7 @@ SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale gpu-check ui server lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
@@ -109,6 +109,15 @@ bench-scale: setup ## regression at p=5k..30k features (long; ~10 GB at 30k) and
 
 ui: setup ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+ui-setup: setup ## optional, for ui-check: Debian's chromium (apt, as root) and the playwright package (no browser download)
+	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium >/dev/null; \
+	  else echo "error: ui-check drives /usr/bin/chromium: install Debian's chromium package as root"; exit 1; fi; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q playwright
+
+ui-check: ui-setup ## headless Chromium checks that the MLflow UI overlays two regression paths (screenshots: data/ui-check)
+	$(PY) benchmarks/ui_check.py --out data/ui-check
 
 server: setup ## MLflow tracking server: BACKEND_STORE_URI (sqlite/postgresql), ARTIFACTS_DESTINATION, SERVER_HOST/PORT
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE_URI) --artifacts-destination $(ARTIFACTS_DESTINATION) \

@@ -1,5 +1,12 @@
 """The model-budget curve: the regression refit on growing numbers of models, each fit scored on the
 same held-out models (``evaluate``), so a user sees whether training more models would pay.
+
+Each point reports what it really consumes: the models it uses (train and validation models; the
+refit reuses the same ones) and the compute they cost, the sum of each model's seconds in its slot
+as ``train`` recorded it (the ``duration`` metric of its MLflow child run: GPU-seconds on GPU slots,
+CPU-slot seconds otherwise, which are core-seconds for one-thread models such as the digits
+example). The store keeps no times, so models trained with another tracking store, or with tracking
+failures, leave the compute unknown (NaN), never guessed.
 """
 
 import csv
@@ -41,21 +48,34 @@ def load_regress_config(path: str, overrides: dict[str, Any] | list[str]):
     return load_config(argv, config_key="config")
 
 
-def budget_figure(rows: list[dict[str, Any]]):
+def consumed(dm: Datamodels, durations: dict[int, float]) -> tuple[int, float]:
+    """Models a fit uses (train and validation; the refit reuses them) and their summed slot seconds
+    (NaN when a model's time is unknown)."""
+    used = np.union1d(dm.indices("train_indices"), dm.indices("val_indices"))
+    seconds = [durations.get(int(i)) for i in used]
+    return int(used.size), (float(np.sum(seconds)) if None not in seconds else float("nan"))
+
+
+def budget_figure(rows: list[dict[str, Any]], unit: str = "core-seconds"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xs = [r["num_models"] for r in rows]
-    ax.plot(xs, [r["lds"] for r in rows], marker="o", label="LDS (mean Spearman)")
-    ax.plot(xs, [r["pearson"] for r in rows], marker="s", ls="--", label="mean Pearson")
-    ax.set_xscale("log")
-    ax.set(xlabel="models used for the regression (train)", ylabel="correlation on held-out models",
-           title=f"model budget ({rows[-1]['n_heldout']} held-out models, {rows[-1]['n_targets']} targets)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    axes_x = [("models_used", "models used (train + validation)")]
+    if all(np.isfinite(r["compute_seconds"]) for r in rows):
+        axes_x.append(("compute_seconds", f"training compute of those models ({unit})"))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6 * len(axes_x), 4.2), squeeze=False, sharey=True)
+    for ax, (key, label) in zip(axes[0], axes_x):
+        xs = [r[key] for r in rows]
+        ax.plot(xs, [r["lds"] for r in rows], marker="o", label="LDS (mean Spearman)")
+        ax.plot(xs, [r["pearson"] for r in rows], marker="s", ls="--", label="mean Pearson")
+        ax.set_xscale("log")
+        ax.set(xlabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set(ylabel="correlation on held-out models")
+    axes[0][0].legend()
+    fig.suptitle(f"model budget ({rows[-1]['n_heldout']} held-out models, {rows[-1]['n_targets']} targets)")
     fig.tight_layout()
     return fig
 
@@ -87,34 +107,40 @@ def budget(cfg: BudgetConfig) -> int:
                                      for _, d in fits]))
     first = fits[-1][1]
     store = cfg.store or first.store or ""
+    durations, gpus = tracking.model_durations(store) if store else ({}, 0)
+    unit = "GPU-seconds" if gpus else "core-seconds"
     rows: list[dict[str, Any]] = []
     held = None
     for n, dm in fits:
         held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name,
                             y_name=cfg.y_name, source=f"the fit on {n} models", exclude=used)
         s = score(dm.predict(held.masks), held.actual)
-        rows.append({"num_models": n, "lds": s.lds, "pearson": s.pearson, "r2": s.r2, "mse": s.mse,
-                     "n_heldout": s.n_models, "n_targets": s.n_targets})
-    print(f"{'models':>8} {'LDS':>8} {'Pearson':>8} {'R^2':>8} {'MSE':>10}   ({held.indices.size} held-out models)")
-    for r in rows:
-        print(f"{r['num_models']:>8} {r['lds']:>8.4f} {r['pearson']:>8.4f} {r['r2']:>8.4f} {r['mse']:>10.4g}")
+        n_used, compute = consumed(dm, durations)
+        rows.append({"num_models": n, "models_used": n_used, "compute_seconds": compute, "lds": s.lds,
+                     "pearson": s.pearson, "r2": s.r2, "mse": s.mse, "n_heldout": s.n_models, "n_targets": s.n_targets})
+    _print_table(rows, unit, int(held.indices.size))
+    missing = int(np.count_nonzero([int(i) not in durations for i in used]))
+    if missing:
+        print(f"note: no training time recorded for {missing} of the {used.size} models used (train runs on "
+              f"{store} in this MLflow store hold none for them): their compute is unknown (nan)")
 
     import matplotlib.pyplot as plt
 
     params = {"reg_config": cfg.reg_config, "fractions": fractions, "store": store,
-              "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size)}
+              "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size), "compute_unit": unit}
     params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in to_dotlist(cfg.reg)})
     with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", params=params):
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        for r in rows:
-            tracking.log_metrics({k: r[k] for k in ("lds", "pearson", "r2", "mse")}, step=r["num_models"])
+        for r in rows:  # step: the models the point consumes (train + validation)
+            keys = ("lds", "pearson", "r2", "mse", "num_models", "compute_seconds")
+            tracking.log_metrics({k: r[k] for k in keys}, step=r["models_used"])
         with open(out / "budget.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         tracking.log_artifact(out / "budget.csv", "budget")
-        fig = budget_figure(rows)
+        fig = budget_figure(rows, unit)
         fig.savefig(out / "budget.png", dpi=110)
         tracking.log_figure(fig, "budget/budget.png")
         plt.close(fig)
@@ -123,4 +149,12 @@ def budget(cfg: BudgetConfig) -> int:
     return 0
 
 
-__all__ = ["BudgetConfig", "budget", "budget_figure", "load_regress_config"]
+def _print_table(rows: list[dict[str, Any]], unit: str, n_heldout: int) -> None:
+    print(f"{'train':>7} {'used':>6} {unit:>13} {'LDS':>8} {'Pearson':>8} {'R^2':>8} {'MSE':>10}   "
+          f"({n_heldout} held-out models; used = train + validation models)")
+    for r in rows:
+        print(f"{r['num_models']:>7} {r['models_used']:>6} {r['compute_seconds']:>13.1f} {r['lds']:>8.4f} "
+              f"{r['pearson']:>8.4f} {r['r2']:>8.4f} {r['mse']:>10.4g}")
+
+
+__all__ = ["BudgetConfig", "budget", "budget_figure", "consumed", "load_regress_config"]

@@ -98,12 +98,11 @@ def _per_model(name: str, role: str, arr: np.ndarray) -> int:
 def _scan(x: np.ndarray, y: np.ndarray, rows: np.ndarray, x_name: str, chunk: int,
           progress: bool) -> np.ndarray:
     """Check the x values are 0/1 and return a boolean ``[len(rows)]``: targets all finite."""
-    from tqdm import tqdm
+    from datamodels_ml.progress import bar
 
     finite = np.ones(len(rows), dtype=bool)
     check_x = x.dtype != np.bool_
-    with tqdm(total=len(rows), desc="checking rows", unit="model", disable=not progress,
-              dynamic_ncols=True, file=sys.stderr) as bar:
+    with bar("write_dataset: checking rows", total=len(rows), unit="model", enabled=progress) as shown:
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
             if check_x:
@@ -115,7 +114,7 @@ def _scan(x: np.ndarray, y: np.ndarray, rows: np.ndarray, x_name: str, chunk: in
                                     f"but model {int(part[r])} holds {xs[r, c].item()!r} (dtype {x.dtype})")
             ys = np.asarray(y[part], dtype=np.float32).reshape(len(part), -1)
             finite[start:start + len(part)] = np.isfinite(ys).all(axis=1)
-            bar.update(len(part))
+            shown.update(len(part))
     return finite
 
 
@@ -241,15 +240,17 @@ def write_beton(store_path: str | Path, out: str | Path, *, x_name: str = "masks
     """
     select = {"completed_name": completed_name, "ignore_completed": ignore_completed, "y_slice": y_slice}
     out, inputs, keep, dropped = _prepare(store_path, out, x_name, y_name, force, chunk, progress, **select)
-    return _write(out, inputs, keep, dropped, x_name, y_name, num_workers, select)
+    return _write(out, inputs, keep, dropped, x_name, y_name, num_workers, select, progress=progress)
 
 
 def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_name: str, y_name: str,
-           num_workers: int, select: dict[str, Any]) -> dict[str, Any]:
+           num_workers: int, select: dict[str, Any], *, progress: bool) -> dict[str, Any]:
     store, x, y, completed = inputs.store, inputs.x, inputs.y, inputs.completed
     n_features, n_targets = inputs.n_features, inputs.n_targets
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import DatasetWriter
+
+    from datamodels_ml.progress import ffcv_writer_bar
 
     workers = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
     workers = min(workers, max(1, keep.size // 64))
@@ -262,7 +263,8 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(_Rows(x, y, keep), chunksize=max(1, min(100, keep.size // workers)))
+        with ffcv_writer_bar("write_dataset: writing rows", enabled=progress):
+            writer.from_indexed_dataset(_Rows(x, y, keep), chunksize=max(1, min(100, keep.size // workers)))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -301,7 +303,8 @@ def write_dataset(cfg: WriteDatasetConfig) -> int:
     params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force,
               **select}
     with tracking.run("write_dataset", params=params):
-        manifest = _write(out, inputs, keep, dropped, cfg.x_name, cfg.y_name, cfg.num_workers, select)
+        manifest = _write(out, inputs, keep, dropped, cfg.x_name, cfg.y_name, cfg.num_workers, select,
+                          progress=cfg.progress)
         tracking.log_metrics({"rows_written": manifest["num_rows"], "rows_dropped": len(manifest["dropped"])})
         small = {k: v for k, v in manifest.items() if k not in ("indices", "dropped")}
         tracking.set_tags({"indices_hash": manifest["indices_hash"]})

@@ -22,7 +22,7 @@ import numpy as np
 
 from datamodels_ml.config import MISSING
 from datamodels_ml.errors import UserError
-from datamodels_ml.fanout_local import LocalSlots, slot_environments
+from datamodels_ml.fanout_local import LocalSlots, check_gpus_visible, slot_environments
 from datamodels_ml.interrupts import Terminated, terminate_as_interrupt
 from datamodels_ml.lock import store_lock
 from datamodels_ml.spec import load_spec
@@ -149,8 +149,8 @@ class _Recorder:
         metrics = {"duration": result.duration, **result.scalars}
         self.children.add(tracking.ChildRecord(result.index, "FINISHED" if ok else "FAILED",
                                                now - int(result.duration * 1000), now, metrics, tags))
-        self.bar.update(1)
         self.bar.set_postfix(completed=self.completed, failed=len(self.failures), refresh=False)
+        self.bar.update(1)
         if time.monotonic() - self._last_metric > 2.0:
             self._last_metric = time.monotonic()
             self._log_progress()
@@ -205,6 +205,7 @@ def train(cfg: TrainConfig) -> int:
         raise UserError("timeout must be >= 0 seconds")
     if not (cfg.scheduler or cfg.cluster):
         slot_environments(cfg.gpus, cfg.jobs)  # wrong gpus/jobs fail before the store is touched
+        check_gpus_visible(cfg.gpus)  # the Dask back end checks its workers' GPUs instead
     elif cfg.gpus < 0:
         raise UserError("gpus must be non-negative")
     store = _open_store(cfg)
@@ -230,9 +231,7 @@ def _train(cfg: TrainConfig, store: Store) -> int:
 
 
 def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already: int) -> int:
-    from tqdm import tqdm
-
-    from datamodels_ml import tracking
+    from datamodels_ml import progress, tracking
 
     params = {"n": cfg.n, "gpus": cfg.gpus, "main": cfg.main, "store": cfg.store, **fan.params()}
     params.update({f"args.{k}": v for k, v in cfg.args.items()})
@@ -241,7 +240,7 @@ def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already:
     print(f"training {len(todo)} models ({already} of {cfg.n} already complete) {fan.describe()}", flush=True)
     with tracking.run("train", params=params) as parent:
         tracking.log_dict(store.spec.to_json(), SPEC_FILE)
-        bar = tqdm(total=len(todo), unit="model", disable=not cfg.progress, dynamic_ncols=True)
+        bar = progress.bar("train", total=len(todo), unit="model", enabled=cfg.progress)
         rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))
         thread = threading.Thread(target=fan.run, name="fanout", daemon=True)
         interrupted: KeyboardInterrupt | None = None

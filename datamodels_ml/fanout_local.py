@@ -36,6 +36,26 @@ def slot_environments(gpus: int, jobs: int) -> list[dict[str, str]]:
     n_slots = jobs or gpus
     return [{"CUDA_VISIBLE_DEVICES": ids[s % gpus]} for s in range(n_slots)]
 
+
+def check_gpus_visible(gpus: int) -> None:
+    """Refuse ``gpus=G`` when torch in this (the driver's) process sees fewer than G CUDA devices.
+
+    Without the check, G slots would start anyway and train on the CPU, G processes on however
+    few cores there are. Called before any store is touched; the Dask back end checks its workers'
+    GPUs instead (they are not on this machine).
+    """
+    if gpus <= 0:
+        return
+    import torch
+
+    count = torch.cuda.device_count()  # 0 with a CPU-only build, no driver or no device
+    if count >= gpus:
+        return
+    why = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+    raise UserError(f"gpus={gpus} but torch sees {count} CUDA device{'' if count == 1 else 's'}{why}: "
+                    "to train on CPU slots, drop gpus= and give jobs=N (make train JOBS=N)")
+
+
 class LocalSlots:
     """Runs indices on slots; results arrive on ``self.results``.
 

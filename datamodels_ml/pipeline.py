@@ -225,6 +225,10 @@ def demo(cfg: DemoConfig) -> int:
     rc = regress_config(cfg)  # a bad regression config fails now, not after training
     _check_outputs(cfg, rc)
     _check_split(rc.data.num_train + rc.data.num_val, max(cfg.n, _completed_count(cfg.store)))
+    from datamodels_ml.fanout_local import check_gpus_visible, slot_environments
+
+    slot_environments(cfg.gpus, cfg.jobs)  # wrong gpus/jobs fail before init creates the store
+    check_gpus_visible(cfg.gpus)
     t0 = time.perf_counter()
     stages: list[StageResult] = []
     steps: list[Callable[[DemoConfig], StageResult]] = [stage_init, stage_train, stage_write_dataset, stage_regress]

@@ -116,12 +116,12 @@ class _Progress:
     """The solver callback: a tqdm bar over epochs, shared by the target blocks."""
 
     def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool):
-        from tqdm import tqdm
+        from datamodels_ml.progress import bar
 
         self.k, self.n_targets, self.n_blocks = k, n_targets, n_blocks
         self.on_path = 1.0  # fraction of the block's targets still on the path
         self.blocks_done = 0
-        self.bar = tqdm(desc="regress", unit="epoch", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+        self.bar = bar("regress", unit="epoch", enabled=progress)
 
     def __call__(self, event: str, info: dict) -> None:
         if event == "epoch":

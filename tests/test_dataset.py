@@ -206,6 +206,7 @@ def test_write_dataset_cli_end_to_end(small_store, tmp_path):
     proc = run_cli("write_dataset", f"store={store.path}", f"out={out}", "progress=false", cwd=tmp_path, check=True)
     assert f"wrote 8 models to {out}" in proc.stdout
     assert "warning: left out 2 of 10 completed models" in proc.stderr
+    assert "\r" not in proc.stderr and "%|" not in proc.stderr  # progress=false silences FFCV's bar too
     x, y, idx = read_beton(out)
     assert idx.tolist() == _expected_indices()
     np.testing.assert_array_equal(x, np.stack([rows[i]["masks"] for i in _expected_indices()]))

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import CONFIGS, cli_env, run_cli
 from datamodels_ml.errors import UserError
-from datamodels_ml.fanout import slot_environments
+from datamodels_ml.fanout import LocalSlots, slot_environments
+from datamodels_ml.spec import load_spec
+from datamodels_ml.store import create_store
 
 SPEC = str(CONFIGS / "minimal_spec.json")
 WHICH_GPU = str(Path(__file__).parent / "mains" / "which_gpu.py")
@@ -39,20 +42,65 @@ def test_slot_environments_needs_enough_visible_devices(monkeypatch):
         slot_environments(2, 0)
 
 
-def test_each_gpu_slot_sees_only_its_gpu(tmp_path):
+def test_each_gpu_slot_sees_only_its_gpu(tmp_path, monkeypatch):
+    """The local back end as train runs it after its checks: each slot process sees its own GPU id
+    (no CUDA is used, so this runs without GPUs; train itself refuses gpus= here, see below)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # all GPUs "visible": slots get 0 and 1
+    store = create_store(tmp_path / "st", load_spec(SPEC))
+    job = {"store": str(store.path), "main": WHICH_GPU, "args": {}, "argv": []}
+    slots = LocalSlots(job, slot_environments(2, 4), list(range(24)), None)
+    assert slots.describe() == "on 4 GPU slots"
+    slots.run()
+    results = [slots.results.get_nowait() for _ in range(25)]
+    assert results[-1] == ("done", "") and slots.fatal is None
+    assert sorted(r.index for r in results[:-1] if r.status == "completed") == list(range(24))
+    seen = np.load(tmp_path / "st" / "index.npy")[:24]  # rows are written by the runners (not committed)
+    assert set(seen.tolist()) == {0, 1}
+
+
+def test_train_refuses_gpus_it_cannot_see(tmp_path):
     out = run_cli("train", "store=st", f"spec={SPEC}", f"main={WHICH_GPU}", "n=24", "gpus=2", "jobs=4",
                   "progress=false", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""}, check=False)
     # an empty CUDA_VISIBLE_DEVICES lists no device: refused with one message
     assert out.returncode == 2 and "gpus=2 but CUDA_VISIBLE_DEVICES lists only 0 devices" in out.stderr
-    env = cli_env(tmp_path)
-    env.pop("CUDA_VISIBLE_DEVICES", None)  # all GPUs "visible": slots get 0 and 1
-    proc = subprocess.run([sys.executable, "-m", "datamodels_ml", "train", "store=st", f"spec={SPEC}",
-                           f"main={WHICH_GPU}", "n=24", "gpus=2", "jobs=4", "progress=false"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "on 4 GPU slots" in proc.stdout
-    seen = np.load(tmp_path / "st" / "index.npy")[:24]
-    assert set(seen.tolist()) <= {0, 1} and {0, 1} <= set(seen.tolist())
+    assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the exact message of a CPU-only torch build")
+@pytest.mark.parametrize("store_exists", [False, True])
+def test_train_gpus_without_cuda_fails_fast(tmp_path, store_exists):
+    """`make train GPUS=8` on a machine without CUDA: one line naming jobs=, before any store is touched."""
+    if store_exists:
+        run_cli("init", f"spec={SPEC}", "store=st", cwd=tmp_path, check=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()} if store_exists else None
+    out = run_cli("train", "store=st", f"spec={SPEC}", "main=datamodels_ml.examples.minimal", "n=4", "gpus=8",
+                  cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(8)))}, check=False)
+    assert out.returncode == 2
+    assert out.stderr == ("error: gpus=8 but torch sees 0 CUDA devices (this torch is a CPU-only build): "
+                          "to train on CPU slots, drop gpus= and give jobs=N (make train JOBS=N)\n")
+    assert out.stdout == ""
+    if store_exists:
+        assert {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()} == before
+    else:
+        assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the exact message of a CPU-only torch build")
+def test_demo_gpus_without_cuda_fails_before_init(tmp_path):
+    out = run_cli("demo", f"config={CONFIGS / 'demo_tiny.yaml'}", f"spec={CONFIGS / 'digits_spec.json'}",
+                  f"reg_config={CONFIGS / 'reg_tiny.yaml'}", "gpus=2", cwd=tmp_path,
+                  env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
+    assert out.returncode == 2 and out.stderr.startswith("error: gpus=2 but torch sees 0 CUDA devices"), out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.gpu
+def test_train_on_gpu_slots(tmp_path):
+    """On a CUDA machine, the whole train command with gpus=1 and two slots on that GPU."""
+    out = run_cli("train", "store=st", f"spec={SPEC}", f"main={WHICH_GPU}", "n=8", "gpus=1", "jobs=2",
+                  "progress=false", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "0"}, check=True)
+    assert "on 2 GPU slots" in out.stdout
+    assert set(np.load(tmp_path / "st" / "index.npy")[:8].tolist()) == {0}
 
 
 def _free_port() -> int:

@@ -1,14 +1,17 @@
 """The demo pipeline end to end on configs/demo_tiny.yaml (real training, FFCV, lasso, MLflow), its
 reuse of finished stages on a second run, and the model-budget curve on the same data."""
 
+import csv
 import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import CONFIGS, cli_env, tracking_client
+from datamodels_ml.datamodel import Datamodels
 
 STAGES = ("init", "train", "write_dataset", "regress")
 
@@ -30,7 +33,7 @@ def demo_runs(tmp_path_factory):
     """The tiny demo run twice in the same directory: (cwd, first, second, seconds1, seconds2)."""
     cwd = tmp_path_factory.mktemp("demo")
     tracking_client(cwd).search_experiments()  # its own MLflow store (see test_evaluate.own_mlflow_db)
-    first, t1 = run_demo(cwd, *TINY)
+    first, t1 = run_demo(cwd, *TINY, "progress=true")  # bars into a pipe: see test_progress_in_a_pipe
     assert first.returncode == 0, f"stdout:\n{first.stdout}\nstderr:\n{first.stderr}"
     second, t2 = run_demo(cwd, *TINY)
     assert second.returncode == 0, f"stdout:\n{second.stdout}\nstderr:\n{second.stderr}"
@@ -54,6 +57,18 @@ def test_first_run_does_every_stage_and_prints_the_lds(demo_runs):
                  "data/digits/evaluate/per_target.csv", "data/digits/evaluate/scatter.png",
                  "data/digits/evaluate/digits_influence.png"):
         assert (cwd / name).is_file(), name
+
+
+def test_progress_in_a_pipe(demo_runs):
+    """Piped output gets labelled plain lines (at most one per tenth, plus one every 10 s), no \\r."""
+    _, first, _, t1, _ = demo_runs
+    assert "\r" not in first.stderr and "\r" not in first.stdout
+    labels = ("train", "write_dataset: checking rows", "write_dataset: writing rows", "regress")
+    counts = {label: len(re.findall(rf"^{label}: \d+(/\d+)? \w+s( \(\d+%\))?, \d+ s", first.stderr, re.M))
+              for label in labels}
+    assert all(1 <= c <= 11 + t1 / 10 for c in counts.values()), (counts, first.stderr)
+    assert re.search(r"^train: 60/60 models \(100%\), \d+ s, completed=60, failed=0$", first.stderr, re.M)
+    assert re.search(r"^write_dataset: writing rows: 60/60 rows \(100%\)", first.stderr, re.M), first.stderr
 
 
 def test_second_run_reuses_the_finished_stages(demo_runs):
@@ -89,13 +104,29 @@ def test_budget_curve_on_the_demo_data(demo_runs):
     proc = subprocess.run([sys.executable, "-m", "datamodels_ml", *args], cwd=cwd, env=cli_env(cwd),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    rows = re.findall(r"^\s+(\d+)\s+(-?[0-9.]+|nan)\s", proc.stdout, re.M)
-    assert [int(n) for n, _ in rows] == [15, 30], proc.stdout
-    assert (cwd / "budget" / "budget.csv").read_text().splitlines()[0].startswith("num_models,lds")
+    assert "core-seconds" in proc.stdout and "note:" not in proc.stdout, proc.stdout
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([0-9.]+)\s+(-?[0-9.]+|nan)\s", proc.stdout, re.M)
+    assert [(int(n), int(used)) for n, used, _, _ in rows] == [(15, 25), (30, 40)], proc.stdout  # + 10 val
+    with open(cwd / "budget" / "budget.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0])[:4] == ["num_models", "models_used", "compute_seconds", "lds"]
+    # the compute of the full point: the recorded seconds of the demo regression's 40 models (same split)
+    client = tracking_client(cwd)
+    seconds = {}
+    for train_run in client.search_runs(["0"], filter_string="attributes.run_name = 'train'"):  # the second reused
+        children = client.search_runs(["0"], filter_string=f"tags.mlflow.parentRunId = '{train_run.info.run_id}'",
+                                      max_results=1000)
+        seconds.update({int(c.data.params["index"]): c.data.metrics["duration"] for c in children})
+    assert len(seconds) == 60
+    dm = Datamodels.load(cwd / "data/digits/reg_results/datamodels.pt")
+    expected = sum(seconds[int(i)] for i in np.union1d(dm.indices("train_indices"), dm.indices("val_indices")))
+    assert float(table[1]["compute_seconds"]) == pytest.approx(expected, rel=1e-6)
+    assert 0 < float(table[0]["compute_seconds"]) < float(table[1]["compute_seconds"])
     assert (cwd / "budget" / "budget.png").is_file()
-    run = tracking_client(cwd).search_runs(["0"], filter_string="attributes.run_name = 'budget'")[0]
-    history = tracking_client(cwd).get_metric_history(run.info.run_id, "lds")
-    assert sorted(m.step for m in history) == [15, 30]
+    run = client.search_runs(["0"], filter_string="attributes.run_name = 'budget'")[0]
+    history = client.get_metric_history(run.info.run_id, "lds")
+    assert sorted(m.step for m in history) == [25, 40]  # step: models used
+    assert run.data.params["compute_unit"] == "core-seconds"
     assert not (cwd / "unused").exists()  # fit writes no files
 
 

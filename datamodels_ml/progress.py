@@ -1,0 +1,114 @@
+"""Progress output, the one place that decides how it looks: every bar of the package is made here.
+
+On a terminal a bar is tqdm's, labelled with the stage it counts ("train", "regress", ...). When the
+stream is not a terminal (a piped log, CI, ``mlflow run`` output) carriage-return refreshes would
+pile up as thousands of lines in one, so the bar prints a plain labelled line instead, each time
+another tenth of the total is done or ``LineBar.INTERVAL`` seconds have passed since the last one,
+and a last line when it closes. FFCV's writer makes its own tqdm bar; ``ffcv_writer_bar`` swaps it
+for one of ours while a .beton is written (labelled, and silent with ``progress=false``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from typing import Any, Iterator, TextIO
+
+
+def _interactive(file: TextIO) -> bool:
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def bar(label: str, *, total: int | None = None, unit: str = "item", enabled: bool = True,
+        file: TextIO | None = None) -> Any:
+    """A progress bar for ``label``: tqdm on a terminal, ``LineBar`` otherwise (on stderr by default).
+
+    Both take ``update(n)``, ``set_postfix(**values, refresh=...)``, ``set_postfix_str(text, refresh=...)``,
+    ``close()`` and ``with``.
+    """
+    file = sys.stderr if file is None else file
+    if enabled and _interactive(file):
+        from tqdm import tqdm
+
+        return tqdm(desc=label, total=total, unit=unit, dynamic_ncols=True, file=file)
+    return LineBar(label, total=total, unit=unit, enabled=enabled, file=file)
+
+
+class LineBar:
+    """Progress as plain lines for logs: ``label: 150/1500 models (10%), 12 s, completed=150, failed=0``."""
+
+    INTERVAL = 10.0  # seconds between lines when the count moves slowly
+    STEP = 0.1  # or one line per tenth of the total
+
+    def __init__(self, label: str, *, total: int | None, unit: str, enabled: bool, file: TextIO):
+        self.label, self.total, self.unit, self.enabled, self.file = label, total, unit, enabled, file
+        self.n = 0
+        self.postfix = ""
+        self._start = self._last = time.monotonic()
+        self._next_step = 1  # the next tenth of the total that prints a line
+        self._printed_n = 0
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        due = now - self._last >= self.INTERVAL
+        if self.total:
+            reached = int(self.n / self.total / self.STEP + 1e-9)
+            if reached >= self._next_step:
+                self._next_step = reached + 1
+                due = self.n < self.total or due  # the 100% line is close()'s
+        if due:
+            self._print(now)
+
+    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **values: Any) -> None:
+        values = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = str(text)
+
+    def _print(self, now: float) -> None:
+        self._last = now
+        self._printed_n = self.n
+        count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        pct = f" ({self.n / self.total:.0%})" if self.total else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.label}: {count} {self.unit}s{pct}, {now - self._start:.0f} s{extra}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.enabled and (self.n != self._printed_n or self.n == 0):
+            self._print(time.monotonic())
+
+    def __enter__(self) -> LineBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_FFCV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def ffcv_writer_bar(label: str, *, enabled: bool = True) -> Iterator[None]:
+    """While FFCV's ``DatasetWriter`` writes, its bar (``tqdm(total=rows)`` in ``ffcv.writer``) is ours."""
+    import ffcv.writer
+
+    with _FFCV_LOCK:
+        original = ffcv.writer.tqdm
+        ffcv.writer.tqdm = lambda total=None, **_: bar(label, total=total, unit="row", enabled=enabled)
+        try:
+            yield
+        finally:
+            ffcv.writer.tqdm = original
