@@ -1,8 +1,9 @@
 """Dense products on the CPU through the BLAS that numpy and scipy ship (OpenBLAS).
 
-PyTorch's CPU build multiplies with MKL, which on the AMD CPUs measured here is 2-4x slower than
-OpenBLAS for the products the solver spends its time in (``benchmarks/bench_blas.py``): the Gram
-``X'X`` (a symmetric rank-k update, half the work of a general product) and ``G @ W``. These
+PyTorch's CPU build multiplies with MKL, which on the AMD CPU measured here is slower than
+OpenBLAS for the products the solver spends its time in (``benchmarks/bench_blas.py``, 2 cores):
+the Gram ``X'X`` (a symmetric rank-k update, half the work of a general product) 2.4x and
+``G @ W`` 2.0x (1.5x and 1.3x with this machine's ``OPENBLAS_CORETYPE=Haswell``). These
 helpers take and return torch tensors, sharing their memory with numpy (no copies); on other
 devices, dtypes or layouts they fall back to torch. Set ``DATAMODELS_TORCH_BLAS=1`` to always use
 torch's (e.g. on Intel CPUs, where MKL is the faster one).
