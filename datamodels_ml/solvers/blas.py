@@ -3,7 +3,12 @@
 PyTorch's CPU build multiplies with MKL, which on the AMD CPU measured here is slower than
 OpenBLAS for the products the solver spends its time in (``benchmarks/bench_blas.py``, 2 cores):
 the Gram ``X'X`` (a symmetric rank-k update, half the work of a general product) 2.4x and
-``G @ W`` 2.0x (1.5x and 1.3x with this machine's ``OPENBLAS_CORETYPE=Haswell``). These
+``G @ W`` 2.0x (1.5x and 1.3x with this machine's ``OPENBLAS_CORETYPE=Haswell``).
+
+Used where the BLAS calls come in long runs: the Gram's accumulation (``syrk_upper_``) and
+``X'Y`` (``mm``) in the statistics pass. FISTA's iterations keep torch's products: there each
+product is followed by torch's elementwise work, and alternating the two thread pools (both spin
+while they wait) made a path up to 10x slower on a loaded 2-core machine. These
 helpers take and return torch tensors, sharing their memory with numpy (no copies); on other
 devices, dtypes or layouts they fall back to torch. Set ``DATAMODELS_TORCH_BLAS=1`` to always use
 torch's (e.g. on Intel CPUs, where MKL is the faster one).

@@ -13,8 +13,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm
-
 __all__ = ["fista", "top_eig_cols", "gram_product", "duality_gap", "support_newton", "TOL", "STALL"]
 
 TOL = 1e-6  # default: relative duality gap
@@ -28,7 +26,7 @@ def gram_product(G: Tensor, y: Tensor) -> Tensor:
     if callable(G) and not isinstance(G, Tensor):
         return G(y)
     if G.ndim == 2:
-        return mm(G, y)
+        return G @ y
     return torch.bmm(G, y.T.unsqueeze(2)).squeeze(2).T
 
 

@@ -24,7 +24,6 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm
 from datamodels_ml.solvers.fista import fista, top_eig_cols
 from datamodels_ml.solvers.stats import FeatureStats
 
@@ -89,7 +88,7 @@ class RefitGram:
     def _product(self, y: Tensor) -> Tensor:
         """``G_all y`` for ``y`` [p, T]: ``p² T + 2 n_val p T`` flops, no ``p x p`` temporary."""
         st = self.stats
-        out = mm(st.gram.to(self.dtype), y).mul_(st.n_train / self.N)
+        out = (st.gram.to(self.dtype) @ y).mul_(st.n_train / self.N)
         zy = torch.zeros(st.n_val, y.shape[1], dtype=self.dtype, device=y.device)
         for s in range(0, self.n_features, 4 * _ROWS):
             zy.addmm_(st.z_val(slice(s, s + 4 * _ROWS), self.dtype), y[s : s + 4 * _ROWS])
@@ -141,7 +140,7 @@ def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
     A = (W != 0).any(1).nonzero().squeeze(1)
     for s in range(0, A.numel(), _ROWS):
         a = A[s : s + _ROWS]
-        out += mm(G.index_select(0, a).to(dtype).T, W[a])
+        out.addmm_(G.index_select(0, a).to(dtype).T, W[a])
     return out
 
 
