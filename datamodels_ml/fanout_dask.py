@@ -21,8 +21,10 @@ work); rows it had committed stay complete and a rerun trains the missing indice
 GPUs: with ``gpus=G`` (G > 0) every task asks for the worker resource ``{"GPU": 1}``, so a worker
 started with ``--resources GPU=1`` runs one model at a time per GPU; ``PinGPU`` gives each worker
 process of a multi-GPU job its own ``CUDA_VISIBLE_DEVICES``. A per-model ``timeout`` records the model
-failed and frees its task slot, but Dask cannot kill a thread: a hung main keeps running in its
-worker process until it returns.
+failed; since a thread cannot be killed, the driver then restarts that worker process through its
+nanny (``Client.restart_workers``), which stops the hung main and frees its CPU or GPU (Dask
+reschedules the worker's other tasks). A worker started without a nanny cannot be restarted: the
+model's error says so and the hung main runs on.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
-from distributed import WorkerPlugin
+from distributed import WorkerPlugin, get_worker
 
 from datamodels_ml.errors import UserError
 from datamodels_ml.store import RowError, Store
@@ -80,7 +82,8 @@ def _to_numpy(outputs: Any) -> Any:
 
 
 def _call(fn: Callable[..., Any], kwargs: dict[str, Any], timeout: float | None) -> Any:
-    """``fn(**kwargs)``; with a timeout in a daemon thread that is abandoned (not killed) when late."""
+    """``fn(**kwargs)``; with a timeout in a daemon thread, abandoned when late (a thread cannot be
+    killed: the driver restarts the worker process, see :meth:`DaskFanout._stop_hung`)."""
     if not timeout:
         return fn(**kwargs)
     box: dict[str, Any] = {}
@@ -95,8 +98,7 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any], timeout: float | None)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise TimeoutError(f"timed out after {timeout:g} s (the hung main keeps running in its Dask worker "
-                           "process: Dask cannot kill a thread)")
+        raise TimeoutError(f"timed out after {timeout:g} s")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -114,7 +116,12 @@ def train_task(job: dict[str, Any], index: int, timeout: float | None = None) ->
         logdir.mkdir(parents=True, exist_ok=True)
         outputs = _to_numpy(_call(fn, dict(job["args"], index=index, logdir=str(logdir)), timeout))
     except TimeoutError as exc:
-        return {"index": index, "status": "failed", "duration": time.perf_counter() - start, "error": str(exc)}
+        try:
+            worker = get_worker().address
+        except ValueError:  # not in a worker (tests calling the task directly)
+            worker = None
+        return {"index": index, "status": "failed", "duration": time.perf_counter() - start, "error": str(exc),
+                "hung_worker": worker}
     except BaseException:  # noqa: BLE001 - a failing main (sys.exit included) is recorded, never fatal
         return {"index": index, "status": "failed", "duration": time.perf_counter() - start,
                 "error": traceback.format_exc()}
@@ -157,6 +164,7 @@ class DaskFanout:
         self.job = dict(job, main=_resolve_main(job["main"]), store=str(Path(job["store"]).resolve()))
         self.todo = list(todo)
         self.timeout = timeout
+        self._hung: dict[int, str] = {}  # index -> the worker whose thread still runs its main
         self.gpus = gpus
         self.results: queue.Queue[ModelResult | tuple[str, str]] = queue.Queue()
         self.fatal: str | None = None
@@ -243,7 +251,9 @@ class DaskFanout:
                 if self.stop.is_set():
                     break
                 result = self._absorb(future, index)
-                future.release()
+                future.release()  # before a restart below: a key still wanted would be computed again
+                if result is not None and result.status == "failed" and result.error.startswith("timed out"):
+                    result.error += self._stop_hung(self._hung.pop(index, None))
                 if result is None:
                     self.kill_all()
                     break
@@ -274,6 +284,8 @@ class DaskFanout:
             self.stop.set()
             return None
         if out["status"] != "completed":
+            if out.get("hung_worker"):
+                self._hung[index] = out["hung_worker"]
             return ModelResult(index, "failed", out["duration"], error=out["error"])
         try:
             rows = self.store.write_data(index, out["outputs"])
@@ -283,6 +295,21 @@ class DaskFanout:
             return ModelResult(index, "failed", out["duration"], error=traceback.format_exc())
         return ModelResult(index, "completed", out["duration"], scalars=scalar_outputs(self.store, rows),
                            nonfinite=nonfinite_keys(rows))
+
+    def _stop_hung(self, worker: str | None) -> str:
+        """Restart (through its nanny) the worker whose model timed out: the only way to stop the
+        hung main, which would otherwise hold the worker's CPU or GPU. Its other tasks, if any,
+        are rescheduled by Dask. Returns what to add to the model's error."""
+        if worker is None:
+            return ""
+        try:
+            status = self.client.restart_workers([worker], timeout=120, raise_for_error=False).get(worker, "?")
+        except Exception as exc:  # noqa: BLE001 - e.g. a worker without a nanny
+            status = f"{type(exc).__name__}: {exc}"
+        if status == "OK":
+            return f"; its Dask worker {worker} was restarted to stop the hung main"
+        return (f"; its Dask worker {worker} could not be restarted ({status}; workers need a nanny): "
+                "the hung main keeps running there")
 
     def kill_all(self) -> None:
         """Cancel every task not finished yet (one that runs finishes on its worker; its result is dropped)."""

@@ -248,3 +248,30 @@ def test_train_with_a_cluster_yaml_starts_scales_and_closes_the_cluster(store, t
     assert "(LocalCluster from cluster.yaml; " in proc.stdout
     assert "train: 3 completed, 0 failed, 0 not run (3/3 complete" in proc.stdout
     check_rows(store, 3)
+
+
+def test_a_model_past_its_timeout_gets_its_worker_restarted_by_the_nanny(store, tmp_path):
+    # a thread cannot be killed: the driver restarts the worker process that runs the hung main
+    (tmp_path / "nanny").mkdir()
+    cluster = LocalDask(tmp_path / "nanny")
+    try:
+        log = open(cluster.folder / "n0.log", "w")
+        cluster.workers["n0"] = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.address, "--name", "n0", "--nworkers", "1",
+             "--nthreads", "1", "--no-dashboard"], cwd=cluster.folder, env=cluster.env, stdout=log,
+            stderr=subprocess.STDOUT)
+        wait_for(lambda: "Registered to" in (cluster.folder / "n0.log").read_text(), "worker n0")
+        proc = run_cli(*train_args(4, cluster.address, "args.hang=2", "timeout=5"), cwd=tmp_path)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "train: 3 completed, 1 failed" in proc.stdout
+        failures = (store / "_failures.json").read_text()
+        assert "timed out after 5 s; its Dask worker tcp://127.0.0.1:" in failures
+        assert "was restarted to stop the hung main" in failures
+        pid = int((store / "hang.pid").read_text().split()[0])
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(),
+                 "the hung worker process to end", timeout=60)
+        assert calls(store).count(2) == 1  # released before the restart: not computed again
+        done = np.load(store / "_completed.npy")
+        assert done[[0, 1, 3]].all() and not done[2]
+    finally:
+        cluster.close()
