@@ -17,7 +17,7 @@ T / N (it solves targets independently); the output says so, and compares the MS
 Prints the ratio sklearn time / our time at (reported) validation MSE, and each side's peak memory
 (ru_maxrss of its process; on CUDA also torch.cuda.max_memory_allocated). Asserts nothing.
 
-Usage: python benchmarks/bench_regression.py [--quick] [--device cuda] [--methods fista,saga]
+Usage: python benchmarks/bench_regression.py [--quick] [--device cuda] [--methods fista,saga] [--truth sparse]
                                              [--threads N] [--targets-baseline N]
 """
 
@@ -32,7 +32,7 @@ import _common  # noqa: F401 - puts the repository on sys.path
 from _common import gb, in_child, peak_rss_bytes, solver_lasso_path
 
 
-def make_problem(n: int, p: int, T: int, seed: int = 0, noise: float = 1.0):
+def make_problem(n: int, p: int, T: int, seed: int = 0, noise: float = 1.0, truth: str = "dense"):
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -40,7 +40,14 @@ def make_problem(n: int, p: int, T: int, seed: int = 0, noise: float = 1.0):
     X = torch.rand(n, p, generator=g) < 0.5
     Xf = X.double()
     Z = (Xf - Xf.mean(0)) / Xf.std(0, unbiased=False)
-    # heavy-tailed big weights on a few features + many small ones (datamodel-like)
+    if truth == "sparse":  # 1% of the features matter (heavy-tailed weights), the rest are exactly 0
+        W = torch.zeros(p, T, dtype=torch.float64)
+        m = max(5, p // 100)
+        for t in range(T):
+            j = torch.randperm(p, generator=g)[:m]
+            W[j, t] = torch.distributions.StudentT(2.0).sample((m,)).double() * 0.1
+        return X, (Z @ W + noise * torch.randn(n, T, generator=g, dtype=torch.float64) + 2.0).float()
+    # dense: heavy-tailed big weights on a few features + many small ones on every feature
     W = 0.01 * torch.randn(p, T, generator=g, dtype=torch.float64)
     for t in range(T):
         j = torch.randperm(p, generator=g)[:10]
@@ -50,7 +57,7 @@ def make_problem(n: int, p: int, T: int, seed: int = 0, noise: float = 1.0):
 
 
 def _split(size, n_val):
-    X, Y = make_problem(*size)
+    X, Y = make_problem(*size[:3], truth=size[3] if len(size) > 3 else "dense")
     n = size[0]
     return X[: n - n_val], Y[: n - n_val], X[n - n_val:], Y[n - n_val:]
 
@@ -117,6 +124,9 @@ def main() -> None:
     ap.add_argument("--size", default="",
                     help="N_MODELS,FEATURES,TARGETS,N_VAL (default 4000,1000,300,400; issue 8's target: 20000,5000,200,4000)")
     ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--truth", choices=("dense", "sparse"), default="dense",
+                    help="true weights: dense (every feature 0.01 N(0,1) plus 10 heavy ones per target) or "
+                         "sparse (1%% of the features, heavy-tailed; the rest 0)")
     args = ap.parse_args()
     k, eps = args.k, 1e-3
     if args.quick:
@@ -125,8 +135,9 @@ def main() -> None:
         n, p, T, n_val = (int(v) for v in args.size.split(","))
     else:
         n, p, T, n_val = 4000, 1000, 300, 400
-    size = (n, p, T)
-    print(f"problem: {n - n_val} train / {n_val} val models, {p} features, {T} targets, k={k}, eps={eps}; "
+    size = (n, p, T, args.truth)
+    print(f"problem: {n - n_val} train / {n_val} val models, {p} features, {T} targets ({args.truth} truth), "
+          f"k={k}, eps={eps}; "
           f"device {args.device}, threads {args.threads or 'default'}")
 
     ours = {}
