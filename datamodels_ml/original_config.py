@@ -37,7 +37,7 @@ ORIGINAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
     "cfg.grid": ("fast_l1", "λ_max of the raw masks · cfg.eps^(i/cfg.k), i = 0..k-1, then λ = 0"),
     "cfg.refit_standardization": ("train_val", "the refit standardizes with the mean/std of train+val"),
     "cfg.min_lambdas": (8, "no target leaves the path before 10 λ (fast_l1's, counting λ = 0)"),
-    "cfg.relax": (True, "the relaxed lasso: each target's weights blended with least squares on their support, "
+    "cfg.relax": ("true", "the relaxed lasso: each target's weights blended with least squares on their support, "
                   "φ picked with λ on the validation rows (fast_l1's loose stops between the λ = 0 fit and the "
                   "lasso undo part of its shrinkage too)"),
 }

@@ -167,7 +167,7 @@ def test_the_original_cifar_config_runs_unchanged_with_its_meaning(data):
     config = original_config(root, "cifar")
     proc = run_cli("regress", "-C", str(config), cwd=root, check=True)
     for line in ("holds only the original's keys", "data.split=ordered", "cfg.grid=fast_l1",
-                 "cfg.refit_standardization=train_val", "cfg.relax=True: the relaxed lasso",
+                 "cfg.refit_standardization=train_val", "cfg.relax=true: the relaxed lasso",
                  "cfg.lr=0.0001 is the saga step size",
                  "early_stopping.eps=0.5 is fast_l1's absolute test"):
         assert line in proc.stderr, proc.stderr
