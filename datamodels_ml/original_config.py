@@ -100,6 +100,9 @@ def notes(cfg) -> list[str]:
     if c.method == "fista" and es.eps is not None:
         lines.append(f"early_stopping.eps={es.eps} is fast_l1's absolute test per saga epoch; cfg.method=fista "
                      f"solves each λ to cfg.tol={c.tol} (relative) instead (cfg.method=saga uses it)")
+    if c.method == "saga" and c.relax:
+        lines.append("cfg.relax=true (the relaxed lasso) needs the Gram of cfg.method=fista; cfg.method=saga fits the "
+                     "lasso alone")
     cores = os.cpu_count() or 1
     if c.num_workers > cores:
         lines.append(f"cfg.num_workers={c.num_workers} is more than the {cores} CPU cores here: clamped to {cores} "

@@ -186,18 +186,21 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
     solver = dict(method=c.method, fit_intercept=c.use_bias, batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
                   check_every=cfg.early_stopping.check_every, tol=tol, tol_mode=tol_mode, min_lambdas=c.min_lambdas,
                   device=p.device, dtype=p.dtype, callback=bar)
-    restandardize = c.refit and c.refit_standardization == "train_val"
+    # the original's refit (train+val rows, their own mean/std): fista forms its Gram from the
+    # training one in the same call; saga streams both sources in a second call
+    restandardize = c.refit and c.refit_standardization == "train_val" and c.method == "saga"
+    in_call = c.refit_standardization if c.method == "fista" else "train"
     relax = c.relax and c.method == "fista"  # notes() says that saga does not relax
     start = time.perf_counter()
     try:
         path = lasso_path(train, val, k=c.k, eps=c.eps, grid=c.grid, refit=c.refit and not restandardize, stats=stats,
-                          relax=PHIS if relax else (), **solver)
+                          relax=PHIS if relax else (), refit_standardization=in_call if c.refit else "train",
+                          **solver)
         refit, epochs = path, path.epochs
         if restandardize:  # the original's refit: train+val rows standardized with their own mean/std
             both = ChainedSource(train, BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=True,
                                                      seed=p.cfg.data.seed + 1, **common), seed=p.cfg.data.seed)
-            refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, phi=path.phi if relax else None,
-                               support=(path.weight != 0) if relax else None, **solver)
+            refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, **solver)
             epochs += refit.epochs
     finally:
         bar.end_block()

@@ -27,6 +27,7 @@ from torch import Tensor
 from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
 from datamodels_ml.solvers.relax import blend, choose_phi, support_ls
+from datamodels_ml.solvers.restandardize import train_val_problem
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
 from datamodels_ml.solvers.sources import BatchSource, ChainedSource, as_source
@@ -111,6 +112,7 @@ def lasso_path(
     relax: tuple[float, ...] | list[float] = (),
     phi: Tensor | None = None,
     support: Tensor | None = None,
+    refit_standardization: str = "train",
 ) -> LassoPath:
     """Fit one lasso per target along a regularization path and select λ per target on ``val``.
 
@@ -177,6 +179,10 @@ def lasso_path(
             call that refits on other rows); not with ``relax``.
         support: with ``phi``: ``[p, T]`` bool, the features of the least-squares part (default:
             the support of the final lasso weights).
+        refit_standardization: fista: ``"train"`` (the refit keeps the train mean/std) or
+            ``"train_val"`` (the original's: train+val rows standardized with their own mean/std,
+            returned as ``mean``/``std``; the Gram formed from the training one,
+            :mod:`~datamodels_ml.solvers.restandardize`).
 
     Returns:
         :class:`LassoPath`.
@@ -194,6 +200,11 @@ def lasso_path(
         raise ValueError("give relax (a grid of φ to select from) or phi (fixed), not both")
     if any(not 0 <= f <= 1 for f in relax):
         raise ValueError(f"relax: every φ must be in [0, 1], got {relax}")
+    if refit_standardization not in ("train", "train_val"):
+        raise ValueError(f"refit_standardization must be 'train' or 'train_val', got {refit_standardization!r}")
+    if refit_standardization == "train_val" and method != "fista":
+        raise ValueError("refit_standardization='train_val' in lasso_path is for method='fista' (saga: refit with a "
+                         "second call on the train+val source)")
     if lambdas is None:
         check_k_eps(k, eps)
     if check_every < 1:
@@ -228,6 +239,7 @@ def lasso_path(
                max_epochs=max_epochs, check_every=check_every, tol=tol, min_lambdas=min_lambdas,
                device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen, grid=grid,
                tol_mode=tol_mode, relax=relax, phi=phi, support=support)
+    run.restandardize = refit_standardization == "train_val"
     return run.path(refit)
 
 
@@ -242,6 +254,8 @@ class _Run:
         self.max_epochs, self.check_every, self.tol, self.min_lambdas = max_epochs, check_every, tol, min_lambdas
         self.device, self.dtype, self.callback, self.screen = device, dtype, callback, screen
         self.T = train.n_targets
+        self.restandardize = False  # the refit's standardization: train+val's own (fista)
+        self.out_mean = self.out_std = None  # set by a restandardized refit
         self.relax = relax
         self.phi = None if phi is None else phi.to(device=device, dtype=torch.float64).expand(train.n_targets)
         self.support = None if support is None else support.to(device)
@@ -420,8 +434,9 @@ class _Run:
             bias = torch.zeros_like(bias)
         return LassoPath(weight=weight, bias=bias, lam=lam_sel, lam_path=lam_path, best_index=best_index,
                          val_mse=val_mse_t, train_mse=train_mse, nnz=nnz, active=active_frac,
-                         mean=self.stats.mean.to(device=self.device, dtype=dtype),
-                         std=self.stats.std.to(device=self.device, dtype=dtype), epochs=int(self.epochs),
+                         mean=(self.stats.mean if self.out_mean is None else self.out_mean).to(device=device, dtype=dtype),
+                         std=(self.stats.std if self.out_std is None else self.out_std).to(device=device, dtype=dtype),
+                         epochs=int(self.epochs),
                          phi=(self.phi if self.phi is not None else torch.zeros(T, dtype=torch.float64, device=device)),
                          relax_val_mse=sel_mse)
 
@@ -434,15 +449,22 @@ class _Run:
         N = nt + nv
         ts, vs = self.ts, self.vs
         m, inv = self.mean64, self.inv
-        zty = (nt * ts.zty(m, inv) + nv * vs.zty(m, inv)) / N
-        zbar = (nt * ts.zbar(m, inv) + nv * vs.zbar(m, inv)) / N
-        ybar = (nt * ts.ybar + nv * vs.ybar) / N
-        yy = (nt * ts.yy + nv * vs.yy) / N
-        if self.fit_intercept:
-            c64, nd = zty - zbar[:, None] * ybar[None, :], (yy - ybar**2).clamp_min(0)
+        if self.restandardize:  # train+val's own mean/std: z̄ = 0; the weights to that scale
+            op, c64, nd, ybar, self.out_mean, self.out_std = train_val_problem(
+                self.stats, ts, vs, fit_intercept=self.fit_intercept, dtype=self.dtype)
+            zbar = torch.zeros_like(m)
+            W0 = W0 * (self.out_std / self.stats.std).to(W0.dtype)[:, None]
+            W0 = W0 * (op.r != 0)[:, None]  # features constant on train start at 0 (their r is 0)
         else:
-            c64, nd = zty, yy
-        op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
+            zty = (nt * ts.zty(m, inv) + nv * vs.zty(m, inv)) / N
+            zbar = (nt * ts.zbar(m, inv) + nv * vs.zbar(m, inv)) / N
+            ybar = (nt * ts.ybar + nv * vs.ybar) / N
+            yy = (nt * ts.yy + nv * vs.yy) / N
+            if self.fit_intercept:
+                c64, nd = zty - zbar[:, None] * ybar[None, :], (yy - ybar**2).clamp_min(0)
+            else:
+                c64, nd = zty, yy
+            op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
         c = c64.to(self.dtype)
         grad = gradient(op, c, W0)
         W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
