@@ -265,3 +265,13 @@ def test_absolute_tolerance_is_in_the_units_of_y():
 
     assert epochs(1.0, "relative") == epochs(16.0, "relative")  # a power of two: exact
     assert epochs(1.0, "absolute") < epochs(16.0, "absolute")
+
+
+def test_relax_under_saga_is_noted(data):
+    from datamodels_ml.original_config import notes
+
+    root, *_ = data
+    cfg = load_config([f"config={original_config(root, 'saga')}", "cfg.method=saga"], quiet=True)
+    assert cfg.cfg.relax is True
+    assert "cfg.relax=true (the relaxed lasso) needs the Gram of cfg.method=fista; cfg.method=saga fits the lasso " \
+           "alone" in notes(cfg)

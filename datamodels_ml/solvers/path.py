@@ -56,7 +56,8 @@ class LassoPath:
             i.e. each row's residual at its last visit - exact at convergence.)
         nnz: ``[k, T]`` number of non-zero coefficients (float); NaN likewise.
         active: ``[k]`` fraction of targets still on the path at each λ index.
-        mean, std: ``[p]`` standardization statistics (training rows).
+        mean, std: ``[p]`` standardization statistics (training rows; train+val rows after a refit
+            with ``refit_standardization="train_val"``).
         epochs: saga: total passes over the data by the solver (path + refit, excluding the
             set-up passes); fista: total iterations (over all working sets).
         phi: ``[T]`` the relaxed lasso's blend of each target (``relax``/``phi``; zeros without).
@@ -238,8 +239,8 @@ def lasso_path(
     run = _Run(train, val, stats, k=k, eps=eps, method=method, fit_intercept=fit_intercept, bs=bs, lr=lr,
                max_epochs=max_epochs, check_every=check_every, tol=tol, min_lambdas=min_lambdas,
                device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen, grid=grid,
-               tol_mode=tol_mode, relax=relax, phi=phi, support=support)
-    run.restandardize = refit_standardization == "train_val"
+               tol_mode=tol_mode, relax=relax, phi=phi, support=support,
+               restandardize=refit_standardization == "train_val")
     return run.path(refit)
 
 
@@ -248,13 +249,13 @@ class _Run:
 
     def __init__(self, train, val, stats: FeatureStats, *, k, eps, method, fit_intercept, bs, lr, max_epochs,
                  check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen, grid="datamodels_ml",
-                 tol_mode="relative", relax=(), phi=None, support=None):
+                 tol_mode="relative", relax=(), phi=None, support=None, restandardize=False):
         self.train, self.val = train, val
         self.method, self.fit_intercept, self.bs, self.lr = method, fit_intercept, bs, lr
         self.max_epochs, self.check_every, self.tol, self.min_lambdas = max_epochs, check_every, tol, min_lambdas
         self.device, self.dtype, self.callback, self.screen = device, dtype, callback, screen
         self.T = train.n_targets
-        self.restandardize = False  # the refit's standardization: train+val's own (fista)
+        self.restandardize = restandardize  # the refit's standardization: train+val's own (fista)
         self.out_mean = self.out_std = None  # set by a restandardized refit
         self.relax = relax
         self.phi = None if phi is None else phi.to(device=device, dtype=torch.float64).expand(train.n_targets)
