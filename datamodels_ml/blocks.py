@@ -31,7 +31,7 @@ KILL_AFTER_ENV = "DATAMODELS_ML_KILL_AFTER_BLOCKS"
 _NAME = re.compile(r"^(\d+)-(\d+)\.pt$")
 # keys of a block that hold one value per target (dim 0 for [T], dim 1 for [k, T] and [p, T])
 PER_TARGET = {"weight": 1, "bias": 0, "lam": 0, "lam_path": 1, "best_index": 0, "val_mse": 1, "train_mse": 1,
-              "nnz": 1, "val_var": 0}
+              "nnz": 1, "val_var": 0, "phi": 0, "relax_val_mse": 1}
 SHARED = ("mean", "std")  # the same in every block (statistics of the training rows)
 
 
@@ -134,7 +134,8 @@ def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     sizes = [int(b["bias"].shape[0]) for b in blocks]
-    out = {key: torch.cat([b[key] for b in blocks], dim=dim) for key, dim in PER_TARGET.items()}
+    out = {key: torch.cat([b[key] for b in blocks], dim=dim) for key, dim in PER_TARGET.items()
+           if all(key in b for b in blocks)}  # phi/relax_val_mse: not in blocks saved before cfg.relax
     out.update({key: blocks[0][key] for key in SHARED})
     # fraction of targets still on the path at each λ index: weighted by the block sizes
     out["active"] = sum(b["active"].double() * n for b, n in zip(blocks, sizes)) / max(1, sum(sizes))

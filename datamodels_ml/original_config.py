@@ -4,7 +4,7 @@ A config file whose keys are all keys of the original ``regression_config.yaml``
 is an *original config*. ``load_config`` reads it as the original does: the original's defaults for
 the original keys it leaves out, and the original's behaviour for the points that have a key of
 ours (``ORIGINAL_BEHAVIOUR``: the ordered split, fast_l1's grid, the refit's standardization, the
-path's patience), one line on stderr per setting; a ``key=value`` on the command line still wins.
+path's patience, the relaxed lasso that stands for fast_l1's loose stops), one line on stderr per setting; a ``key=value`` on the command line still wins.
 Any other config (one with a key of ours) is read as written. ``notes`` names the settings of any
 config that this run cannot honour as written (fast_l1's SAGA settings under fista, more loader
 threads than cores). Keys spelled as in the original always mean what they mean there.
@@ -37,6 +37,9 @@ ORIGINAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
     "cfg.grid": ("fast_l1", "λ_max of the raw masks · cfg.eps^(i/cfg.k), i = 0..k-1, then λ = 0"),
     "cfg.refit_standardization": ("train_val", "the refit standardizes with the mean/std of train+val"),
     "cfg.min_lambdas": (8, "no target leaves the path before 10 λ (fast_l1's, counting λ = 0)"),
+    "cfg.relax": ("true", "the relaxed lasso: each target's weights blended with least squares on their support, "
+                  "φ picked with λ on the validation rows (fast_l1's loose stops between the λ = 0 fit and the "
+                  "lasso undo part of its shrinkage too)"),
 }
 
 
@@ -97,6 +100,9 @@ def notes(cfg) -> list[str]:
     if c.method == "fista" and es.eps is not None:
         lines.append(f"early_stopping.eps={es.eps} is fast_l1's absolute test per saga epoch; cfg.method=fista "
                      f"solves each λ to cfg.tol={c.tol} (relative) instead (cfg.method=saga uses it)")
+    if c.method == "saga" and c.relax:
+        lines.append("cfg.relax=true (the relaxed lasso) needs the Gram of cfg.method=fista; cfg.method=saga fits the "
+                     "lasso alone")
     cores = os.cpu_count() or 1
     if c.num_workers > cores:
         lines.append(f"cfg.num_workers={c.num_workers} is more than the {cores} CPU cores here: clamped to {cores} "

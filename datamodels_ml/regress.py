@@ -174,6 +174,7 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
 
     from datamodels_ml.dataset import BetonBatches
     from datamodels_ml.solvers import ChainedSource, lasso_path
+    from datamodels_ml.solvers.relax import PHIS
 
     cfg, c = p.cfg, p.cfg.cfg
     cores = os.cpu_count() or 1
@@ -185,10 +186,15 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
     solver = dict(method=c.method, fit_intercept=c.use_bias, batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
                   check_every=cfg.early_stopping.check_every, tol=tol, tol_mode=tol_mode, min_lambdas=c.min_lambdas,
                   device=p.device, dtype=p.dtype, callback=bar)
-    restandardize = c.refit and c.refit_standardization == "train_val"
+    # the original's refit (train+val rows, their own mean/std): fista forms its Gram from the
+    # training one in the same call; saga streams both sources in a second call
+    restandardize = c.refit and c.refit_standardization == "train_val" and c.method == "saga"
+    in_call = c.refit_standardization if c.method == "fista" else "train"
+    relax = c.relax and c.method == "fista"  # notes() says that saga does not relax
     start = time.perf_counter()
     try:
         path = lasso_path(train, val, k=c.k, eps=c.eps, grid=c.grid, refit=c.refit and not restandardize, stats=stats,
+                          relax=PHIS if relax else (), refit_standardization=in_call if c.refit else "train",
                           **solver)
         refit, epochs = path, path.epochs
         if restandardize:  # the original's refit: train+val rows standardized with their own mean/std
@@ -205,6 +211,7 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
             "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
             "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
             "best_index": cpu(path.best_index).long(), "active": cpu(path.active).to(torch.float64),
+            "phi": cpu(path.phi).float(), "relax_val_mse": cpu(path.relax_val_mse).to(torch.float64),
             "val_var": _val_variance(val), "epochs": torch.tensor(int(epochs)),
             "seconds": torch.tensor(float(seconds))}
 
@@ -256,6 +263,7 @@ def _result(p: Plan, merged: dict[str, Any]) -> dict[str, Any]:
 
     val_var = merged["val_var"].numpy()
     val_mse, best_index, lam_path = merged["val_mse"], merged["best_index"], merged["lam_path"]
+    val_mse = merged.get("relax_val_mse", val_mse)  # the selected (λ, φ)'s: the lasso's without cfg.relax
     best_val = val_mse.gather(0, best_index[None]).squeeze(0).numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = np.where(val_var > 0, 1.0 - best_val / val_var, np.nan)
@@ -263,6 +271,8 @@ def _result(p: Plan, merged: dict[str, Any]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         **{key: merged[key] for key in ("weight", "bias", "lam", "mean", "std", "lam_path")},
+        "phi": merged.get("phi", torch.zeros_like(merged["lam"])),
+        "relax_val_mse": val_mse,
         "lam_ratio": (lam_path / lam_path[0].clamp_min(1e-300)),
         **{key: merged[key] for key in ("val_mse", "train_mse", "nnz", "best_index", "active")},
         "val_r2": torch.from_numpy(r2),
@@ -331,7 +341,8 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
 
     Keys: ``weight`` [p, T] float32 on the standardized scale, ``bias``/``lam`` [T], ``mean``/``std``
     [p] (predict = ((x - mean) / std) @ weight + bias), ``lam_path``/``val_mse``/``train_mse``/``nnz``
-    [k, T], ``best_index`` [T], ``train_indices``/``val_indices`` (store indices), ``target_start``/
+    [k, T], ``best_index`` [T], ``phi`` [T] (the relaxed lasso's blend, 0 without ``cfg.relax``) and ``relax_val_mse``
+    [k, T] (the validation MSE of the best blend at each λ, the selection's; ``val_mse`` without), ``train_indices``/``val_indices`` (store indices), ``target_start``/
     ``target_end``, ``x_name``/``y_name``/``store`` (from the beton's manifest, else None),
     ``data_path``, ``config``, ``format_version``; plus ``val_r2``, ``best_val_mse``, ``lam_ratio``,
     ``active``, ``epochs``, ``fit_seconds``. With ``log`` and an active MLflow run, the path is logged

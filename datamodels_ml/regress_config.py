@@ -4,7 +4,8 @@ A superset of the original ``regression_config.yaml`` (sections ``data``, ``cfg`
 ``early_stopping``), merged as schema <- YAML <- command line by ``config.load``; unknown or missing
 keys are refused with the key's name there. ``check`` refuses out-of-range values with one line.
 A key spelled as in the original means what it means there; where we differ, the behaviour has a
-key of its own (``data.split``, ``cfg.grid``, ``cfg.refit_standardization``, ``cfg.tol``), and
+key of its own (``data.split``, ``cfg.grid``, ``cfg.refit_standardization``, ``cfg.tol``,
+``cfg.relax``), and
 ``original_config`` sets those for a file written for the original.
 """
 
@@ -47,6 +48,7 @@ class SolverConfig:
     max_epochs: Optional[int] = field(default=None, metadata={"help": "cap per λ (saga epochs / fista iterations; null: solver default)"})
     min_lambdas: int = field(default=5, metadata={"help": "λ indices always fitted before a target may stop early"})
     refit: bool = field(default=True, metadata={"help": "refit each target at its selected λ on train+val"})
+    relax: bool = field(default=False, metadata={"help": "fista: the relaxed lasso: blend each target's weights with least squares on their support, (1-φ)·w + φ·w_LS, φ in {0, .25, .5, .75, 1} picked with λ on the validation models (also applied to the refit)"})
     refit_standardization: str = field(default="train", metadata={"help": "mean/std of the refit (and saved): train (the path's) or train_val (recomputed on train+val, the original's)"})
     tol: float = field(default=1e-6, metadata={"help": "convergence tolerance: each λ is solved until its duality gap is below tol * var(y) (early_stopping.eps is the original's absolute one, saga only)"})
     force: bool = field(default=False, metadata={"help": "replace the outputs of an earlier regress in out_dir (only its own files)"})

@@ -6,7 +6,9 @@ re-implemented below in numpy: fast_l1's SAGA path as the original runs it (``fa
 lasso problems it stands for, solved exactly (``original_lasso``): the first num_train rows train and
 the next num_val validate; λ_max on the raw masks; the grid λ = 0, λ_max·eps^(i/k); features
 standardized by the training rows; λ picked on validation; the refit on train+val, standardized by
-their own mean/std. ``regress`` must fit at least as well on fresh masks (noise-free truth).
+their own mean/std. ``regress`` must fit at least as well on fresh masks (noise-free truth): with
+the relaxed lasso (``cfg.relax``, on for an original config) whatever fast_l1's settings, and, read
+without it, as well as the exact lasso.
 """
 
 import os
@@ -165,7 +167,8 @@ def test_the_original_cifar_config_runs_unchanged_with_its_meaning(data):
     config = original_config(root, "cifar")
     proc = run_cli("regress", "-C", str(config), cwd=root, check=True)
     for line in ("holds only the original's keys", "data.split=ordered", "cfg.grid=fast_l1",
-                 "cfg.refit_standardization=train_val", "cfg.lr=0.0001 is the saga step size",
+                 "cfg.refit_standardization=train_val", "cfg.relax=true: the relaxed lasso",
+                 "cfg.lr=0.0001 is the saga step size",
                  "early_stopping.eps=0.5 is fast_l1's absolute test"):
         assert line in proc.stderr, proc.stderr
     if (os.cpu_count() or 1) < 8:
@@ -180,8 +183,31 @@ def test_the_original_cifar_config_runs_unchanged_with_its_meaning(data):
     both = x[:NUM_TRAIN + NUM_VAL].astype(np.float64)
     np.testing.assert_allclose(result["mean"].numpy(), both.mean(0), rtol=1e-5)
     np.testing.assert_allclose(result["std"].numpy(), both.std(0), rtol=1e-5)
+    # the relaxed lasso refitted on train+val (their own mean/std): where φ = 1, least squares on
+    # the support selected on the training rows
+    ya = y[:NUM_TRAIN + NUM_VAL].astype(np.float64)
+    z = (both - both.mean(0)) / both.std(0)
+    for t in np.flatnonzero(result["phi"].numpy() == 1):
+        support = np.flatnonzero(result["weight"][:, t].numpy())
+        ols = LinearRegression().fit(z[:, support], ya[:, t])
+        np.testing.assert_allclose(result["weight"][support, t].numpy(), ols.coef_, rtol=1e-3, atol=1e-4)
+
+
+# fast_l1's settings: the CIFAR example's (each λ stops after 3 epochs at step 1e-4) and the original's
+# defaults (fast_l1 close to converged, started from the λ = 0 fit: weights between the lasso's and
+# least squares', which the exact lasso alone loses to on this sparse, low-noise problem)
+@pytest.mark.parametrize("name, settings", [("cifar", dict(lr=1e-4, tol=0.5, check_every=3)),
+                                            ("defaults", dict(lr=0.01, tol=1e-5, check_every=2))])
+def test_an_original_config_fits_at_least_as_well_as_fast_l1(data, name, settings):
+    root, x, y, _, fresh, truth = data
+    config = original_config(root, f"vs_{name}", early_stopping={"check_every": settings["check_every"],
+                                                                 "eps": settings["tol"]},
+                             cfg={"k": K, "batch_size": 10, "lr": settings["lr"], "eps": EPS, "out_dir": "unused",
+                                  "num_workers": 8})
+    result = fit(load_config([f"config={config}"], quiet=True), progress=False, log=False)
+    assert result["phi"].numpy().max() > 0  # relaxed
     mine = heldout_mse(ours(result), fresh, truth)
-    reference = heldout_mse(fast_l1_fit(x, y, lr=1e-4, tol=0.5, check_every=3), fresh, truth)
+    reference = heldout_mse(fast_l1_fit(x, y, **settings), fresh, truth)
     assert mine <= reference, (mine, reference)
 
 
@@ -189,7 +215,7 @@ def test_an_original_config_fits_the_lasso_it_means(data):
     root, x, y, _, fresh, truth = data
     config = original_config(root, "defaults", cfg={"k": K, "batch_size": 10, "eps": EPS, "out_dir": "unused"},
                              early_stopping={})
-    result = fit(load_config([f"config={config}"], quiet=True), progress=False, log=False)
+    result = fit(load_config([f"config={config}", "cfg.relax=false"], quiet=True), progress=False, log=False)
     predict, lam = original_lasso(x, y)
     np.testing.assert_allclose(result["lam"].numpy(), lam, rtol=1e-5)
     mine, reference = heldout_mse(ours(result), fresh, truth), heldout_mse(predict, fresh, truth)
@@ -239,3 +265,13 @@ def test_absolute_tolerance_is_in_the_units_of_y():
 
     assert epochs(1.0, "relative") == epochs(16.0, "relative")  # a power of two: exact
     assert epochs(1.0, "absolute") < epochs(16.0, "absolute")
+
+
+def test_relax_under_saga_is_noted(data):
+    from datamodels_ml.original_config import notes
+
+    root, *_ = data
+    cfg = load_config([f"config={original_config(root, 'saga')}", "cfg.method=saga"], quiet=True)
+    assert cfg.cfg.relax is True
+    assert "cfg.relax=true (the relaxed lasso) needs the Gram of cfg.method=fista; cfg.method=saga fits the lasso " \
+           "alone" in notes(cfg)

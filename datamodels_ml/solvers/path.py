@@ -26,6 +26,8 @@ from torch import Tensor
 
 from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
+from datamodels_ml.solvers.relax import blend, choose_phi, support_ls
+from datamodels_ml.solvers.restandardize import train_val_problem
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
 from datamodels_ml.solvers.sources import BatchSource, ChainedSource, as_source
@@ -54,9 +56,13 @@ class LassoPath:
             i.e. each row's residual at its last visit - exact at convergence.)
         nnz: ``[k, T]`` number of non-zero coefficients (float); NaN likewise.
         active: ``[k]`` fraction of targets still on the path at each λ index.
-        mean, std: ``[p]`` standardization statistics (training rows).
+        mean, std: ``[p]`` standardization statistics (training rows; train+val rows after a refit
+            with ``refit_standardization="train_val"``).
         epochs: saga: total passes over the data by the solver (path + refit, excluding the
             set-up passes); fista: total iterations (over all working sets).
+        phi: ``[T]`` the relaxed lasso's blend of each target (``relax``/``phi``; zeros without).
+        relax_val_mse: ``[k, T]`` validation MSE of the best blend at each λ (``relax``; else
+            ``val_mse``): ``best_index`` is its argmin.
     """
 
     weight: Tensor
@@ -71,6 +77,8 @@ class LassoPath:
     mean: Tensor
     std: Tensor
     epochs: int
+    phi: Tensor | None = None
+    relax_val_mse: Tensor | None = None
 
     def predict(self, X: Tensor) -> Tensor:
         """``((X - mean) / std) @ weight + bias`` for raw masks ``X`` ``[n, p]`` -> ``[n, T]``."""
@@ -102,6 +110,10 @@ def lasso_path(
     screen: bool = True,
     grid: str = "datamodels_ml",
     tol_mode: str = "relative",
+    relax: tuple[float, ...] | list[float] = (),
+    phi: Tensor | None = None,
+    support: Tensor | None = None,
+    refit_standardization: str = "train",
 ) -> LassoPath:
     """Fit one lasso per target along a regularization path and select λ per target on ``val``.
 
@@ -156,6 +168,22 @@ def lasso_path(
         tol_mode: ``"relative"`` (``tol`` as above) or ``"absolute"`` (saga only), fast_l1's
             test: ``max_j std_j² (Δw_jt)² < tol`` over an epoch (``std_j`` of the raw masks; the
             bias too), with no duality gap.
+        relax: fista: the relaxed lasso's grid of ``φ`` in [0, 1] (e.g.
+            :data:`~datamodels_ml.solvers.relax.PHIS`; empty: the lasso). At each λ each target's
+            weights are blended with least squares on their support,
+            ``(1 - φ) w + φ w_LS`` (:mod:`~datamodels_ml.solvers.relax`), and ``(λ, φ)`` is selected
+            on ``val`` by the blend's MSE; the path itself (and when a target leaves it) is the
+            lasso's. The refit solves the lasso at the selected λ on train+val and blends it, with
+            the selected ``φ``, with least squares on train+val on the *selected* support (the one
+            validated; the refit's own may lose a feature that only just enters at λ).
+        phi: fista: ``[T]`` a fixed blend per target, applied to the final weights (for a second
+            call that refits on other rows); not with ``relax``.
+        support: with ``phi``: ``[p, T]`` bool, the features of the least-squares part (default:
+            the support of the final lasso weights).
+        refit_standardization: fista: ``"train"`` (the refit keeps the train mean/std) or
+            ``"train_val"`` (the original's: train+val rows standardized with their own mean/std,
+            returned as ``mean``/``std``; the Gram formed from the training one,
+            :mod:`~datamodels_ml.solvers.restandardize`).
 
     Returns:
         :class:`LassoPath`.
@@ -166,6 +194,18 @@ def lasso_path(
         raise ValueError(f"grid must be one of {GRIDS} and tol_mode one of {TOL_MODES}, got {grid!r}, {tol_mode!r}")
     if tol_mode == "absolute" and method != "saga":
         raise ValueError("tol_mode='absolute' (fast_l1's test on the change over an epoch) is for method='saga'")
+    relax = tuple(float(f) for f in relax)
+    if (relax or phi is not None) and method != "fista":
+        raise ValueError("relax/phi (the relaxed lasso) need the Gram: method='fista'")
+    if relax and phi is not None:
+        raise ValueError("give relax (a grid of φ to select from) or phi (fixed), not both")
+    if any(not 0 <= f <= 1 for f in relax):
+        raise ValueError(f"relax: every φ must be in [0, 1], got {relax}")
+    if refit_standardization not in ("train", "train_val"):
+        raise ValueError(f"refit_standardization must be 'train' or 'train_val', got {refit_standardization!r}")
+    if refit_standardization == "train_val" and method != "fista":
+        raise ValueError("refit_standardization='train_val' in lasso_path is for method='fista' (saga: refit with a "
+                         "second call on the train+val source)")
     if lambdas is None:
         check_k_eps(k, eps)
     if check_every < 1:
@@ -199,7 +239,8 @@ def lasso_path(
     run = _Run(train, val, stats, k=k, eps=eps, method=method, fit_intercept=fit_intercept, bs=bs, lr=lr,
                max_epochs=max_epochs, check_every=check_every, tol=tol, min_lambdas=min_lambdas,
                device=device, dtype=dtype, callback=callback, lambdas=lambdas, screen=screen, grid=grid,
-               tol_mode=tol_mode)
+               tol_mode=tol_mode, relax=relax, phi=phi, support=support,
+               restandardize=refit_standardization == "train_val")
     return run.path(refit)
 
 
@@ -208,12 +249,17 @@ class _Run:
 
     def __init__(self, train, val, stats: FeatureStats, *, k, eps, method, fit_intercept, bs, lr, max_epochs,
                  check_every, tol, min_lambdas, device, dtype, callback, lambdas, screen, grid="datamodels_ml",
-                 tol_mode="relative"):
+                 tol_mode="relative", relax=(), phi=None, support=None, restandardize=False):
         self.train, self.val = train, val
         self.method, self.fit_intercept, self.bs, self.lr = method, fit_intercept, bs, lr
         self.max_epochs, self.check_every, self.tol, self.min_lambdas = max_epochs, check_every, tol, min_lambdas
         self.device, self.dtype, self.callback, self.screen = device, dtype, callback, screen
         self.T = train.n_targets
+        self.restandardize = restandardize  # the refit's standardization: train+val's own (fista)
+        self.out_mean = self.out_std = None  # set by a restandardized refit
+        self.relax = relax
+        self.phi = None if phi is None else phi.to(device=device, dtype=torch.float64).expand(train.n_targets)
+        self.support = None if support is None else support.to(device)
         self.ts = target_stats(train, device=device)
         if stats is None:  # streaming method: the moments come from the same pass
             mean, std, nonconst = moments(self.ts.n, self.ts.sx, self.ts.sxx)
@@ -250,14 +296,29 @@ class _Run:
             self.callback("epoch", {"epoch": e, "lambda_index": self.cur_l, "n_active": n_active})
 
     # -- fista pieces --------------------------------------------------------------------------
-    def _val_mse_fista(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:
-        Wi = W[:, idx]
+    def _val_pred(self, Wi: Tensor, bi: Tensor) -> Tensor:
+        """Predictions ``[n_val, Ta]`` of the weights ``Wi`` [p, Ta] and intercepts ``bi``."""
         A = (Wi != 0).any(1).nonzero().squeeze(1)
-        pred = b[idx].expand(self.Yv.shape[0], -1).clone()
+        pred = bi.expand(self.Yv.shape[0], -1).clone()
         if A.numel():
             pred.addmm_(self.stats.z_val(A, self.dtype), Wi[A])
-        r = pred - self.Yv[:, idx]
+        return pred
+
+    def _val_mse_fista(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+        r = self._val_pred(W[:, idx], b[idx]) - self.Yv[:, idx]
         return (r * r).sum(0, dtype=torch.float64) / max(r.shape[0], 1)
+
+    def _relax(self, op, c: Tensor, W: Tensor, n_rows: int, phi: Tensor | None = None,
+               b: Tensor | None = None, idx: Tensor | None = None, support: Tensor | None = None):
+        """The relaxed lasso of the weights ``W`` [p, Ta] fitted with ``op``/``c`` on ``n_rows``
+        (least squares on ``support``, default ``W``'s): with ``phi`` [Ta], the blended weights;
+        else (on the path, intercepts ``b``, global targets ``idx``) ``(validation MSE [Ta],
+        φ [Ta], blended weights)`` of the best φ of the grid."""
+        W_ls, _ = support_ls(op, c, W, n_rows=n_rows, fit_intercept=self.fit_intercept, support=support)
+        if phi is not None:
+            return blend(W, W_ls, phi)
+        mse, f = choose_phi(self._val_pred(W, b), self._val_pred(W_ls, b), self.Yv[:, idx], self.relax)
+        return mse, f, blend(W, W_ls, f)
 
     def path(self, refit: bool) -> LassoPath:
         T, dtype, device = self.T, self.dtype, self.device
@@ -286,6 +347,11 @@ class _Run:
         best_mse = torch.full((T,), math.inf, dtype=torch.float64, device=device)
         W_best = torch.zeros_like(W)
         b_best = self.bias0.clone()
+        if self.relax:  # the selection's own record: the best blend at each λ
+            relax_mse = torch.full_like(val_mse_t, nan)
+            best_rel = torch.full_like(best_mse, math.inf)
+            phi_best = torch.zeros(T, dtype=torch.float64, device=device)
+            W_rel = torch.zeros_like(W)
 
         for i in range(k):
             idx = on_path.nonzero().squeeze(1)
@@ -329,6 +395,12 @@ class _Run:
             better = vm < best_mse[idx]
             bi = idx[better]
             best_mse[bi] = vm[better]
+            if self.relax:  # (λ, φ) selected by the blend's MSE; the path's stopping stays the lasso's
+                rm, rf, Wr = self._relax(self.op, self.c[:, idx], W[:, idx], self.stats.n_train, b=b[idx], idx=idx)
+                relax_mse[i, idx] = rm
+                rb = rm < best_rel[idx]
+                bi = idx[rb]
+                best_rel[bi], phi_best[bi], W_rel[:, bi] = rm[rb], rf[rb], Wr[:, rb]
             W_best[:, bi] = W[:, bi]
             b_best[bi] = b[bi]
             if i >= self.min_lambdas:
@@ -341,16 +413,21 @@ class _Run:
                     "nnz": float(nnz[i, idx].mean()), "active": float(active_frac[i]),
                 })
 
-        best_index = torch.where(torch.isnan(val_mse_t), torch.inf, val_mse_t).argmin(0)
+        sel_mse = relax_mse if self.relax else val_mse_t
+        best_index = torch.where(torch.isnan(sel_mse), torch.inf, sel_mse).argmin(0)
         lam_sel = lam_path.gather(0, best_index[None]).squeeze(0)
         weight, bias = W_best, b_best
+        if self.relax:
+            self.phi, weight, self.support = phi_best, W_rel, W_best != 0
+        elif self.phi is not None and fista:
+            weight = self._relax(self.op, self.c, W_best, self.stats.n_train, phi=self.phi, support=self.support)
         if refit:
             if self.callback is not None:
                 self.callback("refit", {"n_rows": self.train.n_rows + self.val.n_rows, "n_targets": T})
             self.cur_l = -1
             if fista:
                 del W, grad
-                weight, bias = self._refit_fista(W_best, lam_sel.to(dtype))
+                weight, bias = self._refit_fista(W_best, lam_sel.to(dtype), self.phi, self.support)
             else:
                 del saga, W  # the path's n x T table goes before the refit allocates its own
                 weight, bias = self._refit_saga(W_best, b_best, lam_sel.to(dtype))
@@ -358,31 +435,45 @@ class _Run:
             bias = torch.zeros_like(bias)
         return LassoPath(weight=weight, bias=bias, lam=lam_sel, lam_path=lam_path, best_index=best_index,
                          val_mse=val_mse_t, train_mse=train_mse, nnz=nnz, active=active_frac,
-                         mean=self.stats.mean.to(device=self.device, dtype=dtype),
-                         std=self.stats.std.to(device=self.device, dtype=dtype), epochs=int(self.epochs))
+                         mean=(self.stats.mean if self.out_mean is None else self.out_mean).to(device=device, dtype=dtype),
+                         std=(self.stats.std if self.out_std is None else self.out_std).to(device=device, dtype=dtype),
+                         epochs=int(self.epochs),
+                         phi=(self.phi if self.phi is not None else torch.zeros(T, dtype=torch.float64, device=device)),
+                         relax_val_mse=sel_mse)
 
-    def _refit_fista(self, W0: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    def _refit_fista(self, W0: Tensor, lam: Tensor, phi: Tensor | None = None,
+                     support: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Re-solve at ``lam`` on train+val: Gram and linear term from the train statistics and
-        the validation rows kept in memory (no pass over the training rows)."""
+        the validation rows kept in memory (no pass over the training rows); blended by ``phi``
+        (the relaxed lasso) with least squares on train+val on ``support`` when given."""
         nt, nv = self.stats.n_train, self.stats.n_val
         N = nt + nv
         ts, vs = self.ts, self.vs
         m, inv = self.mean64, self.inv
-        zty = (nt * ts.zty(m, inv) + nv * vs.zty(m, inv)) / N
-        zbar = (nt * ts.zbar(m, inv) + nv * vs.zbar(m, inv)) / N
-        ybar = (nt * ts.ybar + nv * vs.ybar) / N
-        yy = (nt * ts.yy + nv * vs.yy) / N
-        if self.fit_intercept:
-            c64, nd = zty - zbar[:, None] * ybar[None, :], (yy - ybar**2).clamp_min(0)
+        if self.restandardize:  # train+val's own mean/std: z̄ = 0; the weights to that scale
+            op, c64, nd, ybar, self.out_mean, self.out_std = train_val_problem(
+                self.stats, ts, vs, fit_intercept=self.fit_intercept, dtype=self.dtype)
+            zbar = torch.zeros_like(m)
+            W0 = W0 * (self.out_std / self.stats.std).to(W0.dtype)[:, None]
+            W0 = W0 * (op.r != 0)[:, None]  # features constant on train start at 0 (their r is 0)
         else:
-            c64, nd = zty, yy
-        op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
+            zty = (nt * ts.zty(m, inv) + nv * vs.zty(m, inv)) / N
+            zbar = (nt * ts.zbar(m, inv) + nv * vs.zbar(m, inv)) / N
+            ybar = (nt * ts.ybar + nv * vs.ybar) / N
+            yy = (nt * ts.yy + nv * vs.yy) / N
+            if self.fit_intercept:
+                c64, nd = zty - zbar[:, None] * ybar[None, :], (yy - ybar**2).clamp_min(0)
+            else:
+                c64, nd = zty, yy
+            op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
         c = c64.to(self.dtype)
         grad = gradient(op, c, W0)
         W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
                                     var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
                                     on_iter=self.on_epoch, eig=self.eig)  # ids: all targets
         self.epochs += e
+        if phi is not None:
+            W = self._relax(op, c, W, N, phi=phi, support=support)
         if self.fit_intercept:
             bias = (ybar - (zbar[:, None] * W.to(torch.float64)).sum(0)).to(self.dtype)
         else:
