@@ -3,11 +3,14 @@
 Modules, one concept each: ``sources`` (batch sources), ``stats`` (sufficient statistics built
 to scale), ``grid`` (λ_max and the path grid), ``fista`` (FISTA on a Gram), ``screening``
 (strong rules + KKT check, Gram operators), ``saga`` (the streaming method), ``path`` (the path
-driver: warm starts, early stop, validation selection, refit).
+driver: warm starts, early stop, validation selection), ``refit`` (the refit on train+val),
+``restandardize`` (the train+val Gram with its own mean/std), ``relax`` (the relaxed lasso),
+``result`` (:class:`LassoPath`), ``blas`` (CPU products through OpenBLAS).
 """
 
 from datamodels_ml.solvers.grid import lambda_grid, lambda_max
-from datamodels_ml.solvers.path import METHODS, LassoPath, lasso_path
+from datamodels_ml.solvers.path import METHODS, lasso_path
+from datamodels_ml.solvers.result import LassoPath
 from datamodels_ml.solvers.sources import BatchSource, ChainedSource, TensorBatches
 from datamodels_ml.solvers.stats import FeatureStats, feature_stats
 

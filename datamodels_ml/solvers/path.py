@@ -18,7 +18,6 @@ when ``fit_intercept`` (then ``b_t = mean(y_t)`` on the training rows), else ``0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,11 +25,12 @@ from torch import Tensor
 
 from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
+from datamodels_ml.solvers.refit import refit_fista, refit_saga
+from datamodels_ml.solvers.result import LassoPath
 from datamodels_ml.solvers.relax import blend, choose_phi, support_ls
-from datamodels_ml.solvers.restandardize import train_val_problem
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
-from datamodels_ml.solvers.screening import RefitGram, TrainGram, gradient, solve_screened
-from datamodels_ml.solvers.sources import BatchSource, ChainedSource, as_source
+from datamodels_ml.solvers.screening import TrainGram, solve_screened
+from datamodels_ml.solvers.sources import BatchSource, as_source
 from datamodels_ml.solvers.stats import FeatureStats, feature_stats, moments, target_stats
 
 __all__ = ["LassoPath", "lasso_path", "METHODS"]
@@ -38,53 +38,6 @@ __all__ = ["LassoPath", "lasso_path", "METHODS"]
 Callback = Callable[[str, dict], None]
 METHODS = ("saga", "fista")
 TOL_MODES = ("relative", "absolute")
-
-
-@dataclass
-class LassoPath:
-    """Result of :func:`lasso_path` (k = path length, p = features, T = targets).
-
-    Attributes:
-        weight: ``[p, T]`` coefficients on the standardized scale at each target's selected λ
-            (after the refit if ``refit=True``).
-        bias: ``[T]`` intercepts (zeros if not ``fit_intercept``).
-        lam: ``[T]`` selected λ per target.
-        lam_path: ``[k, T]`` the λ grid.
-        best_index: ``[T]`` int64 index into the path of the selected λ (argmin of ``val_mse``).
-        val_mse: ``[k, T]`` validation MSE; NaN where the target had already stopped.
-        train_mse: ``[k, T]`` training MSE; NaN likewise. (saga: from the SAGA residual table,
-            i.e. each row's residual at its last visit - exact at convergence.)
-        nnz: ``[k, T]`` number of non-zero coefficients (float); NaN likewise.
-        active: ``[k]`` fraction of targets still on the path at each λ index.
-        mean, std: ``[p]`` standardization statistics (training rows; train+val rows after a refit
-            with ``refit_standardization="train_val"``).
-        epochs: saga: total passes over the data by the solver (path + refit, excluding the
-            set-up passes); fista: total iterations (over all working sets).
-        phi: ``[T]`` the relaxed lasso's blend of each target (``relax``/``phi``; zeros without).
-        relax_val_mse: ``[k, T]`` validation MSE of the best blend at each λ (``relax``; else
-            ``val_mse``): ``best_index`` is its argmin.
-    """
-
-    weight: Tensor
-    bias: Tensor
-    lam: Tensor
-    lam_path: Tensor
-    best_index: Tensor
-    val_mse: Tensor
-    train_mse: Tensor
-    nnz: Tensor
-    active: Tensor
-    mean: Tensor
-    std: Tensor
-    epochs: int
-    phi: Tensor | None = None
-    relax_val_mse: Tensor | None = None
-
-    def predict(self, X: Tensor) -> Tensor:
-        """``((X - mean) / std) @ weight + bias`` for raw masks ``X`` ``[n, p]`` -> ``[n, T]``."""
-        w = self.weight
-        Z = (X.to(device=w.device, dtype=w.dtype) - self.mean.to(w)) / self.std.to(w)
-        return Z @ w + self.bias
 
 
 def lasso_path(
@@ -427,10 +380,10 @@ class _Run:
             self.cur_l = -1
             if fista:
                 del W, grad
-                weight, bias = self._refit_fista(W_best, lam_sel.to(dtype), self.phi, self.support)
+                weight, bias = refit_fista(self, W_best, lam_sel.to(dtype), self.phi, self.support)
             else:
                 del saga, W  # the path's n x T table goes before the refit allocates its own
-                weight, bias = self._refit_saga(W_best, b_best, lam_sel.to(dtype))
+                weight, bias = refit_saga(self, W_best, b_best, lam_sel.to(dtype))
         if not self.fit_intercept:
             bias = torch.zeros_like(bias)
         return LassoPath(weight=weight, bias=bias, lam=lam_sel, lam_path=lam_path, best_index=best_index,
@@ -440,58 +393,3 @@ class _Run:
                          epochs=int(self.epochs),
                          phi=(self.phi if self.phi is not None else torch.zeros(T, dtype=torch.float64, device=device)),
                          relax_val_mse=sel_mse)
-
-    def _refit_fista(self, W0: Tensor, lam: Tensor, phi: Tensor | None = None,
-                     support: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Re-solve at ``lam`` on train+val: Gram and linear term from the train statistics and
-        the validation rows kept in memory (no pass over the training rows); blended by ``phi``
-        (the relaxed lasso) with least squares on train+val on ``support`` when given."""
-        nt, nv = self.stats.n_train, self.stats.n_val
-        N = nt + nv
-        ts, vs = self.ts, self.vs
-        m, inv = self.mean64, self.inv
-        if self.restandardize:  # train+val's own mean/std: z̄ = 0; the weights to that scale
-            op, c64, nd, ybar, self.out_mean, self.out_std = train_val_problem(
-                self.stats, ts, vs, fit_intercept=self.fit_intercept, dtype=self.dtype)
-            zbar = torch.zeros_like(m)
-            W0 = W0 * (self.out_std / self.stats.std).to(W0.dtype)[:, None]
-            W0 = W0 * (op.r != 0)[:, None]  # features constant on train start at 0 (their r is 0)
-        else:
-            zty = (nt * ts.zty(m, inv) + nv * vs.zty(m, inv)) / N
-            zbar = (nt * ts.zbar(m, inv) + nv * vs.zbar(m, inv)) / N
-            ybar = (nt * ts.ybar + nv * vs.ybar) / N
-            yy = (nt * ts.yy + nv * vs.yy) / N
-            if self.fit_intercept:
-                c64, nd = zty - zbar[:, None] * ybar[None, :], (yy - ybar**2).clamp_min(0)
-            else:
-                c64, nd = zty, yy
-            op = RefitGram(self.stats, self.dtype, zbar if self.fit_intercept else None)
-        c = c64.to(self.dtype)
-        grad = gradient(op, c, W0)
-        W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
-                                    var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
-                                    on_iter=self.on_epoch, eig=self.eig)  # ids: all targets
-        self.epochs += e
-        if phi is not None:
-            W = self._relax(op, c, W, N, phi=phi, support=support)
-        if self.fit_intercept:
-            bias = (ybar - (zbar[:, None] * W.to(torch.float64)).sum(0)).to(self.dtype)
-        else:
-            bias = torch.zeros(self.T, dtype=self.dtype, device=self.device)
-        return W, bias
-
-    def _refit_saga(self, W0: Tensor, b0: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-        both = ChainedSource(self.train, self.val)
-        saga = Saga(both, self.mean64.to(self.dtype), self.std_int, W0, b0, fit_intercept=self.fit_intercept,
-                    lr=1.0, dtype=self.dtype, device=self.device)
-        Lmax, Lest = saga.fill()
-        saga.lr = self.lr if self.lr is not None else saga_lr(both, Lmax, Lest, self.fit_intercept, self.bs)
-        vs = target_stats(self.val, device=self.device)
-        nt, nv = self.ts.n, vs.n
-        ybar = (nt * self.ts.ybar + nv * vs.ybar) / (nt + nv)
-        yy = (nt * self.ts.yy + nv * vs.yy) / (nt + nv)
-        nd = ((yy - ybar**2) if self.fit_intercept else yy).clamp_min(1e-30).to(self.dtype)
-        self.epochs += saga.run(torch.arange(self.T, device=self.device), lam, nulldev=nd, ybar=ybar.to(self.dtype),
-                                var=self.var, tol=self.tol, absolute=self.absolute,
-                                max_epochs=self.max_epochs, check_every=self.check_every, on_epoch=self.on_epoch)
-        return saga.W, saga.b
