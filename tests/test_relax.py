@@ -14,12 +14,7 @@ from datamodels_ml.solvers.sources import as_source
 from datamodels_ml.solvers.stats import target_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted(n=200, n_val=60, p=30, T=3, noise=0.3, seed=0):

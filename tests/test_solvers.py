@@ -12,13 +12,7 @@ from datamodels_ml.solvers import LassoPath, TensorBatches, feature_stats, lambd
 METHODS = ["saga", "fista"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: one thread avoids OpenMP overhead on busy CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _standardize(X: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
