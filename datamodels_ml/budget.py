@@ -105,7 +105,7 @@ def budget(cfg: BudgetConfig) -> int:
     params = {"reg_config": cfg.reg_config, "fractions": fractions, "store": store,
               "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size)}
     params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in to_dotlist(cfg.reg)})
-    with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", params=params):
+    with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", name=f"budget-{base.cfg.method}-n{sizes[0]}-{sizes[-1]}", params=params):
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         for r in rows:

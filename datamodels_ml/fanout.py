@@ -239,7 +239,9 @@ def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already:
     if cfg.argv:
         params["argv"] = " ".join(cfg.argv)
     print(f"training {len(todo)} models ({already} of {cfg.n} already complete) {fan.describe()}", flush=True)
-    with tracking.run("train", params=params) as parent:
+    tags = {"n": cfg.n, "to_train": len(todo), "main": cfg.main, "gpus": cfg.gpus,
+            "backend": fan.params().get("backend", "local")}
+    with tracking.run("train", name=f"train-{cfg.n}", params=params, tags=tags) as parent:
         tracking.log_dict(store.spec.to_json(), SPEC_FILE)
         bar = tqdm(total=len(todo), unit="model", disable=not cfg.progress, dynamic_ncols=True)
         rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))

@@ -39,9 +39,12 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from datamodels_ml.errors import UserError  # noqa: E402
+
 _PREPARED: set[str] = set()
 _LOCK = threading.Lock()
 MAX_PARAM_LEN = 6000
+STAGE_TAG = "datamodels.stage"  # the command that made a run (train, regress, ...), whatever its name
 API_THREADS = 8  # child runs written at once through the public API (a tracking server)
 
 
@@ -122,34 +125,141 @@ def _as_param(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
 
 
+# -- experiments -------------------------------------------------------------------------------
+EXPERIMENT = "datamodels"  # regressions, evaluations, budgets, the demo pipeline, init, write_dataset
+TRAIN_SUFFIX = "-train"  # "datamodels-train": train runs with their model-N child runs, worker runs
+TRAINING_STAGES = frozenset({"train", "worker"})
+KIND_TAG = "mlflow.experimentKind"  # MLflow 3's experiment type; without it the UI may open on GenAI pages
+KIND = "custom_model_development"  # "machine learning": the UI opens on the runs table
+DEFAULT_EXPERIMENT_ID = "0"
+_EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking URI, name) -> experiment id, checked once per process
+
+
+def experiment_name(*, training: bool = False) -> str:
+    """The experiment our runs go to: ``MLFLOW_EXPERIMENT_NAME`` or ``datamodels``; training: that + ``-train``."""
+    main = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+    return _training_name(main) if training else main
+
+
+def _training_name(main: str) -> str:
+    return main if main.endswith(TRAIN_SUFFIX) else main + TRAIN_SUFFIX
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment ``name``, created of the model-training kind if missing."""
+    from mlflow.exceptions import MlflowException
+
+    key = (tracking_uri(), name)
+    if key in _EXPERIMENTS:
+        return _EXPERIMENTS[key]
+    client = MlflowClient()
+    exp = _retry(lambda: client.get_experiment_by_name(name))
+    if exp is None:
+        try:
+            exp_id = _retry(lambda: client.create_experiment(name, tags={KIND_TAG: KIND}))
+        except MlflowException:  # another process created it meanwhile
+            exp = _retry(lambda: client.get_experiment_by_name(name))
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = _check_experiment(exp)
+    _EXPERIMENTS[key] = exp_id
+    return exp_id
+
+
+def _check_experiment(exp: Any) -> str:
+    """Refuse a deleted experiment; mark one that holds our runs (not Default) as model training."""
+    if exp.lifecycle_stage == "deleted":
+        raise UserError(f"the MLflow experiment '{exp.name}' (id {exp.experiment_id}) is deleted: restore it "
+                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or set "
+                        "MLFLOW_EXPERIMENT_NAME to another name")
+    if exp.experiment_id != DEFAULT_EXPERIMENT_ID and KIND_TAG not in (exp.tags or {}):
+        safe(lambda: MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND), "set experiment kind")
+    return exp.experiment_id
+
+
+def _experiment_for(stage: str, parent: Any) -> str:
+    """Where a new run of ``stage`` goes: next to its parent, else the named experiment; training apart."""
+    training = stage in TRAINING_STAGES
+    if parent is not None:
+        main_id = parent.info.experiment_id
+    elif os.environ.get("MLFLOW_EXPERIMENT_NAME") or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return ensure_experiment(experiment_name(training=training))
+    else:  # an experiment chosen by id (MLflow's MLFLOW_EXPERIMENT_ID)
+        main_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+    if not training:
+        return main_id
+    if main_id == DEFAULT_EXPERIMENT_ID:
+        return ensure_experiment(experiment_name(training=True))
+    main = _retry(lambda: MlflowClient().get_experiment(main_id))
+    return main_id if main.name.endswith(TRAIN_SUFFIX) else ensure_experiment(_training_name(main.name))
+
+
+def experiments_of(active: Any) -> tuple[str, str]:
+    """Names of the experiment holding ``active`` and of the training experiment that goes with it."""
+    exp_id = active.info.experiment_id
+    main = safe(lambda: MlflowClient().get_experiment(exp_id).name, "get experiment") or exp_id
+    if exp_id == DEFAULT_EXPERIMENT_ID:
+        return main, experiment_name(training=True)
+    return main, _training_name(main)
+
+
 # -- runs --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def run(name: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
-        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A run for one command; it attaches to the run ``mlflow run`` created when there is one.
+def run(stage: str, *, name: str | None = None, params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run of ``stage`` (a command) named ``name`` (e.g. ``regress-fista-k50``), ``tags`` its key settings.
 
-    The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+    It attaches to the run ``mlflow run`` created, if any, and renames it. Otherwise it goes to the
+    experiment ``_experiment_for`` picks: a run of ``train``/``worker`` to the training experiment,
+    a nested run next to its parent unless that is in another experiment (then linked by tags:
+    ``pipeline.parent_run_id`` on it, ``pipeline.<stage>_run_id`` on the parent).
+    The run ends FINISHED (also on exit code 0), KILLED on Ctrl-C or SIGTERM, FAILED on any other exception.
     """
     prepare()
-    run_tags = dict(tags or {})
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    attached = bool(os.environ.get("MLFLOW_RUN_ID"))
-    active = _retry(lambda: mlflow.start_run(run_name=None if attached else name, tags=run_tags or None,
-                                             nested=mlflow.active_run() is not None))
+    name = name or stage
+    run_tags = {STAGE_TAG: stage, **{k: str(v) for k, v in (tags or {}).items()}}
+    parent = mlflow.active_run()
+    if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, renamed
+        active = _retry(lambda: mlflow.start_run(run_name=name, tags=run_tags))
+        _check_experiment(_retry(lambda: MlflowClient().get_experiment(active.info.experiment_id)))
+    else:
+        exp_id = _experiment_for(stage, parent)
+        if parent is not None and exp_id != parent.info.experiment_id:
+            active = _start_linked(exp_id, name, run_tags, parent, stage)
+        else:
+            active = _retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=name, tags=run_tags,
+                                                     nested=parent is not None))
     status = "FINISHED"
     try:
         if params:
             log_params(params)
         yield active
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as interrupts.Terminated
         status = "KILLED"
+        raise
+    except SystemExit as exc:
+        status = "FINISHED" if exc.code in (0, None) else "FAILED"
         raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
         safe(lambda: mlflow.end_run(status=status), "end run")
+
+
+def _start_linked(exp_id: str, name: str, tags: dict[str, str], parent: Any, stage: str) -> mlflow.ActiveRun:
+    """A run nested under ``parent`` by tags only: MLflow's parent tag across experiments would hide it."""
+    from mlflow.tracking.context import registry
+
+    tags = {**tags, "pipeline.parent_run_id": parent.info.run_id}
+    with contextlib.suppress(Exception):  # source, user, git commit, as mlflow.start_run records them
+        tags = registry.resolve_tags(tags)
+    client = MlflowClient()
+    created = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name))
+    safe(lambda: client.set_tag(parent.info.run_id, f"pipeline.{stage}_run_id", created.info.run_id), "link run")
+    return _retry(lambda: mlflow.start_run(run_id=created.info.run_id, nested=True))
 
 
 def log_params(params: Mapping[str, Any]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_cli, tracking_client
+from conftest import cli_env, run_cli, search_runs
 from datamodels_ml.errors import UserError
 from datamodels_ml.lock import row_lock, store_lock
 
@@ -209,7 +209,7 @@ def test_nan_results_are_counted_and_files_honour_the_umask(store, tmp_path):
     assert ("warning: 2 models returned NaN/inf (loss: 2); they are stored as complete, "
             "and write_dataset drops such rows") in proc.stdout
     assert np.isnan(np.load(store / "loss.npy")[[1, 4]]).all()
-    children = {int(r.data.params["index"]): r for r in tracking_client(tmp_path).search_runs(["0"])
+    children = {int(r.data.params["index"]): r for r in search_runs(tmp_path, training=True)
                 if "mlflow.parentRunId" in r.data.tags}
     assert {i for i, r in children.items() if r.data.tags.get("nonfinite") == "loss"} == {1, 4}
     out = run_cli("worker", "store=st", "index=9", f"main={FAULTS}", "args.nan=9", cwd=tmp_path, check=True)
