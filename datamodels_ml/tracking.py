@@ -37,6 +37,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
+from mlflow.entities import RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from datamodels_ml.errors import UserError  # noqa: E402
@@ -260,6 +261,23 @@ def _start_linked(exp_id: str, name: str, tags: dict[str, str], parent: Any, sta
     created = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name))
     safe(lambda: client.set_tag(parent.info.run_id, f"pipeline.{stage}_run_id", created.info.run_id), "link run")
     return _retry(lambda: mlflow.start_run(run_id=created.info.run_id, nested=True))
+
+
+def finish_attached(run_id: str, stage: str, exit_code: int) -> None:
+    """After a command run by ``mlflow run``: name its run after the command if no ``run`` did, and
+    end it FAILED (KILLED on Ctrl-C/SIGTERM) if the command failed and left it RUNNING, so the
+    record is right even when ``mlflow run`` is gone or never hears of it."""
+    client = MlflowClient()
+    found = safe(lambda: client.get_run(run_id), "get run")
+    if found is None:
+        return
+    safe(lambda: _check_experiment(client.get_experiment(found.info.experiment_id)), "experiment kind")
+    if STAGE_TAG not in found.data.tags:
+        safe(lambda: client.log_batch(run_id, tags=[RunTag("mlflow.runName", stage), RunTag(STAGE_TAG, stage)]),
+             "name run")
+    if exit_code != 0 and found.info.status == "RUNNING":
+        status = "KILLED" if exit_code in (130, 143) else "FAILED"
+        safe(lambda: client.set_terminated(run_id, status), "end run")
 
 
 def log_params(params: Mapping[str, Any]) -> None:

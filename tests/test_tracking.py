@@ -1,6 +1,8 @@
 """MLflow records: named experiments of the model-training kind, runs named by what they are, runs
 ended FAILED when a stage dies, child runs written through the public API."""
 
+import contextlib
+
 import pytest
 
 from conftest import EXPERIMENT, TRAIN_EXPERIMENT, tracking_client
@@ -80,3 +82,20 @@ def test_an_experiment_made_elsewhere_gets_the_kind_and_a_deleted_one_is_refused
                        rf"\(mlflow experiments restore --experiment-id {made}\) or set MLFLOW_EXPERIMENT_NAME"):
         with tracking.run("evaluate"):
             pass
+
+
+@pytest.mark.parametrize("exc, status", [
+    (None, "FINISHED"), (SystemExit(0), "FINISHED"), (SystemExit(1), "FAILED"), (ValueError("boom"), "FAILED"),
+    ("user", "FAILED"), (KeyboardInterrupt(), "KILLED"), ("sigterm", "KILLED"),
+])
+def test_a_run_ends_with_the_status_of_how_its_block_ended(own_store, exc, status):
+    from datamodels_ml import tracking
+    from datamodels_ml.errors import UserError
+    from datamodels_ml.interrupts import Terminated
+
+    exc = {"user": UserError("bad key"), "sigterm": Terminated()}.get(exc, exc) if isinstance(exc, str) else exc
+    with pytest.raises(type(exc)) if exc is not None else contextlib.nullcontext():
+        with tracking.run("regress", name="regress-x") as active:
+            if exc is not None:
+                raise exc
+    assert own_store.get_run(active.info.run_id).info.status == status
