@@ -1,19 +1,17 @@
-"""Every MLflow call of the project lives here: runs, parameters, metrics, artifacts, child runs.
+"""Every MLflow call of the project lives here (and, for the child runs of ``train``, in ``child_runs``):
+experiments, runs, parameters, metrics, artifacts, models.
 
 Tracking goes to ``MLFLOW_TRACKING_URI`` when set, else to MLflow's default local SQLite store
 (``mlflow.db`` in the working directory). For SQLite, many processes share one file, so this module
 
 * creates the database under a file lock (MLflow's schema migration is not safe to run twice at once),
 * puts it in WAL mode with a long busy timeout, so concurrent writers wait instead of failing on
-  "database is locked", and retries the rare call that still hits a lock;
-* writes the child runs of ``train`` in batches, many runs per transaction, through MLflow's own
-  ORM models (one run costs ~48 SQL statements through the public API: 15 ms per model against
-  0.24 ms, measured by benchmarks/bench_dask.py). Any other store (a tracking server) gets the same
-  records through the public API (create_run, log_batch, set_terminated), from a background thread
-  that writes ``API_THREADS`` runs at a time, so the round trips to the server overlap.
+  "database is locked", and retries the rare call that still hits a lock.
 
-A tracking failure never loses training results: callers write the store first and treat
-tracking errors as warnings (``safe``).
+Runs go to two named experiments of MLflow's model-training kind (``_experiment_for``): one for
+regressions, evaluations and pipelines, one for training, whose thousands of model runs would
+crowd the rest. A tracking failure never loses training results: callers write the store first and
+treat tracking errors as warnings (``safe``).
 """
 
 from __future__ import annotations
@@ -22,12 +20,9 @@ import contextlib
 import fcntl
 import getpass
 import os
-import queue
 import threading
 import time
-import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -46,7 +41,6 @@ _PREPARED: set[str] = set()
 _LOCK = threading.Lock()
 MAX_PARAM_LEN = 6000
 STAGE_TAG = "datamodels.stage"  # the command that made a run (train, regress, ...), whatever its name
-API_THREADS = 8  # child runs written at once through the public API (a tracking server)
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -331,157 +325,20 @@ def active_run_id() -> str | None:
     return active.info.run_id if active else None
 
 
-# -- child runs of train -------------------------------------------------------------------------
-@dataclass
-class ChildRecord:
-    """One finished model for the MLflow record: a child run of the train run."""
-
-    index: int
-    status: str  # "FINISHED" or "FAILED" (MLflow run status)
-    start_ms: int
-    end_ms: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-class ChildRunWriter:
-    """Writes child runs of ``parent_run_id`` from a background thread, in batches."""
-
-    def __init__(self, parent_run_id: str, *, flush_every: float = 0.5, max_batch: int = 500):
-        prepare()
-        self.parent_run_id = parent_run_id
-        self.client = MlflowClient()
-        parent = self.client.get_run(parent_run_id)
-        self.experiment_id = parent.info.experiment_id
-        self.user = parent.info.user_id or _user()
-        self.flush_every = flush_every
-        self.max_batch = max_batch
-        self.written = 0
-        self.errors: list[str] = []
-        self._queue: queue.Queue[ChildRecord | None] = queue.Queue()
-        self._sql = self._sql_store()
-        self._thread = threading.Thread(target=self._loop, name="mlflow-child-runs", daemon=True)
-        self._thread.start()
-
-    def _sql_store(self):
-        """MLflow's SQL store when tracking goes to a database directly, else None."""
-        try:
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            store = self.client._tracking_client.store
-            if isinstance(store, SqlAlchemyStore):
-                experiment = store.get_experiment(self.experiment_id)
-                self._artifact_root = experiment.artifact_location
-                return store
-        except Exception:  # noqa: BLE001 - any surprise: use the public API
-            pass
-        return None
-
-    def add(self, record: ChildRecord) -> None:
-        self._queue.put(record)
-
-    def close(self) -> None:
-        """Write everything queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        pending: list[ChildRecord] = []
-        done = False
-        while not done:
-            deadline = time.monotonic() + self.flush_every
-            while len(pending) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                    break
-                pending.append(item)
-            if pending:
-                self._write(pending)
-                pending = []
-
-    def _write(self, records: list[ChildRecord]) -> None:
-        try:
-            if self._sql is not None:
-                _retry(lambda: self._write_sql(records))
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(min(API_THREADS, len(records)), thread_name_prefix="mlflow-child") as pool:
-                    list(pool.map(lambda rec: _retry(lambda: self._write_api(rec)), records))
-            self.written += len(records)
-        except Exception as exc:  # noqa: BLE001
-            if self._sql is not None:  # fall back to the public API for this batch and the next ones
-                self._sql = None
-                self._write(records)
-                return
-            self.errors.append(str(exc))
-            warnings.warn(f"MLflow tracking failed for {len(records)} child runs: {exc}; the store is unaffected")
-
-    def _tags(self, rec: ChildRecord) -> dict[str, str]:
-        tags = {
-            "mlflow.parentRunId": self.parent_run_id,
-            "mlflow.runName": f"model-{rec.index}",
-            "mlflow.user": self.user,
-            "status": "completed" if rec.status == "FINISHED" else "failed",
-        }
-        tags.update({k: str(v)[:7900] for k, v in rec.tags.items()})
-        return tags
-
-    def _write_api(self, rec: ChildRecord) -> None:
-        from mlflow.entities import Metric, Param
-
-        tags = self._tags(rec)
-        child = self.client.create_run(self.experiment_id, start_time=rec.start_ms, tags=tags,
-                                       run_name=tags["mlflow.runName"])
-        run_id = child.info.run_id
-        metrics = [Metric(k, float(v), rec.end_ms, 0) for k, v in rec.metrics.items()]
-        self.client.log_batch(run_id, metrics=metrics, params=[Param("index", str(rec.index))])
-        self.client.set_terminated(run_id, rec.status, end_time=rec.end_ms)
-
-    def _write_sql(self, records: list[ChildRecord]) -> None:
-        import math
-
-        from sqlalchemy import insert
-
-        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
-
-        runs, tags, params, metrics = [], [], [], []
-        for rec in records:
-            run_id = uuid.uuid4().hex
-            run_tags = self._tags(rec)
-            runs.append(dict(
-                run_uuid=run_id, name=run_tags["mlflow.runName"], source_type="UNKNOWN", source_name="",
-                entry_point_name="", user_id=self.user, status=rec.status, start_time=rec.start_ms,
-                end_time=rec.end_ms, deleted_time=None, source_version="", lifecycle_stage="active",
-                artifact_uri=f"{self._artifact_root.rstrip('/')}/{run_id}/artifacts",
-                experiment_id=int(self.experiment_id),
-            ))
-            tags.extend(dict(key=k, value=v, run_uuid=run_id) for k, v in run_tags.items())
-            params.append(dict(key="index", value=str(rec.index), run_uuid=run_id))
-            for key, value in rec.metrics.items():
-                value = float(value)
-                is_nan = math.isnan(value)
-                row = dict(key=key, value=0.0 if is_nan else value, timestamp=rec.end_ms, step=0,
-                           is_nan=is_nan, run_uuid=run_id)
-                metrics.append(row)
-        with self._sql.ManagedSessionMaker() as session:
-            session.execute(insert(SqlRun.__table__), runs)
-            session.execute(insert(SqlTag.__table__), tags)
-            session.execute(insert(SqlParam.__table__), params)
-            if metrics:
-                session.execute(insert(SqlMetric.__table__), metrics)
-                session.execute(insert(SqlLatestMetric.__table__), metrics)
-
-
 def _user() -> str:
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """``tracking.ChildRunWriter``/``ChildRecord``: the child-run writer is a concept of its own (``child_runs``)."""
+    if name in ("ChildRunWriter", "ChildRecord"):
+        from datamodels_ml import child_runs
+
+        return getattr(child_runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ def test_second_writer_is_refused_and_sigterm_stops_cleanly(store, tmp_path):
     assert f"completed: {len(done)}/64" in status and "failures of the last train: none" in status
     [parent] = search_runs(tmp_path, "tags.`datamodels.stage` = 'train'", training=True)
     assert parent.info.status == "KILLED"  # not left RUNNING
+    children = search_runs(tmp_path, f"tags.mlflow.parentRunId = '{parent.info.run_id}'", training=True)
+    assert sorted(int(c.data.params["index"]) for c in children) == sorted(done)  # flushed before exiting
 
 
 def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):

@@ -99,3 +99,77 @@ def test_a_run_ends_with_the_status_of_how_its_block_ended(own_store, exc, statu
             if exc is not None:
                 raise exc
     assert own_store.get_run(active.info.run_id).info.status == status
+
+
+# -- child runs of train ---------------------------------------------------------------------------
+def _records(n):
+    from datamodels_ml.child_runs import ChildRecord
+
+    records = []
+    for i in range(n):
+        failed = i % 7 == 3
+        metrics = {"duration": 0.5 + i, "accuracy": float("nan") if i == 5 else i / 100}
+        tags = {"error": f"ValueError: model {i}"} if failed else {}
+        records.append(ChildRecord(i, "FAILED" if failed else "FINISHED", 1_000_000 + i, 1_000_500 + i, metrics, tags))
+    return records
+
+
+@pytest.mark.parametrize("mode", ["api", "sql"])
+def test_child_runs_one_per_model_with_its_params_metrics_tags_and_status(own_store, monkeypatch, mode):
+    """The public API and the SQLite fast path write the same records."""
+    import math
+
+    from datamodels_ml import tracking
+    from datamodels_ml.child_runs import ChildRunWriter
+
+    monkeypatch.setenv("DATAMODELS_CHILD_RUNS", "api" if mode == "api" else "auto")
+    with tracking.run("train", name="train-20") as parent:
+        writer = ChildRunWriter(parent.info.run_id, flush_every=0.05, max_batch=8)
+        assert writer.mode == mode
+        for rec in _records(20):
+            writer.add(rec)
+        writer.close()
+    assert (writer.written, writer.failed) == (20, 0)
+    children = own_store.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(int(c.data.params["index"]) for c in children) == list(range(20))
+    for child in children:
+        i = int(child.data.params["index"])
+        failed = i % 7 == 3
+        assert child.info.run_name == f"model-{i}" and child.info.user_id == parent.info.user_id
+        assert child.info.status == ("FAILED" if failed else "FINISHED")
+        assert (child.info.start_time, child.info.end_time) == (1_000_000 + i, 1_000_500 + i)
+        assert child.data.params == {"index": str(i)}
+        assert child.data.metrics["duration"] == 0.5 + i
+        assert math.isnan(child.data.metrics["accuracy"]) if i == 5 else child.data.metrics["accuracy"] == i / 100
+        assert child.data.tags["status"] == ("failed" if failed else "completed")
+        assert child.data.tags.get("error") == (f"ValueError: model {i}" if failed else None)
+
+
+def test_other_mlflow_tables_turn_the_fast_path_off_with_one_line(own_store, monkeypatch, capsys):
+    from datamodels_ml import child_runs, tracking
+
+    monkeypatch.setitem(child_runs._COLUMNS, "SqlRun", child_runs._COLUMNS["SqlRun"] | {"workspace"})
+    with tracking.run("train", name="train-3") as parent:
+        writer = child_runs.ChildRunWriter(parent.info.run_id)
+        for rec in _records(3):
+            writer.add(rec)
+        writer.close()
+    assert writer.mode == "api" and writer.written == 3
+    err = capsys.readouterr().err
+    assert "child runs through the public API (slower on SQLite): its tables are not the ones the fast path " \
+           "was written for (SqlRun columns ['workspace'] differ)" in err
+
+
+def test_train_through_the_public_api_writes_one_child_run_per_model(tmp_path):
+    from conftest import CONFIGS, run_cli, search_runs
+
+    out = run_cli("train", "store=st", f"spec={CONFIGS / 'minimal_spec.json'}", "main=datamodels_ml.examples.minimal",
+                  "n=6", "jobs=1", "args.multiple=4", "progress=false", cwd=tmp_path,
+                  env={"DATAMODELS_CHILD_RUNS": "api"}, check=True)
+    assert "train: 6 completed, 0 failed" in out.stdout
+    [parent] = search_runs(tmp_path, "tags.`datamodels.stage` = 'train'", training=True)
+    assert parent.info.run_name == "train-6" and parent.data.tags["n"] == "6"
+    children = search_runs(tmp_path, f"tags.mlflow.parentRunId = '{parent.info.run_id}'", training=True)
+    assert sorted(c.info.run_name for c in children) == [f"model-{i}" for i in range(6)]
+    assert all(c.info.status == "FINISHED" and c.data.metrics["index"] == float(c.data.params["index"])
+               for c in children)
