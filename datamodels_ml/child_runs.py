@@ -87,6 +87,7 @@ class ChildRunWriter:
         self.max_batch = max_batch
         self.written = 0
         self.failed = 0
+        self.lost = 0  # runs not written (failed or abandoned), known after close
         self.errors: list[str] = []
         self._sql = _fast_sql_store(self.client)
         self.mode = "sql" if self._sql is not None else "api"
@@ -115,11 +116,18 @@ class ChildRunWriter:
             self._thread.join(timeout=30)
             raise
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            stuck = self._thread.is_alive()  # e.g. a server that does not answer: leave it behind
+            self._pool.shutdown(wait=not stuck, cancel_futures=stuck)
             self._report()
 
     def _report(self) -> None:
-        lost = self.failed + self._queue.qsize()
+        left = 0
+        while True:
+            try:
+                left += self._queue.get_nowait() is not None
+            except queue.Empty:
+                break
+        self.lost = lost = self.failed + left
         if lost:
             first = f" (first error: {self.errors[0]})" if self.errors else ""
             print(f"warning: {lost} MLflow child runs of {self.parent_run_id} were not written{first}; "

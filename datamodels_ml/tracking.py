@@ -83,14 +83,26 @@ def prepare() -> str:
         if db is not None:
             _install_sqlite_pragmas()
             db.parent.mkdir(parents=True, exist_ok=True)
-            with open(str(db) + ".lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    _retry(lambda: MlflowClient(uri).search_experiments(max_results=1))
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+            with _db_lock(uri):
+                _retry(lambda: MlflowClient(uri).search_experiments(max_results=1))
         _PREPARED.add(uri)
     return uri
+
+
+@contextlib.contextmanager
+def _db_lock(uri: str) -> Iterator[None]:
+    """Across processes, one at a time on a SQLite store (its schema migration, creating an
+    experiment: a read then a write, which SQLite refuses at once to a second such writer)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(str(db) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -150,15 +162,16 @@ def ensure_experiment(name: str) -> str:
     client = MlflowClient()
     exp = _retry(lambda: client.get_experiment_by_name(name))
     if exp is None:
-        try:
-            exp_id = _retry(lambda: client.create_experiment(name, tags={KIND_TAG: KIND}))
-        except MlflowException:  # another process created it meanwhile
-            exp = _retry(lambda: client.get_experiment_by_name(name))
+        with _db_lock(key[0]):
+            exp = _retry(lambda: client.get_experiment_by_name(name))  # made meanwhile by another process?
             if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = _check_experiment(exp)
+                try:
+                    exp = client.get_experiment(_retry(lambda: client.create_experiment(name, tags={KIND_TAG: KIND})))
+                except MlflowException:  # made meanwhile through a tracking server
+                    exp = _retry(lambda: client.get_experiment_by_name(name))
+                    if exp is None:
+                        raise
+    exp_id = _check_experiment(exp)
     _EXPERIMENTS[key] = exp_id
     return exp_id
 

@@ -17,6 +17,9 @@ def own_store(tmp_path, monkeypatch):
     for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
+    from datamodels_ml import tracking
+
+    tracking.prepare()  # SQLite in WAL mode with a busy timeout, as every command has it
     return tracking_client(tmp_path)
 
 
@@ -173,3 +176,25 @@ def test_train_through_the_public_api_writes_one_child_run_per_model(tmp_path):
     assert sorted(c.info.run_name for c in children) == [f"model-{i}" for i in range(6)]
     assert all(c.info.status == "FINISHED" and c.data.metrics["index"] == float(c.data.params["index"])
                for c in children)
+
+
+def test_ctrl_c_while_child_runs_are_flushed_stops_the_flush_and_counts_what_was_not_written(own_store, monkeypatch):
+    import _thread
+    import threading
+
+    from datamodels_ml import tracking
+    from datamodels_ml.child_runs import ChildRunWriter
+
+    monkeypatch.setenv("DATAMODELS_CHILD_RUNS", "api")  # ~15 ms per run: 600 take seconds
+    with pytest.raises(KeyboardInterrupt), tracking.run("train", name="train-600") as parent:
+        writer = ChildRunWriter(parent.info.run_id)
+        for rec in _records(600):
+            writer.add(rec)
+        threading.Timer(1.0, _thread.interrupt_main).start()  # Ctrl-C
+        writer.close()
+    assert not writer._thread.is_alive()
+    children = own_store.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                     max_results=1000)
+    assert 0 < len(children) == writer.written < 600
+    assert writer.lost == 600 - writer.written  # what the one-line warning at close reports
+    assert own_store.get_run(parent.info.run_id).info.status == "KILLED"
