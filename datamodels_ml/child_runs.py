@@ -111,7 +111,7 @@ class ChildRunWriter:
         try:
             while self._thread.is_alive():
                 self._thread.join(timeout=0.5)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C (or a signal handler's SystemExit): give up on the rest
             self._abandon.set()
             self._thread.join(timeout=30)
             raise
@@ -160,11 +160,16 @@ class ChildRunWriter:
                 self._sql, self.mode = None, "api"
                 print(f"MLflow: the fast path for child runs failed ({type(exc).__name__}: {exc}); "
                       "writing them through MLflow's public API", file=sys.stderr, flush=True)
-        for ok in self._pool.map(self._write_api_safely, records):
-            if ok:
-                self.written += 1
-            else:
-                self.failed += 1
+        done = 0
+        try:
+            for ok in self._pool.map(self._write_api_safely, records):
+                done += 1
+                if ok:
+                    self.written += 1
+                else:
+                    self.failed += 1
+        except RuntimeError:  # the pool was shut down: close gave up waiting for this thread
+            self.failed += len(records) - done
 
     def _tags(self, rec: ChildRecord) -> dict[str, str]:
         """Tags of a child run: who and where (create_run) first, then what happened (log_batch)."""

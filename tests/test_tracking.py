@@ -180,18 +180,23 @@ def test_train_through_the_public_api_writes_one_child_run_per_model(tmp_path):
 
 def test_ctrl_c_while_child_runs_are_flushed_stops_the_flush_and_counts_what_was_not_written(own_store, monkeypatch):
     import _thread
+    import signal
     import threading
 
     from datamodels_ml import tracking
     from datamodels_ml.child_runs import ChildRunWriter
 
     monkeypatch.setenv("DATAMODELS_CHILD_RUNS", "api")  # ~15 ms per run: 600 take seconds
-    with pytest.raises(KeyboardInterrupt), tracking.run("train", name="train-600") as parent:
-        writer = ChildRunWriter(parent.info.run_id)
-        for rec in _records(600):
-            writer.add(rec)
-        threading.Timer(1.0, _thread.interrupt_main).start()  # Ctrl-C
-        writer.close()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever set another
+    try:
+        with pytest.raises(KeyboardInterrupt), tracking.run("train", name="train-600") as parent:
+            writer = ChildRunWriter(parent.info.run_id)
+            for rec in _records(600):
+                writer.add(rec)
+            threading.Timer(1.0, _thread.interrupt_main).start()  # Ctrl-C
+            writer.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not writer._thread.is_alive()
     children = own_store.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                      max_results=1000)
