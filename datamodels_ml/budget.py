@@ -84,7 +84,7 @@ def budget(cfg: BudgetConfig) -> int:
     """Fit the datamodels on growing numbers of models and score each on the same held-out models."""
     import dataclasses
 
-    from datamodels_ml import tracking
+    from datamodels_ml import child_runs, tracking
     from datamodels_ml.regress import fit
 
     fractions = sorted(set(float(f) for f in cfg.fractions))
@@ -107,7 +107,7 @@ def budget(cfg: BudgetConfig) -> int:
                                      for _, d in fits]))
     first = fits[-1][1]
     store = cfg.store or first.store or ""
-    durations, gpus = tracking.model_durations(store) if store else ({}, 0)
+    durations, gpus = child_runs.model_durations(store) if store else ({}, 0)
     unit = "GPU-seconds" if gpus else "core-seconds"
     rows: list[dict[str, Any]] = []
     held = None
@@ -129,7 +129,7 @@ def budget(cfg: BudgetConfig) -> int:
     params = {"reg_config": cfg.reg_config, "fractions": fractions, "store": store,
               "heldout_store": cfg.heldout_store, "n_heldout": int(held.indices.size), "compute_unit": unit}
     params.update({f"reg.{t.partition('=')[0]}": t.partition("=")[2] for t in to_dotlist(cfg.reg)})
-    with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", params=params):
+    with tempfile.TemporaryDirectory() as tmp, tracking.run("budget", name=f"budget-{base.cfg.method}-n{sizes[0]}-{sizes[-1]}", params=params):
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         for r in rows:  # step: the models the point consumes (train + validation)

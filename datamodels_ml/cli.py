@@ -1,7 +1,9 @@
 """Command line: ``python -m datamodels_ml <command> key=value ...`` (omegaconf dot-list overrides).
 
 Thin by design: look the command up, parse its structured config, call one function. Errors a user
-can cause (``UserError``) print one line and exit 2; a failed model exits 1; Ctrl-C exits 130.
+can cause (``UserError``) print one line and exit 2; a failed model exits 1; Ctrl-C exits 130,
+SIGTERM 143 (raised as an interrupt, so every open MLflow run ends KILLED, not RUNNING). Under
+``mlflow run``, a command that fails ends the run ``mlflow run`` made FAILED itself.
 
 The original MadryLab tools' spelling is accepted too: ``--key=value``/``--key value``, bare
 ``--flag`` for a boolean key, a command's ``ALIASES`` (``--worker.index`` for ``index``), and, for a
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 import typing
 import warnings
@@ -215,7 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         print(_help(name, schema, func, yaml_key))
         return 0
     warnings.simplefilter("ignore", category=FutureWarning)
+    attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` made for this command, if any
+    code = 1
+    try:
+        code = _call(schema, func, rest, yaml_key)
+        return code
+    finally:
+        if attached:
+            from datamodels_ml import tracking
+
+            tracking.finish_attached(attached, name, code)
+
+
+def _call(schema: Any, func: Any, rest: list[str], yaml_key: str | None) -> int:
+    """Parse the command's config and run it; the exit code (errors a user can cause: one line, 2)."""
     from datamodels_ml.config import load
+    from datamodels_ml.interrupts import terminate_as_interrupt
 
     try:
         script_key = getattr(schema, "SCRIPT_ARGV", None)
@@ -228,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = loader(tokens) if loader is not None else load(schema, tokens, config_key=yaml_key)
         if script:  # after any argv=[...] given as a key
             setattr(cfg, script_key, [*getattr(cfg, script_key), *script])
-        return int(func(cfg) or 0)
+        with terminate_as_interrupt("terminated (SIGTERM)"):
+            return int(func(cfg) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

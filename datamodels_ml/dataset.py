@@ -302,7 +302,8 @@ def write_dataset(cfg: WriteDatasetConfig) -> int:
 
     params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force,
               **select}
-    with tracking.run("write_dataset", params=params):
+    with tracking.run("write_dataset", name=f"write_dataset-{len(keep)}", params=params,
+                      tags={"rows": len(keep), "x_name": cfg.x_name, "y_name": cfg.y_name}):
         manifest = _write(out, inputs, keep, dropped, cfg.x_name, cfg.y_name, cfg.num_workers, select,
                           progress=cfg.progress)
         tracking.log_metrics({"rows_written": manifest["num_rows"], "rows_dropped": len(manifest["dropped"])})

@@ -220,6 +220,14 @@ def _check_out(out: str) -> None:
                         "evaluation there): choose another out directory")
 
 
+def _run_name(dm: Datamodels) -> str:
+    """``evaluate-fista-k50`` after the regression's settings, else after the results directory."""
+    solver = (dm.meta.get("config") or {}).get("cfg") or {}
+    if "method" in solver and "k" in solver:
+        return f"evaluate-{solver['method']}-k{solver['k']}"
+    return f"evaluate-{dm.path.parent.name if dm.path else 'datamodels'}"
+
+
 def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationResult:
     """Score the datamodels on the held-out models, write/log the artifacts; the core of ``evaluate``."""
     from datamodels_ml import tracking
@@ -247,7 +255,9 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
               "n_features": dm.n_features}
     files: dict[str, str] = {}
     model_uri = None
-    with tempfile.TemporaryDirectory() as tmp, tracking.run("evaluate", params=params) as active:
+    tags = {"datamodels": source, "heldout_models": scores.n_models, "targets": f"{dm.target_start}:{dm.target_end}"}
+    with tempfile.TemporaryDirectory() as tmp, \
+            tracking.run("evaluate", name=_run_name(dm), params=params, tags=tags) as active:
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         tracking.log_metrics(scores.metrics())

@@ -131,14 +131,24 @@ class _Recorder:
             self.commit()
 
     def commit(self) -> None:
+        """Mark the pending rows complete, then record each (child run, progress). A Ctrl-C during the
+        store's commit leaves them pending for ``close`` to commit again (idempotent); one while they
+        are recorded waits until all are: every completed row gets its MLflow child run."""
         self._last_commit = time.monotonic()
         if not self.pending:
             return
-        batch, self.pending = self.pending, []
+        batch = self.pending
         self.store.commit([r.index for r, _ in batch])
+        self.pending = []
+        interrupted: KeyboardInterrupt | None = None
         for result, now in batch:
             self.completed += 1
-            self._record(result, now, ok=True)
+            try:
+                self._record(result, now, ok=True)
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def _record(self, result: ModelResult, now: int, *, ok: bool) -> None:
         from datamodels_ml import tracking
@@ -163,14 +173,17 @@ class _Recorder:
                               "failed": len(self.failures)}, step=done)
 
     def close(self) -> None:
-        """Commit what is written, write the failures file, flush the child runs."""
+        """Commit what is written, write the failures file, flush the child runs (a second Ctrl-C
+        while they are written stops that, and only that)."""
         try:
             self.commit()
         finally:
             self.bar.close()
-            self.children.close()
             self.store.write_failures(self.failures)
-            self._log_progress()
+            try:
+                self.children.close()
+            finally:
+                self._log_progress()
 
 
 def _drain(fan: Backend, rec: _Recorder) -> None:
@@ -238,7 +251,9 @@ def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already:
     if cfg.argv:
         params["argv"] = " ".join(cfg.argv)
     print(f"training {len(todo)} models ({already} of {cfg.n} already complete) {fan.describe()}", flush=True)
-    with tracking.run("train", params=params) as parent:
+    tags = {"n": cfg.n, "to_train": len(todo), "main": cfg.main, "gpus": cfg.gpus,
+            "backend": fan.params().get("backend", "local")}
+    with tracking.run("train", name=f"train-{cfg.n}", params=params, tags=tags) as parent:
         tracking.log_dict(store.spec.to_json(), SPEC_FILE)
         bar = progress.bar("train", total=len(todo), unit="model", enabled=cfg.progress)
         rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))

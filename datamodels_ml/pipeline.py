@@ -57,7 +57,8 @@ def _reused_run(name: str, params: dict[str, Any], note: str) -> None:
     """A nested run that records a reused stage, so the UI shows every stage of every pipeline run."""
     from datamodels_ml import tracking
 
-    with tracking.run(name, params=params, tags={"pipeline.stage": name, "pipeline.reused": "true"}):
+    with tracking.run(name, name=f"{name}-reused", params=params,
+                      tags={"pipeline.stage": name, "pipeline.reused": "true"}):
         tracking.set_tags({"pipeline.note": note})
 
 
@@ -79,7 +80,7 @@ def stage_init(cfg: DemoConfig) -> StageResult:
         _say(f"init: {note}: skipped")
         _reused_run("init", params, note)
         return StageResult("init", "reused", time.perf_counter() - t0, note)
-    with tracking.run("init", params=params, tags={"pipeline.stage": "init"}):
+    with tracking.run("init", name=f"init-{spec.num_models}", params=params, tags={"pipeline.stage": "init"}):
         tracking.log_artifact(store.path / SPEC_FILE)
     _say(f"init: created store {store.path} for {spec.num_models} models")
     return StageResult("init", "ran", time.perf_counter() - t0)
@@ -210,7 +211,7 @@ def _ui_hint() -> str:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if db.resolve() == (Path.cwd() / "mlflow.db").resolve():
-            return "open the results: make ui  (mlflow ui --backend-store-uri sqlite:///mlflow.db), experiment 'Default'"
+            return "open the results: make ui  (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
         return f"open the results: mlflow ui --backend-store-uri {uri}"
     return f"open the results in the MLflow UI at {uri}"
 
@@ -232,7 +233,8 @@ def demo(cfg: DemoConfig) -> int:
     t0 = time.perf_counter()
     stages: list[StageResult] = []
     steps: list[Callable[[DemoConfig], StageResult]] = [stage_init, stage_train, stage_write_dataset, stage_regress]
-    with tracking.run("demo", params=to_flat_dict(cfg), tags={"pipeline.stage": "pipeline"}) as parent:
+    with tracking.run("demo", name=f"demo-{cfg.n}", params=to_flat_dict(cfg),
+                      tags={"pipeline.stage": "pipeline", "n": cfg.n, "jobs": cfg.jobs, "gpus": cfg.gpus}) as parent:
         for step in steps:
             stages.append(step(cfg))
             tracking.set_tags({f"pipeline.{stages[-1].name}": stages[-1].status})
@@ -257,7 +259,9 @@ def demo(cfg: DemoConfig) -> int:
          f"(mean Pearson {sc.pearson:.4f}, mean R^2 {sc.r2:.4f})")
     _say(f"files: {cfg.results}/datamodels.pt, {cfg.evaluate_out}/ "
          f"({', '.join(sorted(Path(p).name for p in result.files.values()))})")
-    _say(f"MLflow: parent run {run_id} ('demo'), one nested run per stage")
+    main, training = tracking.experiments_of(parent)
+    _say(f"MLflow: parent run {run_id} ('demo-{cfg.n}') in experiment '{main}', one nested run per stage; "
+         f"the train run and its model runs in '{training}'")
     _say(_ui_hint())
     return 0
 

@@ -369,7 +369,9 @@ def regress(cfg: RegressConfig) -> int:
     print(p.memory.describe(), file=sys.stderr)
     store = BlockStore(out)
     store.open(fingerprint(cfg), force=cfg.cfg.force)
-    with tracking.run("regress") as active:
+    tags = {"method": cfg.cfg.method, "k": cfg.cfg.k, "eps": cfg.cfg.eps, "num_train": cfg.data.num_train,
+            "num_val": cfg.data.num_val, "targets": f"{p.target_start}:{p.target_end}", "devices": ",".join(p.devices)}
+    with tracking.run("regress", name=f"regress-{cfg.cfg.method}-k{cfg.cfg.k}", tags=tags) as active:
         tracking.log_params(to_flat_dict(cfg))
         result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store)
         write_results(result, cfg, out, run_id=active.info.run_id if active else None)

@@ -1,19 +1,17 @@
-"""Every MLflow call of the project lives here: runs, parameters, metrics, artifacts, child runs.
+"""Every MLflow call of the project lives here (and, for the child runs of ``train``, in ``child_runs``):
+experiments, runs, parameters, metrics, artifacts, models.
 
 Tracking goes to ``MLFLOW_TRACKING_URI`` when set, else to MLflow's default local SQLite store
 (``mlflow.db`` in the working directory). For SQLite, many processes share one file, so this module
 
 * creates the database under a file lock (MLflow's schema migration is not safe to run twice at once),
 * puts it in WAL mode with a long busy timeout, so concurrent writers wait instead of failing on
-  "database is locked", and retries the rare call that still hits a lock;
-* writes the child runs of ``train`` in batches, many runs per transaction, through MLflow's own
-  ORM models (one run costs ~48 SQL statements through the public API: 15 ms per model against
-  0.24 ms, measured by benchmarks/bench_dask.py). Any other store (a tracking server) gets the same
-  records through the public API (create_run, log_batch, set_terminated), from a background thread
-  that writes ``API_THREADS`` runs at a time, so the round trips to the server overlap.
+  "database is locked", and retries the rare call that still hits a lock.
 
-A tracking failure never loses training results: callers write the store first and treat
-tracking errors as warnings (``safe``).
+Runs go to two named experiments of MLflow's model-training kind (``_experiment_for``): one for
+regressions, evaluations and pipelines, one for training, whose thousands of model runs would
+crowd the rest. A tracking failure never loses training results: callers write the store first and
+treat tracking errors as warnings (``safe``).
 """
 
 from __future__ import annotations
@@ -22,12 +20,9 @@ import contextlib
 import fcntl
 import getpass
 import os
-import queue
 import threading
 import time
-import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -37,12 +32,15 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
+from mlflow.entities import RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+from datamodels_ml.errors import UserError  # noqa: E402
 
 _PREPARED: set[str] = set()
 _LOCK = threading.Lock()
 MAX_PARAM_LEN = 6000
-API_THREADS = 8  # child runs written at once through the public API (a tracking server)
+STAGE_TAG = "datamodels.stage"  # the command that made a run (train, regress, ...), whatever its name
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -85,14 +83,26 @@ def prepare() -> str:
         if db is not None:
             _install_sqlite_pragmas()
             db.parent.mkdir(parents=True, exist_ok=True)
-            with open(str(db) + ".lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    _retry(lambda: MlflowClient(uri).search_experiments(max_results=1))
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+            with _db_lock(uri):
+                _retry(lambda: MlflowClient(uri).search_experiments(max_results=1))
         _PREPARED.add(uri)
     return uri
+
+
+@contextlib.contextmanager
+def _db_lock(uri: str) -> Iterator[None]:
+    """Across processes, one at a time on a SQLite store (its schema migration, creating an
+    experiment: a read then a write, which SQLite refuses at once to a second such writer)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(str(db) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -122,34 +132,159 @@ def _as_param(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
 
 
+# -- experiments -------------------------------------------------------------------------------
+EXPERIMENT = "datamodels"  # regressions, evaluations, budgets, the demo pipeline, init, write_dataset
+TRAIN_SUFFIX = "-train"  # "datamodels-train": train runs with their model-N child runs, worker runs
+TRAINING_STAGES = frozenset({"train", "worker"})
+KIND_TAG = "mlflow.experimentKind"  # MLflow 3's experiment type; without it the UI may open on GenAI pages
+KIND = "custom_model_development"  # "machine learning": the UI opens on the runs table
+DEFAULT_EXPERIMENT_ID = "0"
+_EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking URI, name) -> experiment id, checked once per process
+
+
+def experiment_name(*, training: bool = False) -> str:
+    """The experiment our runs go to: ``MLFLOW_EXPERIMENT_NAME`` or ``datamodels``; training: that + ``-train``."""
+    main = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+    return _training_name(main) if training else main
+
+
+def _training_name(main: str) -> str:
+    return main if main.endswith(TRAIN_SUFFIX) else main + TRAIN_SUFFIX
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment ``name``, created of the model-training kind if missing."""
+    from mlflow.exceptions import MlflowException
+
+    key = (tracking_uri(), name)
+    if key in _EXPERIMENTS:
+        return _EXPERIMENTS[key]
+    client = MlflowClient()
+    exp = _retry(lambda: client.get_experiment_by_name(name))
+    if exp is None:
+        with _db_lock(key[0]):
+            exp = _retry(lambda: client.get_experiment_by_name(name))  # made meanwhile by another process?
+            if exp is None:
+                try:
+                    exp = client.get_experiment(_retry(lambda: client.create_experiment(name, tags={KIND_TAG: KIND})))
+                except MlflowException:  # made meanwhile through a tracking server
+                    exp = _retry(lambda: client.get_experiment_by_name(name))
+                    if exp is None:
+                        raise
+    exp_id = _check_experiment(exp)
+    _EXPERIMENTS[key] = exp_id
+    return exp_id
+
+
+def _check_experiment(exp: Any) -> str:
+    """Refuse a deleted experiment; mark one that holds our runs (not Default) as model training."""
+    if exp.lifecycle_stage == "deleted":
+        raise UserError(f"the MLflow experiment '{exp.name}' (id {exp.experiment_id}) is deleted: restore it "
+                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or set "
+                        "MLFLOW_EXPERIMENT_NAME to another name")
+    if exp.experiment_id != DEFAULT_EXPERIMENT_ID and KIND_TAG not in (exp.tags or {}):
+        safe(lambda: MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND), "set experiment kind")
+    return exp.experiment_id
+
+
+def _experiment_for(stage: str, parent: Any) -> str:
+    """Where a new run of ``stage`` goes: next to its parent, else the named experiment; training apart."""
+    training = stage in TRAINING_STAGES
+    if parent is not None:
+        main_id = parent.info.experiment_id
+    elif os.environ.get("MLFLOW_EXPERIMENT_NAME") or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return ensure_experiment(experiment_name(training=training))
+    else:  # an experiment chosen by id (MLflow's MLFLOW_EXPERIMENT_ID)
+        main_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+    if not training:
+        return main_id
+    if main_id == DEFAULT_EXPERIMENT_ID:
+        return ensure_experiment(experiment_name(training=True))
+    main = _retry(lambda: MlflowClient().get_experiment(main_id))
+    return main_id if main.name.endswith(TRAIN_SUFFIX) else ensure_experiment(_training_name(main.name))
+
+
+def experiments_of(active: Any) -> tuple[str, str]:
+    """Names of the experiment holding ``active`` and of the training experiment that goes with it."""
+    exp_id = active.info.experiment_id
+    main = safe(lambda: MlflowClient().get_experiment(exp_id).name, "get experiment") or exp_id
+    if exp_id == DEFAULT_EXPERIMENT_ID:
+        return main, experiment_name(training=True)
+    return main, _training_name(main)
+
+
 # -- runs --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def run(name: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
-        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A run for one command; it attaches to the run ``mlflow run`` created when there is one.
+def run(stage: str, *, name: str | None = None, params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run of ``stage`` (a command) named ``name`` (e.g. ``regress-fista-k50``), ``tags`` its key settings.
 
-    The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+    It attaches to the run ``mlflow run`` created, if any, and renames it. Otherwise it goes to the
+    experiment ``_experiment_for`` picks: a run of ``train``/``worker`` to the training experiment,
+    a nested run next to its parent unless that is in another experiment (then linked by tags:
+    ``pipeline.parent_run_id`` on it, ``pipeline.<stage>_run_id`` on the parent).
+    The run ends FINISHED (also on exit code 0), KILLED on Ctrl-C or SIGTERM, FAILED on any other exception.
     """
     prepare()
-    run_tags = dict(tags or {})
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    attached = bool(os.environ.get("MLFLOW_RUN_ID"))
-    active = _retry(lambda: mlflow.start_run(run_name=None if attached else name, tags=run_tags or None,
-                                             nested=mlflow.active_run() is not None))
+    name = name or stage
+    run_tags = {STAGE_TAG: stage, **{k: str(v) for k, v in (tags or {}).items()}}
+    parent = mlflow.active_run()
+    if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, renamed
+        active = _retry(lambda: mlflow.start_run(run_name=name, tags=run_tags))
+        _check_experiment(_retry(lambda: MlflowClient().get_experiment(active.info.experiment_id)))
+    else:
+        exp_id = _experiment_for(stage, parent)
+        if parent is not None and exp_id != parent.info.experiment_id:
+            active = _start_linked(exp_id, name, run_tags, parent, stage)
+        else:
+            active = _retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=name, tags=run_tags,
+                                                     nested=parent is not None))
     status = "FINISHED"
     try:
         if params:
             log_params(params)
         yield active
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as interrupts.Terminated
         status = "KILLED"
+        raise
+    except SystemExit as exc:
+        status = "FINISHED" if exc.code in (0, None) else "FAILED"
         raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
         safe(lambda: mlflow.end_run(status=status), "end run")
+
+
+def _start_linked(exp_id: str, name: str, tags: dict[str, str], parent: Any, stage: str) -> mlflow.ActiveRun:
+    """A run nested under ``parent`` by tags only: MLflow's parent tag across experiments would hide it."""
+    from mlflow.tracking.context import registry
+
+    tags = {**tags, "pipeline.parent_run_id": parent.info.run_id}
+    with contextlib.suppress(Exception):  # source, user, git commit, as mlflow.start_run records them
+        tags = registry.resolve_tags(tags)
+    client = MlflowClient()
+    created = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name))
+    safe(lambda: client.set_tag(parent.info.run_id, f"pipeline.{stage}_run_id", created.info.run_id), "link run")
+    return _retry(lambda: mlflow.start_run(run_id=created.info.run_id, nested=True))
+
+
+def finish_attached(run_id: str, stage: str, exit_code: int) -> None:
+    """After a command run by ``mlflow run``: name its run after the command if no ``run`` did, and
+    end it FAILED (KILLED on Ctrl-C/SIGTERM) if the command failed and left it RUNNING, so the
+    record is right even when ``mlflow run`` is gone or never hears of it."""
+    client = MlflowClient()
+    found = safe(lambda: client.get_run(run_id), "get run")
+    if found is None:
+        return
+    safe(lambda: _check_experiment(client.get_experiment(found.info.experiment_id)), "experiment kind")
+    if STAGE_TAG not in found.data.tags:
+        safe(lambda: client.log_batch(run_id, tags=[RunTag("mlflow.runName", stage), RunTag(STAGE_TAG, stage)]),
+             "name run")
+    if exit_code != 0 and found.info.status == "RUNNING":
+        status = "KILLED" if exit_code in (130, 143) else "FAILED"
+        safe(lambda: client.set_terminated(run_id, status), "end run")
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -203,188 +338,20 @@ def active_run_id() -> str | None:
     return active.info.run_id if active else None
 
 
-# -- child runs of train -------------------------------------------------------------------------
-@dataclass
-class ChildRecord:
-    """One finished model for the MLflow record: a child run of the train run."""
-
-    index: int
-    status: str  # "FINISHED" or "FAILED" (MLflow run status)
-    start_ms: int
-    end_ms: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-class ChildRunWriter:
-    """Writes child runs of ``parent_run_id`` from a background thread, in batches."""
-
-    def __init__(self, parent_run_id: str, *, flush_every: float = 0.5, max_batch: int = 500):
-        prepare()
-        self.parent_run_id = parent_run_id
-        self.client = MlflowClient()
-        parent = self.client.get_run(parent_run_id)
-        self.experiment_id = parent.info.experiment_id
-        self.user = parent.info.user_id or _user()
-        self.flush_every = flush_every
-        self.max_batch = max_batch
-        self.written = 0
-        self.errors: list[str] = []
-        self._queue: queue.Queue[ChildRecord | None] = queue.Queue()
-        self._sql = self._sql_store()
-        self._thread = threading.Thread(target=self._loop, name="mlflow-child-runs", daemon=True)
-        self._thread.start()
-
-    def _sql_store(self):
-        """MLflow's SQL store when tracking goes to a database directly, else None."""
-        try:
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            store = self.client._tracking_client.store
-            if isinstance(store, SqlAlchemyStore):
-                experiment = store.get_experiment(self.experiment_id)
-                self._artifact_root = experiment.artifact_location
-                return store
-        except Exception:  # noqa: BLE001 - any surprise: use the public API
-            pass
-        return None
-
-    def add(self, record: ChildRecord) -> None:
-        self._queue.put(record)
-
-    def close(self) -> None:
-        """Write everything queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        pending: list[ChildRecord] = []
-        done = False
-        while not done:
-            deadline = time.monotonic() + self.flush_every
-            while len(pending) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                    break
-                pending.append(item)
-            if pending:
-                self._write(pending)
-                pending = []
-
-    def _write(self, records: list[ChildRecord]) -> None:
-        try:
-            if self._sql is not None:
-                _retry(lambda: self._write_sql(records))
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(min(API_THREADS, len(records)), thread_name_prefix="mlflow-child") as pool:
-                    list(pool.map(lambda rec: _retry(lambda: self._write_api(rec)), records))
-            self.written += len(records)
-        except Exception as exc:  # noqa: BLE001
-            if self._sql is not None:  # fall back to the public API for this batch and the next ones
-                self._sql = None
-                self._write(records)
-                return
-            self.errors.append(str(exc))
-            warnings.warn(f"MLflow tracking failed for {len(records)} child runs: {exc}; the store is unaffected")
-
-    def _tags(self, rec: ChildRecord) -> dict[str, str]:
-        tags = {
-            "mlflow.parentRunId": self.parent_run_id,
-            "mlflow.runName": f"model-{rec.index}",
-            "mlflow.user": self.user,
-            "status": "completed" if rec.status == "FINISHED" else "failed",
-        }
-        tags.update({k: str(v)[:7900] for k, v in rec.tags.items()})
-        return tags
-
-    def _write_api(self, rec: ChildRecord) -> None:
-        from mlflow.entities import Metric, Param
-
-        tags = self._tags(rec)
-        child = self.client.create_run(self.experiment_id, start_time=rec.start_ms, tags=tags,
-                                       run_name=tags["mlflow.runName"])
-        run_id = child.info.run_id
-        metrics = [Metric(k, float(v), rec.end_ms, 0) for k, v in rec.metrics.items()]
-        self.client.log_batch(run_id, metrics=metrics, params=[Param("index", str(rec.index))])
-        self.client.set_terminated(run_id, rec.status, end_time=rec.end_ms)
-
-    def _write_sql(self, records: list[ChildRecord]) -> None:
-        import math
-
-        from sqlalchemy import insert
-
-        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
-
-        runs, tags, params, metrics = [], [], [], []
-        for rec in records:
-            run_id = uuid.uuid4().hex
-            run_tags = self._tags(rec)
-            runs.append(dict(
-                run_uuid=run_id, name=run_tags["mlflow.runName"], source_type="UNKNOWN", source_name="",
-                entry_point_name="", user_id=self.user, status=rec.status, start_time=rec.start_ms,
-                end_time=rec.end_ms, deleted_time=None, source_version="", lifecycle_stage="active",
-                artifact_uri=f"{self._artifact_root.rstrip('/')}/{run_id}/artifacts",
-                experiment_id=int(self.experiment_id),
-            ))
-            tags.extend(dict(key=k, value=v, run_uuid=run_id) for k, v in run_tags.items())
-            params.append(dict(key="index", value=str(rec.index), run_uuid=run_id))
-            for key, value in rec.metrics.items():
-                value = float(value)
-                is_nan = math.isnan(value)
-                row = dict(key=key, value=0.0 if is_nan else value, timestamp=rec.end_ms, step=0,
-                           is_nan=is_nan, run_uuid=run_id)
-                metrics.append(row)
-        with self._sql.ManagedSessionMaker() as session:
-            session.execute(insert(SqlRun.__table__), runs)
-            session.execute(insert(SqlTag.__table__), tags)
-            session.execute(insert(SqlParam.__table__), params)
-            if metrics:
-                session.execute(insert(SqlMetric.__table__), metrics)
-                session.execute(insert(SqlLatestMetric.__table__), metrics)
-
-
-def model_durations(store: str | Path) -> tuple[dict[int, float], int]:
-    """Seconds each model of ``store`` ran in its slot (the ``duration`` metric of the FINISHED child
-    runs of every train run whose ``store`` param names it, relative paths taken from the working
-    directory; a later run wins) and the most GPUs those runs used (0: CPU slots). ``({}, 0)`` when
-    this tracking store holds no such run."""
-    client, target = MlflowClient(prepare()), Path(store).resolve()
-
-    def search(exps: list[str], query: str) -> Iterator[Any]:
-        token = None
-        while True:
-            page = _retry(lambda: client.search_runs(exps, query, max_results=5000, page_token=token,
-                                                     order_by=["attributes.start_time ASC"]))
-            yield from page
-            if not (token := page.token):
-                return
-
-    exps = [e.experiment_id for e in _retry(client.search_experiments)]
-    durations: dict[int, float] = {}
-    gpus = 0
-    for parent in search(exps, "params.store LIKE '%'"):
-        p = parent.data.params
-        if "main" not in p or "n" not in p or Path(p["store"]).resolve() != target:
-            continue  # not a train run on this store
-        gpus = max(gpus, int(p.get("gpus") or 0))
-        query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' AND attributes.status = 'FINISHED'"
-        for child in search([parent.info.experiment_id], query):
-            if "index" in child.data.params and "duration" in child.data.metrics:
-                durations[int(child.data.params["index"])] = float(child.data.metrics["duration"])
-    return durations, gpus
-
-
 def _user() -> str:
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """``tracking.ChildRunWriter``/``ChildRecord``: the child-run writer is a concept of its own (``child_runs``)."""
+    if name in ("ChildRunWriter", "ChildRecord"):
+        from datamodels_ml import child_runs
+
+        return getattr(child_runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def worker(cfg: WorkerConfig) -> int:
         params.update({f"args.{k}": v for k, v in cfg.args.items()})
         if cfg.argv:
             params["argv"] = " ".join(cfg.argv)
-        with tracking.run(f"model-{index}", params=params):
+        with tracking.run("worker", name=f"model-{index}", params=params, tags={"index": index, "main": cfg.main}):
             if cfg.timeout:  # killed from outside when time is up, wherever main hangs
                 from datamodels_ml.runner_process import run_isolated
 

@@ -78,6 +78,19 @@ def tracking_client(cwd: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{Path(cwd) / 'mlflow.db'}")
 
 
+EXPERIMENT, TRAIN_EXPERIMENT = "datamodels", "datamodels-train"  # where runs go by default
+
+
+def search_runs(cwd: Path, filter_string: str = "", *, training: bool | None = None, **kw):
+    """Runs of the test's store in the experiment of regressions, evaluations and pipelines
+    (``training=False``), of training (``True``: train, worker and model-N runs), or both (None)."""
+    client = tracking_client(cwd)
+    names = {None: (EXPERIMENT, TRAIN_EXPERIMENT), False: (EXPERIMENT,), True: (TRAIN_EXPERIMENT,)}[training]
+    ids = [e.experiment_id for e in map(client.get_experiment_by_name, names) if e is not None]
+    kw.setdefault("max_results", 5000)
+    return client.search_runs(ids, filter_string, **kw) if ids else []
+
+
 @pytest.fixture
 def cli(tmp_path):
     """``cli(*args, check=...)`` runs the CLI with cwd=tmp_path."""

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("distributed")
 pytest.importorskip("dask_jobqueue")
 
-from conftest import CONFIGS, ROOT, cli_env, run_cli, tracking_client  # noqa: E402
+from conftest import CONFIGS, ROOT, cli_env, run_cli, search_runs  # noqa: E402
 from datamodels_ml.errors import UserError  # noqa: E402
 
 FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
@@ -108,8 +108,7 @@ def check_rows(store, n):
 
 
 def child_runs(tmp_path):
-    client = tracking_client(tmp_path)
-    runs = client.search_runs(["0"], max_results=1000)
+    runs = search_runs(tmp_path, training=True)
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 

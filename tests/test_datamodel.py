@@ -112,6 +112,7 @@ def test_load_and_predict_errors(tmp_path):
 
 def test_pyfunc_model_predicts_like_datamodels(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts of the experiments it creates: ./mlruns
     import mlflow.pyfunc
 
     from datamodels_ml import tracking

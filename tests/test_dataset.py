@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli, tracking_client
+from conftest import EXPERIMENT, run_cli, search_runs, tracking_client
 from datamodels_ml.dataset import BetonBatches, beton_info, indices_hash, read_beton, read_manifest, write_beton
 from datamodels_ml.errors import UserError
 from datamodels_ml.spec import parse_spec
@@ -213,9 +213,10 @@ def test_write_dataset_cli_end_to_end(small_store, tmp_path):
     manifest = json.loads((tmp_path / "data" / "reg.beton.json").read_text())
     assert manifest["num_rows"] == 8 and manifest["y_name"] == "margins"
 
-    client = tracking_client(tmp_path)
-    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
-    assert run.info.run_name == "write_dataset" and run.info.status == "FINISHED"
+    [run] = search_runs(tmp_path, training=False)
+    assert run.info.run_name == "write_dataset-8" and run.info.status == "FINISHED"
+    assert tracking_client(tmp_path).get_experiment(run.info.experiment_id).name == EXPERIMENT
+    assert (run.data.tags["datamodels.stage"], run.data.tags["rows"]) == ("write_dataset", "8")
     assert run.data.metrics == {"rows_written": 8.0, "rows_dropped": 2.0}
     assert run.data.params["x_name"] == "masks" and run.data.params["store"] == str(store.path)
 
@@ -289,8 +290,7 @@ def test_write_dataset_with_the_original_spelling(tmp_path):
     assert idx.tolist() == list(range(N_MODELS))
     np.testing.assert_array_equal(x, _stored(store, "counts"))
     np.testing.assert_array_equal(y, _stored(store, "grid")[:, 0])
-    client = tracking_client(tmp_path)
-    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    [run] = search_runs(tmp_path, training=False)
     assert (run.data.params["store"], run.data.params["y_slice"], run.data.params["ignore_completed"]) == \
         (str(store.path), "0", "True")
 

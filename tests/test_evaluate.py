@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import Lasso
 from sklearn.metrics import r2_score
 
-from conftest import run_cli, tracking_client
+from conftest import run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
 from datamodels_ml.evaluate import (EvaluateConfig, lds, mse, pearson, pearson_per_target, r2, r2_per_target,
                                     run_evaluation, score, spearman_per_target)
@@ -120,6 +120,7 @@ def write_datamodels(store, out, *, train=TRAIN, val=VAL, target_start=0, target
 @pytest.fixture
 def synthetic(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts of the experiments it creates: ./mlruns
     store, w, b = make_store(tmp_path / "store")
     return tmp_path, store
 
@@ -181,10 +182,10 @@ def test_evaluate_cli_prints_and_logs(synthetic):
     proc = run_cli("evaluate", "datamodels=dm.pt", "out=eval", cwd=tmp_path, check=True)
     value = float(re.search(r"LDS \(mean Spearman\): (-?[0-9.]+)", proc.stdout).group(1))
     assert value > 0.8
-    runs = tracking_client(tmp_path).search_runs(["0"], filter_string="attributes.run_name = 'evaluate'")
+    runs = search_runs(tmp_path, "tags.`datamodels.stage` = 'evaluate'", training=False)
     assert len(runs) == 1 and runs[0].data.metrics["lds"] == pytest.approx(value, abs=1e-4)
     assert runs[0].data.metrics["n_heldout"] == N - 120
-    models = tracking_client(tmp_path).search_logged_models(experiment_ids=["0"])
+    models = tracking_client(tmp_path).search_logged_models(experiment_ids=[runs[0].info.experiment_id])
     assert [m.source_run_id for m in models] == [runs[0].info.run_id]  # the pyfunc model of the datamodels
 
 

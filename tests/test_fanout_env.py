@@ -132,8 +132,8 @@ def test_train_logs_to_a_tracking_server(tmp_path):
         out = run_cli("train", "store=st", f"spec={SPEC}", "main=datamodels_ml.examples.minimal", "n=6", "jobs=2",
                       "args.multiple=4", "progress=false", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, check=True)
         assert "train: 6 completed, 0 failed" in out.stdout
-        runs = client.search_runs(["0"], max_results=100)
-        parent = next(r for r in runs if r.info.run_name == "train")
+        runs = client.search_runs([client.get_experiment_by_name("datamodels-train").experiment_id], max_results=100)
+        parent = next(r for r in runs if r.info.run_name == "train-6")
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(int(c.data.params["index"]) for c in children) == list(range(6))
         assert all(c.info.status == "FINISHED" and c.data.metrics["index"] == float(c.data.params["index"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_cli, tracking_client
+from conftest import cli_env, run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
 from datamodels_ml.lock import row_lock, store_lock
 
@@ -157,6 +157,10 @@ def test_second_writer_is_refused_and_sigterm_stops_cleanly(store, tmp_path):
     assert json.loads((store / "_failures.json").read_text()) == {}
     status = run_cli("status", "store=st", cwd=tmp_path, check=True).stdout
     assert f"completed: {len(done)}/64" in status and "failures of the last train: none" in status
+    [parent] = search_runs(tmp_path, "tags.`datamodels.stage` = 'train'", training=True)
+    assert parent.info.status == "KILLED"  # not left RUNNING
+    children = search_runs(tmp_path, f"tags.mlflow.parentRunId = '{parent.info.run_id}'", training=True)
+    assert sorted(int(c.data.params["index"]) for c in children) == sorted(done)  # flushed before exiting
 
 
 def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):
@@ -167,6 +171,37 @@ def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):
     assert worker.returncode == 143
     assert err == "terminated (SIGTERM): model 3 was not written\n"
     assert not np.load(store / "_completed.npy").any()
+    [run] = search_runs(tmp_path, training=True)
+    assert (run.info.run_name, run.info.status) == ("model-3", "KILLED")
+
+
+def _mlflow_run(tmp_path, experiment):
+    """A run as ``mlflow run`` makes it before starting the command (a random name, RUNNING)."""
+    cli_env(tmp_path)  # the test's MLflow store
+    client = tracking_client(tmp_path)
+    made = client.create_run(client.create_experiment(experiment), run_name="suave-quail-866")
+    return client, {"MLFLOW_RUN_ID": made.info.run_id, "MLFLOW_EXPERIMENT_ID": made.info.experiment_id}
+
+
+def test_a_command_under_mlflow_run_that_fails_ends_its_run_failed_and_names_it(tmp_path):
+    """The command ends the run itself: MLflow's wrapper may be gone (killed) or never look."""
+    client, env = _mlflow_run(tmp_path, "datamodels")
+    proc = run_cli("regress", "config=missing.yaml", cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    run = client.get_run(env["MLFLOW_RUN_ID"])
+    assert (run.info.run_name, run.info.status, run.data.tags["datamodels.stage"]) == ("regress", "FAILED", "regress")
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_sigterm_under_mlflow_run_ends_the_run_killed_with_its_name(store, tmp_path):
+    client, env = _mlflow_run(tmp_path, "datamodels-train")
+    worker = start(tmp_path, "worker", "store=st", "index=3", f"main={FAULTS}", "args.sleep=60", env=env)
+    wait_for(lambda: calls(store) == [3], "the worker to train")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 143, err
+    run = client.get_run(env["MLFLOW_RUN_ID"])
+    assert (run.info.run_name, run.info.status) == ("model-3", "KILLED")
 
 
 def test_runner_skips_a_complete_row_and_exits_quietly_when_its_parent_is_gone(store, tmp_path):
@@ -209,7 +244,7 @@ def test_nan_results_are_counted_and_files_honour_the_umask(store, tmp_path):
     assert ("warning: 2 models returned NaN/inf (loss: 2); they are stored as complete, "
             "and write_dataset drops such rows") in proc.stdout
     assert np.isnan(np.load(store / "loss.npy")[[1, 4]]).all()
-    children = {int(r.data.params["index"]): r for r in tracking_client(tmp_path).search_runs(["0"])
+    children = {int(r.data.params["index"]): r for r in search_runs(tmp_path, training=True)
                 if "mlflow.parentRunId" in r.data.tags}
     assert {i for i, r in children.items() if r.data.tags.get("nonfinite") == "loss"} == {1, 4}
     out = run_cli("worker", "store=st", "index=9", f"main={FAULTS}", "args.nan=9", cwd=tmp_path, check=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tracking_client
+from conftest import search_runs
 from datamodels_ml.cli import apply_aliases, bare_flags, split_script_options
 from datamodels_ml.errors import UserError
 from datamodels_ml.fanout import TrainConfig
@@ -52,7 +52,8 @@ def test_worker_with_the_original_flags(cli, original):
     assert done.nonzero()[0].tolist() == [3]
     np.testing.assert_array_equal(margins[3], expected_margins(3, 0.25, 24, "/d/x.beton"))
     np.testing.assert_array_equal(masks[3], expected_mask(3))
-    run = tracking_client(original.parent).search_runs(["0"])[0]
+    [run] = search_runs(original.parent, training=True)
+    assert run.info.run_name == "model-3"
     assert run.data.params["argv"] == "--training.lr=0.25 --data.train_dataset /d/x.beton --unknown.option=7"
     assert run.data.params["store"] == str(original) and run.data.params["index"] == "3"
 

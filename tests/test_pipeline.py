@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, cli_env, tracking_client
+from conftest import CONFIGS, TRAIN_EXPERIMENT, cli_env, search_runs, tracking_client
 from datamodels_ml.datamodel import Datamodels
 
 STAGES = ("init", "train", "write_dataset", "regress")
@@ -82,19 +82,29 @@ def test_second_run_reuses_the_finished_stages(demo_runs):
 
 
 def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_runs):
+    """The demo and its stages in experiment 'datamodels'; its train run (with the model runs) in
+    'datamodels-train', linked to the demo by tags; every run named by what it is."""
     cwd, _, _, _, _ = demo_runs
     client = tracking_client(cwd)
-    parents = client.search_runs(["0"], filter_string="tags.`pipeline.stage` = 'pipeline'",
-                                 order_by=["attributes.start_time ASC"])
+    parents = search_runs(cwd, "tags.`pipeline.stage` = 'pipeline'", order_by=["attributes.start_time ASC"])
     assert len(parents) == 2
     for parent, reused in zip(parents, (False, True)):
-        children = client.search_runs(["0"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        names = {c.info.run_name: c for c in children}
-        assert set(names) == {*STAGES, "evaluate"}, sorted(names)
+        assert parent.info.run_name == "demo-60" and parent.info.status == "FINISHED"
+        children = search_runs(cwd, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        stages = {c.data.tags["datamodels.stage"]: c for c in children}
+        [train] = search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{parent.info.run_id}'", training=True)
+        stages["train"] = train
+        assert set(stages) == {*STAGES, "evaluate"} and len(children) == 4, sorted(stages)
+        assert parent.data.tags["pipeline.train_run_id"] == train.info.run_id
+        assert client.get_experiment(train.info.experiment_id).name == TRAIN_EXPERIMENT
         for stage in STAGES:
-            assert (names[stage].data.tags.get("pipeline.reused") == "true") == reused, stage
-        assert parent.data.metrics["lds"] == pytest.approx(names["evaluate"].data.metrics["lds"])
-        assert parent.info.status == "FINISHED"
+            assert (stages[stage].data.tags.get("pipeline.reused") == "true") == reused, stage
+            assert stages[stage].info.run_name.startswith(f"{stage}-reused" if reused else f"{stage}-"), stage
+        assert parent.data.metrics["lds"] == pytest.approx(stages["evaluate"].data.metrics["lds"])
+    first_train = search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{parents[0].info.run_id}'", training=True)[0]
+    assert first_train.info.run_name == "train-60"
+    models = search_runs(cwd, f"tags.mlflow.parentRunId = '{first_train.info.run_id}'", training=True)
+    assert sorted(m.info.run_name for m in models) == sorted(f"model-{i}" for i in range(60))
 
 
 def test_budget_curve_on_the_demo_data(demo_runs):
@@ -111,11 +121,9 @@ def test_budget_curve_on_the_demo_data(demo_runs):
         table = list(csv.DictReader(fh))
     assert list(table[0])[:4] == ["num_models", "models_used", "compute_seconds", "lds"]
     # the compute of the full point: the recorded seconds of the demo regression's 40 models (same split)
-    client = tracking_client(cwd)
     seconds = {}
-    for train_run in client.search_runs(["0"], filter_string="attributes.run_name = 'train'"):  # the second reused
-        children = client.search_runs(["0"], filter_string=f"tags.mlflow.parentRunId = '{train_run.info.run_id}'",
-                                      max_results=1000)
+    for train_run in search_runs(cwd, "tags.`datamodels.stage` = 'train'", training=True):  # the second reused
+        children = search_runs(cwd, f"tags.mlflow.parentRunId = '{train_run.info.run_id}'", training=True)
         seconds.update({int(c.data.params["index"]): c.data.metrics["duration"] for c in children})
     assert len(seconds) == 60
     dm = Datamodels.load(cwd / "data/digits/reg_results/datamodels.pt")
@@ -123,8 +131,9 @@ def test_budget_curve_on_the_demo_data(demo_runs):
     assert float(table[1]["compute_seconds"]) == pytest.approx(expected, rel=1e-6)
     assert 0 < float(table[0]["compute_seconds"]) < float(table[1]["compute_seconds"])
     assert (cwd / "budget" / "budget.png").is_file()
-    run = client.search_runs(["0"], filter_string="attributes.run_name = 'budget'")[0]
-    history = client.get_metric_history(run.info.run_id, "lds")
+    [run] = search_runs(cwd, "tags.`datamodels.stage` = 'budget'")
+    assert run.info.run_name == "budget-fista-n15-30"
+    history = tracking_client(cwd).get_metric_history(run.info.run_id, "lds")
     assert sorted(m.step for m in history) == [25, 40]  # step: models used
     assert run.data.params["compute_unit"] == "core-seconds"
     assert not (cwd / "unused").exists()  # fit writes no files

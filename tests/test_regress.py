@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, run_cli, tracking_client
+from conftest import CONFIGS, EXPERIMENT, run_cli, search_runs, tracking_client
 from datamodels_ml.config import load
 from datamodels_ml.dataset import write_beton
 from datamodels_ml.errors import UserError
@@ -78,8 +78,12 @@ def test_regress_end_to_end(digits, tmp_path):
     assert lines[0] == "target,lam,lam_ratio,best_val_mse,nnz_at_best,val_r2" and len(lines) == T + 1
 
     client = tracking_client(tmp_path)
-    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
-    assert run.info.run_name == "regress" and run.info.status == "FINISHED"
+    [run] = search_runs(tmp_path)
+    assert run.info.run_name == f"regress-saga-k{K}" and run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == EXPERIMENT and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {k: run.data.tags[k] for k in ("datamodels.stage", "method", "k", "num_train")} == \
+        {"datamodels.stage": "regress", "method": "saga", "k": str(K), "num_train": "30"}
     steps = [round(200 * i / (K - 1)) for i in range(K)]  # 100 * log10(λ_max / λ) on the grid 1 .. 0.01
     for metric in ("val_mse", "train_mse", "nnz", "lam_ratio", "active_fraction"):
         history = client.get_metric_history(run.info.run_id, metric)

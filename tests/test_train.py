@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, ROOT, cli_env, run_cli, tracking_client
+from conftest import CONFIGS, ROOT, cli_env, run_cli, search_runs
 
 SPEC = str(CONFIGS / "minimal_spec.json")
 MAINS = Path(__file__).parent / "mains"
@@ -23,15 +23,14 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def runs_of(tmp_path, parent_id=None):
-    client = tracking_client(tmp_path)
-    runs = client.search_runs(["0"], max_results=5000)
+    runs = search_runs(tmp_path, training=True)
     if parent_id is not None:
         runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     return runs
 
 
 def parent_run(tmp_path):
-    runs = [r for r in runs_of(tmp_path) if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "train"]
+    runs = [r for r in runs_of(tmp_path) if r.data.tags.get("datamodels.stage") == "train"]
     return sorted(runs, key=lambda r: r.info.start_time)[-1]
 
 
@@ -250,12 +249,12 @@ def test_mlflow_run_worker_entry_point(tmp_path):
     env = cli_env(tmp_path, {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "worker",
                            "-P", f"store={tmp_path / 'st'}", "-P", "index=2", "-P", "main=datamodels_ml.examples.minimal",
-                           "-P", "args.multiple=5", "--env-manager", "local"],
+                           "-P", "args.multiple=5", "--env-manager", "local", "--experiment-name", "datamodels-train"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.load(tmp_path / "st" / "values.npy")[2].tolist() == [5] * 10
-    (run,) = runs_of(tmp_path)
-    assert run.info.status == "FINISHED"
+    (run,) = runs_of(tmp_path)  # in the experiment `mlflow run` made, now of the model-training kind
+    assert run.info.status == "FINISHED" and run.info.run_name == "model-2"  # not MLflow's random name
     params = run.data.params
     assert params["index"] == "2" and params["args.multiple"] == "5" and params["main"] == "datamodels_ml.examples.minimal"
     assert sorted(params) == ["args.multiple", "index", "main", "overwrite", "store", "timeout"]
