@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` made for this command, if any
     code = 1
     try:
-        code = _call(schema, func, rest, yaml_key)
+        code = _call(schema, func, rest, yaml_key, getattr(module, "load_config", None))
         return code
     finally:
         if attached:
@@ -230,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             tracking.finish_attached(attached, name, code)
 
 
-def _call(schema: Any, func: Any, rest: list[str], yaml_key: str | None) -> int:
-    """Parse the command's config and run it; the exit code (errors a user can cause: one line, 2)."""
+def _call(schema: Any, func: Any, rest: list[str], yaml_key: str | None, loader: Any = None) -> int:
+    """Parse the command's config (with the command's own ``load_config`` when it has one: regress,
+    whose original configs keep the original's meaning) and run it; the exit code (errors a user can
+    cause: one line, 2)."""
     from datamodels_ml.config import load
     from datamodels_ml.interrupts import terminate_as_interrupt
 
@@ -242,7 +244,6 @@ def _call(schema: Any, func: Any, rest: list[str], yaml_key: str | None) -> int:
         if script_key:
             rest, script = split_script_options(schema, rest)
         tokens = apply_aliases(schema, normalize_args(rest, config_key=yaml_key))
-        loader = getattr(module, "load_config", None)  # regress: original configs keep the original's meaning
         cfg = loader(tokens) if loader is not None else load(schema, tokens, config_key=yaml_key)
         if script:  # after any argv=[...] given as a key
             setattr(cfg, script_key, [*getattr(cfg, script_key), *script])
