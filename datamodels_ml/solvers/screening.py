@@ -192,6 +192,21 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, ei
     return Wn, wGw, it
 
 
+def _size_groups(sizes: Tensor, budget: float, spread: float = 1.5) -> list[Tensor]:
+    """The columns in groups of similar working-set sizes (each padded to its largest, so one
+    large set no longer pads every column of the block): ascending sizes, a new group when the
+    size exceeds ``spread`` times the group's first or the group's padded copy would pass
+    ``budget`` entries."""
+    order = torch.argsort(sizes, stable=True)
+    sz = sizes[order].tolist()
+    groups, start = [], 0
+    for i in range(1, len(sz) + 1):
+        if i == len(sz) or sz[i] > spread * max(sz[start], 1.0) or (i - start + 1) * sz[i] ** 2 > budget:
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
 def _budget(p: int) -> float:
     return max(_COPY_BUDGET * p * p, 2.0**24)
 
@@ -254,10 +269,8 @@ def solve_screened(
         if U.numel() == 0:
             pass
         elif (plan := _plan(sizes, U.numel(), p)) == "batched":
-            g = max(1, int(_budget(p) // float(sizes.max()) ** 2))  # targets per group
             most = 0
-            for j in range(0, Ta, g):
-                sl = slice(j, j + g)
+            for sl in _size_groups(sizes, _budget(p)):
                 Wn[:, sl], wGw[sl], it = _solve_batched(op, keep[:, sl], c[:, sl], lam[sl], W[:, sl], nulldev[sl], var,
                                                         tol, max_iter, on_iter, eig, ids[sl])
                 most = max(most, it)
