@@ -95,6 +95,7 @@ bench: setup ## benchmarks (~10 min): train overhead, regression vs sklearn, sca
 	$(PY) benchmarks/bench_regression.py
 	$(PY) benchmarks/bench_scale.py --sizes 5000
 	$(PY) benchmarks/bench_startup.py
+	$(PY) benchmarks/bench_blas.py
 
 gpu-check: setup ## on a CUDA machine (setup with a CUDA TORCH_SPEC): GPU tests and GPU benchmarks, < 8 min
 	$(PY) -m pytest -q -p no:cacheprovider -m gpu
