@@ -113,7 +113,7 @@ def plan(cfg: RegressConfig) -> Plan:
 
 # -- the fit -------------------------------------------------------------------------------------
 class _Progress:
-    """The solver callback: a tqdm bar over epochs, shared by the target blocks."""
+    """The solver callback: a progress bar over epochs (`progress.bar`), shared by the target blocks."""
 
     def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool):
         from datamodels_ml.progress import bar

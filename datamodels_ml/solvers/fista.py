@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers.supports import padded_support
+
 __all__ = ["fista", "top_eig_cols", "gram_product", "duality_gap", "support_newton", "TOL", "STALL"]
 
 TOL = 1e-6  # default: relative duality gap
@@ -203,13 +205,11 @@ def _solve_on_support(G, cols: Tensor, S: Tensor, sgn: Tensor, c: Tensor, lam: T
     dropping the features whose sign flips (``drops`` times at most); zero for columns with an
     empty, too large or singular system, or signs that still disagree."""
     a = S.sum(0)
-    m = int(min(int(a.max()), cap))
     q, n = S.shape
+    idx, valid = padded_support(S, cap)  # [m, n]: the support first
+    m = idx.shape[0]
     if m == 0:
         return torch.zeros(q, n, dtype=c.dtype, device=c.device)
-    order = torch.sort((~S).to(torch.int8), dim=0, stable=True).indices[:m]  # support first
-    valid = torch.arange(m, device=S.device)[:, None] < a.clamp_max(m)[None, :]  # [m, n]
-    idx = torch.where(valid, order, torch.zeros_like(order))
     if G.ndim == 2:
         Gaa = G[idx.T[:, :, None], idx.T[:, None, :]]
     else:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers.supports import padded_support, size_groups
+
 __all__ = ["PHIS", "CAP", "support_ls", "blend", "choose_phi"]
 
 PHIS = (0.0, 0.25, 0.5, 0.75, 1.0)  # φ = 0 first: a tie keeps the lasso
@@ -48,20 +50,10 @@ def support_ls(op, c: Tensor, W: Tensor, *, n_rows: int, fit_intercept: bool, su
     if cols.numel() == 0:
         return out, solved
     # targets in order of support size, so that a group's padding stays small
-    cols = cols[torch.argsort(a[cols])]
-    start = 0
-    while start < cols.numel():
-        m = int(a[cols[start]])
-        g = 1
-        while start + g < cols.numel() and (g + 1) * int(a[cols[start + g]]) ** 2 <= _GROUP_ENTRIES:
-            g += 1
-        grp = cols[start:start + g]
-        start += g
-        m = int(a[grp].max())
-        S = support[:, grp]  # [p, g]
-        order = torch.sort((~S).to(torch.int8), dim=0, stable=True).indices[:m]  # support first
-        valid = torch.arange(m, device=W.device)[:, None] < a[grp][None, :]  # [m, g]
-        idx = torch.where(valid, order, torch.zeros_like(order))
+    for grp in size_groups(a[cols], _GROUP_ENTRIES):
+        grp = cols[grp]
+        idx, valid = padded_support(support[:, grp])  # [m, g]: the support first
+        m = idx.shape[0]
         Gaa = op.batch_block(idx.T, valid.T).to(torch.float64)  # [g, m, m], zero outside the support
         pad = (~valid.T).to(torch.float64)
         Gaa = Gaa + torch.diag_embed(pad)  # identity on the padding: its solution is 0

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.blas import mm
-from datamodels_ml.solvers.screening import _budget
+from datamodels_ml.solvers.screening import copy_budget
 from datamodels_ml.solvers.stats import FeatureStats, TargetStats, moments
 
 __all__ = ["TrainValGram", "train_val_problem"]
@@ -85,7 +85,7 @@ class TrainValGram:
     def block(self, idx: Tensor):
         """``G'[idx, idx]`` (a copy of ``|idx|²`` entries), or for all features of a large Gram its
         product (never the matrix), as ``RefitGram``."""
-        if idx.numel() == self.n_features and idx.numel() ** 2 > _budget(self.n_features):
+        if idx.numel() == self.n_features and idx.numel() ** 2 > copy_budget(self.n_features):
             return self._product
         st = self.stats
         zi = self.zc(idx)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from datamodels_ml.solvers.fista import fista, top_eig_cols
 from datamodels_ml.solvers.stats import FeatureStats
+from datamodels_ml.solvers.supports import padded_support, size_groups
 
 __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened"]
 
@@ -119,7 +120,7 @@ class RefitGram:
         return out
 
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
-        if idx.numel() == self.n_features and idx.numel() ** 2 > _budget(self.n_features):
+        if idx.numel() == self.n_features and idx.numel() ** 2 > copy_budget(self.n_features):
             return self._product  # all features of a large Gram: its product, never the matrix
         st = self.stats
         zi = st.z_val(idx, self.dtype)  # [n_val, |idx|], once
@@ -169,12 +170,9 @@ def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, 
 def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, cols):
     """FISTA with one sub-Gram per column, ``G[S_t, S_t]``, padded to the largest ``|S_t|`` and
     multiplied as one batch. Returns ``(W [p, Ta], wGw, iters)``."""
-    sizes = keep.sum(0)
-    m, Ta = int(sizes.max()), keep.shape[1]
-    # per column: its kept features first (in feature order), then padding (feature 0, not allowed)
-    order = torch.sort((~keep).to(torch.int8), dim=0, stable=True).indices[:m]  # [m, Ta]
-    valid = torch.arange(m, device=keep.device)[:, None] < sizes[None, :]
-    idx = torch.where(valid, order, torch.zeros_like(order))
+    Ta = keep.shape[1]
+    idx, valid = padded_support(keep)  # [m, Ta]: each column's kept features, then padding
+    m = idx.shape[0]
     Gb = op.batch_block(idx.T, valid.T)  # [Ta, m, m], zero outside the valid block
     tcol = torch.arange(Ta, device=keep.device)[None, :]
     if eig is not None:
@@ -192,22 +190,8 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, ei
     return Wn, wGw, it
 
 
-def _size_groups(sizes: Tensor, budget: float, spread: float = 1.5) -> list[Tensor]:
-    """The columns in groups of similar working-set sizes (each padded to its largest, so one
-    large set no longer pads every column of the block): ascending sizes, a new group when the
-    size exceeds ``spread`` times the group's first or the group's padded copy would pass
-    ``budget`` entries."""
-    order = torch.argsort(sizes, stable=True)
-    sz = sizes[order].tolist()
-    groups, start = [], 0
-    for i in range(1, len(sz) + 1):
-        if i == len(sz) or sz[i] > spread * max(sz[start], 1.0) or (i - start + 1) * sz[i] ** 2 > budget:
-            groups.append(order[start:i])
-            start = i
-    return groups
-
-
-def _budget(p: int) -> float:
+def copy_budget(p: int) -> float:
+    """Entries of the sub-Gram copies allowed at once: 0.125 p² (0.5 byte per p² in float32)."""
     return max(_COPY_BUDGET * p * p, 2.0**24)
 
 
@@ -215,7 +199,7 @@ def _plan(sizes: Tensor, n_union: int, p: int) -> str:
     """``"batched"`` (per-target sub-Grams, in groups of targets that fit the copy budget),
     ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, masked), the fastest by the
     cost model whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
-    budget = _budget(p)
+    budget = copy_budget(p)
     Ta = sizes.numel()
     m2 = float(sizes.max()) ** 2
     union_entries = float(n_union) ** 2 if float(n_union) ** 2 <= budget else float(p) ** 2
@@ -270,7 +254,7 @@ def solve_screened(
             pass
         elif (plan := _plan(sizes, U.numel(), p)) == "batched":
             most = 0
-            for sl in _size_groups(sizes, _budget(p)):
+            for sl in size_groups(sizes, copy_budget(p), spread=1.5):
                 Wn[:, sl], wGw[sl], it = _solve_batched(op, keep[:, sl], c[:, sl], lam[sl], W[:, sl], nulldev[sl], var,
                                                         tol, max_iter, on_iter, eig, ids[sl])
                 most = max(most, it)

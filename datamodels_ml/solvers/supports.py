@@ -1,0 +1,43 @@
+"""Per-column feature sets in batches: each column's set padded to a common length, and the
+columns grouped by set size so that one large set does not pad all the others.
+
+Used wherever one small problem per target is solved as a batch: the per-target sub-Grams of
+screening, the exact finish on the support (``fista.support_newton``) and the least squares of
+the relaxed lasso (``relax.support_ls``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["padded_support", "size_groups"]
+
+
+def padded_support(S: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(idx [m, n], valid [m, n])`` for the sets ``S`` [p, n] (bool): column ``t`` lists its
+    features first, in feature order, then padding (feature 0, ``valid`` False); ``m`` is the
+    largest set, at most ``cap`` (a larger set keeps its first ``cap`` features)."""
+    a = S.sum(0)
+    m = int(a.max()) if a.numel() else 0
+    if cap is not None:
+        m = min(m, cap)
+    order = torch.sort((~S).to(torch.int8), dim=0, stable=True).indices[:m]
+    valid = torch.arange(m, device=S.device)[:, None] < a.clamp_max(m)[None, :]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def size_groups(sizes: Tensor, budget: float, spread: float = math.inf) -> list[Tensor]:
+    """The columns in groups of similar set sizes (each group padded to its largest), as index
+    tensors: ascending sizes, a new group when the size exceeds ``spread`` times the group's first
+    or the group's padded copy (columns x largest size²) would pass ``budget`` entries."""
+    order = torch.argsort(sizes, stable=True)
+    sz = sizes[order].tolist()
+    groups, start = [], 0
+    for i in range(1, len(sz) + 1):
+        if i == len(sz) or sz[i] > spread * max(sz[start], 1.0) or (i - start + 1) * sz[i] ** 2 > budget:
+            groups.append(order[start:i])
+            start = i
+    return groups
