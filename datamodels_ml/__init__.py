@@ -4,4 +4,16 @@ Train many models on random subsets of a training set, record their outputs in a
 then fit one sparse linear model per target from the subset masks to those outputs.
 """
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# OpenBLAS's idle worker threads spin for about 2^28 cycles (0.1 s) after each call before they
+# sleep, taking a core from torch's own threads in between: set a short spin before numpy loads
+# OpenBLAS (the user's own setting wins). Whether it holds decides if the solver's iterative
+# products may go through OpenBLAS (``solvers/blas.py``).
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+OPENBLAS_QUIET = "OPENBLAS_THREAD_TIMEOUT" in _os.environ and _os.environ["OPENBLAS_THREAD_TIMEOUT"].strip().isdigit() \
+    and int(_os.environ["OPENBLAS_THREAD_TIMEOUT"]) <= 12

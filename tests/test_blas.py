@@ -42,3 +42,25 @@ def test_feature_stats_gram_is_the_same_either_way(monkeypatch, torch_blas):
     Z = X[:250].double()
     Z = (Z - Z.mean(0)) / Z.std(0, unbiased=False)
     torch.testing.assert_close(st.gram.double(), Z.T @ Z / 250, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, quiet", [(None, "True"), ("28", "False"), ("4", "True")])
+def test_import_shortens_openblas_spin_unless_the_user_set_it(preset, quiet):
+    # a real interpreter: the setting only counts before numpy loads OpenBLAS
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = ("import os, datamodels_ml, torch; from datamodels_ml.solvers.blas import mm_iter; "
+            "a = torch.randn(30, 20); b = torch.randn(20, 5); torch.testing.assert_close(mm_iter(a, b), a @ b); "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], datamodels_ml.OPENBLAS_QUIET)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [preset or "4", quiet]
+    # numpy loaded first: too late to set it, so the iterations keep torch's products
+    code = "import numpy, datamodels_ml, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), datamodels_ml.OPENBLAS_QUIET)"
+    env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "False"]

@@ -64,7 +64,7 @@ def test_support_newton_finishes_from_an_early_iterate():
     Z, Y, G, c, D = _problem(20, 60, seed=3)
     lam = 0.2 * c.abs().amax(0)
     w_star = _sklearn(Z, Y, lam)
-    x, _, _ = fista(G, c, lam, torch.zeros_like(c), L=float(torch.linalg.eigvalsh(G)[-1]), nulldev=D,
+    x, _, _, _, _ = fista(G, c, lam, torch.zeros_like(c), L=float(torch.linalg.eigvalsh(G)[-1]), nulldev=D,
                     var=torch.ones(60, dtype=torch.float64), tol=1e-30, max_iter=60, newton_after=0)
     assert bool((duality_gap(x, G @ x, c, lam, D) > 1e-10 * D).any())  # not converged yet
     acc, cand, Gc = support_newton(G, x, c, lam, D, None, tol=1e-10, cap=64,
@@ -94,7 +94,7 @@ def test_fewer_models_than_features_matches_sklearn_with_fewer_iterations(dtype)
     W[:3] = 1.5
     Xs = (X.double() - X[:30].double().mean(0)) / X[:30].double().std(0, unbiased=False)
     Y = (Xs @ W + 0.3 * torch.randn(60, 4, generator=g, dtype=torch.float64)).to(dtype)
-    kw = dict(k=12, eps=0.05, refit=False, dtype=dtype, min_lambdas=12)
+    kw = dict(k=16, eps=0.01, refit=False, dtype=dtype, min_lambdas=16)
     res = lasso_path((X[:30], Y[:30]), (X[30:], Y[30:]), **kw)
     Z = Xs[:30]
     yc = Y[:30].double() - Y[:30].double().mean(0)
@@ -131,3 +131,46 @@ def test_saga_stops_on_its_table_gap_at_1e5_models():
     assert s.epochs < 3 * 60  # three of the four points solved (the first is λ_max), none at the cap
     torch.testing.assert_close(s.weight, f.weight, rtol=0, atol=1e-4)
     torch.testing.assert_close(s.val_mse, f.val_mse, rtol=1e-3, atol=0)  # both within the gap tolerance
+
+
+@pytest.mark.parametrize("L0", [0.05, 1.0, 50.0])
+def test_checked_steps_converge_from_any_starting_curvature(L0):
+    # the step is 1/L with L checked at every step: from far too small an L (steps that would
+    # diverge) it grows to the curvature met; from far too large it just converges more slowly
+    Z, Y, G, c, D = _problem(200, 40, seed=6)
+    lam = 0.1 * c.abs().amax(0)
+    w_star = _sklearn(Z, Y, lam)
+    top = float(torch.linalg.eigvalsh(G)[-1])
+    W, wGw, it, L, GW = fista(G, c, lam, torch.zeros_like(c), L=L0, nulldev=D, var=torch.ones(40, dtype=torch.float64),
+                              tol=1e-12, max_iter=5000)
+    torch.testing.assert_close(W, w_star, rtol=0, atol=1e-5)
+    torch.testing.assert_close(GW, G @ W)
+    torch.testing.assert_close(wGw, (W * (G @ W)).sum(0))
+    if L0 < top:
+        assert bool((L > L0).all()) and bool((L <= 2.2 * top).all())  # grown, never past 2x the curvature met
+    else:
+        assert bool((L == L0).all())
+
+
+def test_path_warm_start_extrapolates_exactly_on_a_fixed_support():
+    from datamodels_ml.solvers.path import predict
+
+    # on a fixed support and signs the lasso solution is linear in λ: w(λ) = G_AA^-1 (c_A - λ s)
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    Gaa = A @ A.T + 6 * torch.eye(6, dtype=torch.float64)
+    c = torch.tensor([3.0, -2.0, 4.0, -5.0, 2.5, 3.5], dtype=torch.float64)
+    s = torch.sign(torch.linalg.solve(Gaa, c))
+    w = lambda lam: torch.linalg.solve(Gaa, c - lam * s)  # noqa: E731
+    lams = torch.tensor([0.3, 0.2, 0.12], dtype=torch.float64)[:, None]
+    assert bool((torch.sign(w(0.3)) == s).all() and (torch.sign(w(0.12)) == s).all())
+    W0, W1 = torch.cat([w(0.3)[:, None], torch.zeros(2, 1, dtype=torch.float64)]), \
+        torch.cat([w(0.2)[:, None], torch.zeros(2, 1, dtype=torch.float64)])
+    torch.testing.assert_close(predict(W1, W0, lams)[:6, 0], w(0.12))
+    assert bool((predict(W1, W0, lams)[6:] == 0).all())
+    # a coordinate the extrapolation would carry across zero starts at zero instead
+    W1b = W1.clone()
+    W1b[0] = 0.01 * torch.sign(W0[0])
+    W0b = W0.clone()
+    W0b[0] = 10 * W0[0]
+    assert float(predict(W1b, W0b, lams)[0, 0]) == 0.0

@@ -6,11 +6,14 @@ the Gram ``X'X`` (a symmetric rank-k update, half the work of a general product)
 ``G @ W`` 2.0x (1.5x and 1.3x with this machine's ``OPENBLAS_CORETYPE=Haswell``).
 
 Used where the BLAS calls come in long runs: the Gram's accumulation (``syrk_upper_``) and
-``X'Y`` (``mm``) in the statistics pass. FISTA's iterations keep torch's products: there each
-product is followed by torch's elementwise work, and alternating the two thread pools (both spin
-while they wait) made a path up to 10x slower on a loaded 2-core machine. These
-helpers take and return torch tensors, sharing their memory with numpy (no copies); on other
-devices, dtypes or layouts they fall back to torch. Set ``DATAMODELS_TORCH_BLAS=1`` to always use
+``X'Y`` (``mm``) in the statistics pass. In the solver's iterations (``mm_iter``: FISTA's products
+with a shared Gram, the gradients of the KKT check, the validation predictions) each product is
+followed by torch's elementwise work on torch's own threads, and OpenBLAS's idle workers spin for
+about 0.1 s after each call: alternating the two made a path up to 10x slower on a 2-core machine.
+So ``mm_iter`` uses OpenBLAS only when its workers sleep promptly (``OPENBLAS_THREAD_TIMEOUT`` at
+most 12, which ``import datamodels_ml`` sets to 4 when numpy is not loaded yet), and torch's
+product otherwise. These helpers take and return torch tensors, sharing their memory with numpy
+(no copies); on other devices, dtypes or layouts they fall back to torch. Set ``DATAMODELS_TORCH_BLAS=1`` to always use
 torch's (e.g. on Intel CPUs, where MKL is the faster one).
 """
 
@@ -22,7 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["mm", "syrk_upper_", "enabled"]
+from datamodels_ml import OPENBLAS_QUIET
+
+__all__ = ["mm", "mm_iter", "syrk_upper_", "enabled"]
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -40,6 +45,14 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     if not enabled(a, b):
         return a @ b
     return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
+def mm_iter(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (2-D) inside an iteration that alternates with torch's elementwise work: OpenBLAS
+    when its idle workers sleep promptly (see the module's docstring), torch's product otherwise."""
+    if not OPENBLAS_QUIET:
+        return a @ b
+    return mm(a, b)
 
 
 def syrk_upper_(G: Tensor, x: Tensor) -> bool:

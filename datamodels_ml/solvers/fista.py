@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers.blas import mm_iter
 from datamodels_ml.solvers.supports import padded_support
 
-__all__ = ["fista", "top_eig_cols", "gram_product", "duality_gap", "support_newton", "TOL", "STALL"]
+__all__ = ["fista", "gram_product", "duality_gap", "support_newton", "TOL", "STALL"]
 
 TOL = 1e-6  # default: relative duality gap
 STALL = 5e-11  # float32 iterates moving less than this (squared, relative) have hit the rounding floor
@@ -28,7 +29,7 @@ def gram_product(G: Tensor, y: Tensor) -> Tensor:
     if callable(G) and not isinstance(G, Tensor):
         return G(y)
     if G.ndim == 2:
-        return G @ y
+        return mm_iter(G, y)
     return torch.bmm(G, y.T.unsqueeze(2)).squeeze(2).T
 
 
@@ -49,25 +50,31 @@ def fista(
     newton_after: int = 16,
     newton_cap: int = 64,
     on_iter: Callable[[int, int], None] | None = None,
-) -> tuple[Tensor, Tensor, int]:
-    """FISTA with per-column adaptive restart (O'Donoghue & Candès 2015).
+) -> tuple[Tensor, Tensor, int, Tensor, Tensor]:
+    """FISTA with per-column adaptive restart (O'Donoghue & Candès 2015) and per-column step sizes.
 
     Shapes: G [q,q] or [Ta,q,q] (one per column, see :func:`gram_product`), c [q,Ta], lam [Ta],
     W0 [q,Ta], nulldev [Ta], var [q] or [q,Ta], allowed [q,Ta] bool (coordinates a column may use;
-    None: all), L a float or [Ta] (a Lipschitz bound per column: the step of each column, hence its
-    iterates, do not depend on the other columns).
+    None: all), L a float or [Ta]: each column's starting estimate of the curvature of ``G`` on its
+    coordinates (the step is ``1/L``).
 
-    A column is converged when the duality gap of its (restricted) problem, relative to its null
-    deviance ``D`` (``nulldev``: ``||y||²/n`` of the centred target), is below ``tol``, or when its
-    iterates stall: ``max_j var_j (Δw_j)² / D < stall`` over one iteration (the float rounding
-    floor; ``Δ`` the change of the iterate). The gap is evaluated at the extrapolated point ``y``
-    from the product ``G y`` that the iteration computes anyway, with the dual point the scaled
-    residual (``s = min(1, λ / max_j |g_j|)``, ``g = c - G y``)::
+    Steps are checked, not bounded in advance: one product per iteration, ``G x`` at the new
+    iterate, and ``G y`` at the extrapolated point as the same combination of the last two. A step
+    from ``y`` to ``x⁺`` is accepted when ``e'Ge <= L e'e`` (``e = x⁺ - y``; the sufficient
+    decrease of FISTA with backtracking, Beck & Teboulle 2009); else that column goes back to its
+    last iterate, restarts its momentum and grows its ``L`` (to 1.1 L, or 1.02 times the curvature
+    it met if more, at most 2 L). No eigenvalue is computed: a column's ``L`` comes from its own history (the
+    caller passes the previous path point's), so its iterates do not depend on the other columns.
 
-        gap = ½ (1 - s)² (D - c'y) + Σ_j (λ |y_j| - ½ (1 + s²) y_j g_j)
+    A column is converged when the duality gap of its (restricted) problem at the iterate, relative
+    to its null deviance ``D`` (``nulldev``: ``||y||²/n`` of the centred target), is below ``tol``,
+    or when its iterates stall: ``max_j var_j (Δw_j)² / D < stall`` over one iteration (the float
+    rounding floor; ``Δ`` the change of the iterate). The gap uses the dual point the scaled
+    residual (``s = min(1, λ / max_j |g_j|)``, ``g = c - G x``)::
 
-    (written so that no two large terms cancel in float32), and bounds the gap of the returned
-    iterate (a proximal gradient step from ``y`` never increases the objective).
+        gap = ½ (1 - s)² (D - c'x) + Σ_j (λ |x_j| - ½ (1 + s²) x_j g_j)
+
+    (written so that no two large terms cancel in float32).
 
     At iterations ``newton_after``, twice that, four times that..., the columns whose support has
     at most ``newton_cap`` features also try the exact solution on their current support and signs
@@ -75,58 +82,83 @@ def fista(
     rank-deficient or ill-conditioned problems (fewer models than features) FISTA finds the support
     long before it converges, so this ends most of its iterations; well-conditioned problems
     converge before the first try and never pay for it. Returns
-    ``(W [q,Ta], wGw [Ta], iters)`` where ``wGw ≈ w'Gw`` (from the last gradient, exact at
-    convergence; used for the training MSE without another product).
+    ``(W [q,Ta], wGw [Ta], iters, L [Ta], GW [q,Ta])`` with ``wGw = w'Gw`` (for the training MSE
+    without another product), each column's final ``L`` (the next path point's start) and ``G W``
+    (the gradient at the result without another product).
     """
     if stall is None:  # the rounding floor of the working dtype (STALL is float32's)
         stall = STALL * (torch.finfo(c.dtype).eps / torch.finfo(torch.float32).eps) ** 2
+    eps = torch.finfo(c.dtype).eps
     W = W0.clone()
-    Ta = c.shape[1]
+    q, Ta = c.shape
     wGw = torch.zeros(Ta, dtype=c.dtype, device=c.device)
+    GW = torch.zeros_like(c)
     live = torch.arange(Ta, device=c.device)
-    step = (1.0 / torch.as_tensor(L, dtype=c.dtype, device=c.device)).expand(Ta).clone()
-    thr = (lam * step).expand(c.shape[0], Ta).clone()
+    L_all = torch.as_tensor(L, dtype=c.dtype, device=c.device).expand(Ta).clone()
+    Lc = L_all.clone()
+    step = 1.0 / Lc
     if allowed is not None:
-        thr.masked_fill_(~allowed, float("inf"))  # soft-threshold at +inf: the coordinate stays 0
         W.masked_fill_(~allowed, 0)
-    x, y = W.clone(), W.clone()
+    x = W.clone()
+    Gx = gram_product(G, x)
+    y, Gy = x, Gx
     t = torch.ones(Ta, dtype=c.dtype, device=c.device)
-    cs, nd, cl, laml = step * c, nulldev, c, lam.expand(Ta)
+    nd, cl, laml = nulldev, c, lam.expand(Ta)
     out = None if allowed is None else ~allowed  # coordinates outside the restricted problem
     var = var if var.ndim == 2 else var[:, None]
+    rounding = 16 * eps  # the float error of e'(G x_new - G y), relative to |e| |G x|
     it = 0
-    Gy = None
     while live.numel() > 0 and it < max_iter:
         it += 1
-        Gy = gram_product(G, y)
-        check = it % check_every == 0
-        if check:  # before y is overwritten below
-            gap = duality_gap(y, Gy, cl, laml, nd, out)
-        u = (y + cs).sub_(Gy * step)  # y - step * (G y - c)
+        thr = laml * step
+        u = y + step * (cl - Gy)  # a gradient step from y
         x_new = u - torch.maximum(torch.minimum(u, thr), -thr)  # soft-threshold
+        if out is not None:
+            x_new.masked_fill_(out, 0)
+        Gx_new = gram_product(G, x_new)
+        # the step's sufficient-decrease test, e'Ge <= L e'e with e = x_new - y, from the two
+        # products at hand (G y is a combination of earlier ones): a column that fails it had too
+        # small an L; it goes back to x and grows L (never by more than the curvature it met)
+        e = x_new - y
+        ee = (e * e).sum(0)
+        curv = (e * (Gx_new - Gy)).sum(0)
+        slack = rounding * ee.sqrt() * (Gx_new.norm(dim=0) + Gy.norm(dim=0))
+        bad = curv > Lc * ee * (1 + 1e-6) + slack
+        if bool(bad.any()):
+            grown = torch.maximum(1.1 * Lc, 1.02 * curv / ee.clamp_min(1e-300)).clamp_max(2 * Lc)
+            Lc = torch.where(bad, grown, Lc)
+            step = 1.0 / Lc
+            x_new = torch.where(bad, x, x_new)
+            Gx_new = torch.where(bad, Gx, Gx_new)
+        check = it % check_every == 0
+        if check:
+            gap = duality_gap(x_new, Gx_new, cl, laml, nd, out)
         d = x_new - x
-        restart = (y.sub_(x_new).mul_(d)).sum(0) > 0  # (y - x_new)·(x_new - x) > 0: y is reused
+        restart = (((y - x_new) * d).sum(0) > 0) | bad  # (y - x_new)·(x_new - x) > 0: momentum off
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
         beta = torch.where(restart, torch.zeros_like(t), (t - 1) / t_new)
         t = torch.where(restart, torch.ones_like(t), t_new)
         y = torch.addcmul(x_new, beta, d)
-        x = x_new
+        Gy = torch.addcmul(Gx_new, beta, Gx_new - Gx)
+        x, Gx = x_new, Gx_new
         if on_iter is not None:
             on_iter(it, live.numel())
         if check:
-            done = (gap < tol * nd) | ((d * d * var).amax(0) / nd < stall)
-            xf, Gf = x, Gy  # the iterate returned for a finished column, and its product
+            done = ((gap < tol * nd) | ((d * d * var).amax(0) / nd < stall)) & ~bad
+            xf, Gf = x, Gx  # the iterate returned for a finished column, and its product
             if newton_after and it >= newton_after and it & (it - 1) == 0 and not bool(done.all()):
                 acc, xc, Gc = support_newton(G, x, cl, laml, nd, out, tol=tol, cap=newton_cap, skip=done)
                 if acc is not None:
-                    xf, Gf = torch.where(acc, xc, x), torch.where(acc, Gc, Gy)
+                    xf, Gf = torch.where(acc, xc, x), torch.where(acc, Gc, Gx)
                     done = done | acc
             if bool(done.any()):
                 W[:, live[done]] = xf[:, done]
+                GW[:, live[done]] = Gf[:, done]
                 wGw[live[done]] = (xf[:, done] * Gf[:, done]).sum(0)
+                L_all[live] = Lc
                 keep = ~done
-                live, x, y, t, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gy[:, keep]
-                cs, nd, thr, step = cs[:, keep], nd[keep], thr[:, keep], step[keep]
+                live, x, y, t, Gx, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gx[:, keep], Gy[:, keep]
+                nd, step, Lc = nd[keep], step[keep], Lc[keep]
                 cl, laml = cl[:, keep], laml[keep]
                 if out is not None:
                     out = out[:, keep]
@@ -136,8 +168,10 @@ def fista(
                     var = var[:, keep]
     if live.numel() > 0:
         W[:, live] = x
-        wGw[live] = (x * gram_product(G, x)).sum(0)
-    return W, wGw, it
+        GW[:, live] = Gx
+        wGw[live] = (x * Gx).sum(0)
+        L_all[live] = Lc
+    return W, wGw, it, L_all, GW
 
 
 def support_newton(G, x: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor, out: Tensor | None, *, tol: float,
@@ -250,62 +284,3 @@ def duality_gap(w: Tensor, Gw: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor,
     cw = (c * w).sum(0)
     terms = (w.abs() * lam).sub_(w * g * (0.5 * (1 + s * s)))
     return 0.5 * (1 - s) ** 2 * (nulldev - cw) + terms.sum(0)
-
-
-def top_eig_cols(
-    G: Tensor,
-    V0: Tensor,
-    allowed: Tensor | None = None,
-    *,
-    cold: Tensor | None = None,
-    steps: int = 4,
-) -> tuple[Tensor, Tensor]:
-    """Per column ``t``: an upper estimate of the top eigenvalue of ``G`` (or ``G[t]``) restricted
-    to the coordinates ``allowed[:, t]``, by ``steps`` Lanczos steps from ``V0[:, t]`` (one matrix
-    product per step for all columns).
-
-    The estimate is the top Ritz value plus its residual bound ``|β_k s_k|``, +1%: Lanczos finds
-    the top of a clustered spectrum (a Gram of random masks) in a few steps where power iteration
-    needs dozens. ``V0`` [q, Ta] is the start (the previous path point's Ritz vector, or a fixed
-    positive vector: ``cold``, then four times the steps); the result of a column depends only on its
-    own sub-matrix and start. Returns ``(L [Ta], V [q, Ta])`` with ``V`` the top Ritz vectors.
-    """
-    q, Ta = V0.shape
-    dt, dev = V0.dtype, V0.device
-    if q == 0 or Ta == 0:
-        return torch.ones(Ta, dtype=dt, device=dev), V0.to(dt)
-    k = steps if cold is None or not bool(cold.any()) else 4 * steps
-    k = max(1, min(k, q))
-    v = V0.to(dt).clone()
-    if allowed is not None:
-        v.masked_fill_(~allowed, 0)
-    v /= v.norm(dim=0).clamp_min(1e-30)
-    Q, alphas, betas = [], [], []
-    v_prev = torch.zeros_like(v)
-    beta = torch.zeros(Ta, dtype=dt, device=dev)
-    for _ in range(k):
-        Q.append(v)
-        w = gram_product(G, v)
-        if allowed is not None:
-            w.masked_fill_(~allowed, 0)
-        a = (w * v).sum(0)
-        w = w - a * v - beta * v_prev
-        for u in Q:  # full reorthogonalization (k is small): no spurious copies
-            w -= (w * u).sum(0) * u
-        beta = w.norm(dim=0)
-        alphas.append(a)
-        betas.append(beta)
-        ok = beta > 1e-7 * a.abs().clamp_min(1e-30)  # else an invariant subspace: stop that column
-        v_prev, v = v, torch.where(ok, w / beta.clamp_min(1e-30), torch.zeros_like(w))
-        beta = torch.where(ok, beta, torch.zeros_like(beta))
-    n = len(alphas)
-    Tm = torch.diag_embed(torch.stack(alphas, 1).to(torch.float64))
-    if n > 1:
-        off = torch.stack(betas[:-1], 1).to(torch.float64)
-        Tm = Tm + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    evals, evecs = torch.linalg.eigh(Tm)  # [Ta, n], [Ta, n, n]
-    theta, s = evals[:, -1], evecs[:, :, -1]  # top Ritz value and its coefficients
-    resid = (betas[-1].to(torch.float64) * s[:, -1]).abs()
-    V = torch.einsum("jqt,tj->qt", torch.stack(Q), s.to(dt))
-    L = (theta + resid) * 1.01 + 1e-12
-    return L.to(dt), V

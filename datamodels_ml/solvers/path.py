@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers.blas import mm_iter
 from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
 from datamodels_ml.solvers.refit import refit_fista, refit_saga
@@ -86,7 +87,8 @@ def lasso_path(
             4096 for its statistics passes).
         lr: SAGA step size. Default ``1 / (2 L_b)`` with the minibatch smoothness constant
             ``L_b = (n-b)/(b(n-1)) L_max + n(b-1)/(b(n-1)) L`` (Gazagnadou et al. 2019).
-            FISTA always uses ``1 / L`` with ``L`` the top eigenvalue of its working Gram.
+            FISTA's steps are ``1 / L`` with ``L`` each target's curvature, checked at every step
+            and grown when a step fails (see :func:`~datamodels_ml.solvers.fista.fista`).
         max_epochs: cap per λ index (and for the refit): saga epochs (default 200), fista
             iterations per working set (default 5000).
         check_every: convergence test period in saga epochs (fista tests every iteration).
@@ -197,6 +199,9 @@ def lasso_path(
     return run.path(refit)
 
 
+_ZV_CACHE = 256 * 2**20  # bytes: the standardized validation masks are kept converted up to this size
+
+
 class _Run:
     """The state of one lasso_path call (one target block)."""
 
@@ -233,16 +238,17 @@ class _Run:
         self.bias0 = self.ts.ybar.to(dtype) if fit_intercept else torch.zeros(self.T, dtype=dtype, device=device)
         self.cur_l = 0
         self.epochs = 0
-        # power-iteration vectors per target, warm start across path points (cold: a fixed
-        # random vector, the same for every target, so a target's result ignores its block)
-        gen = torch.Generator().manual_seed(0)
-        r = torch.rand(stats.n_features, generator=gen, dtype=torch.float64).add_(0.5).to(device=device, dtype=dtype)
-        self.eig = {"V": r[:, None].repeat(1, self.T), "seen": torch.zeros(self.T, dtype=torch.bool, device=device)}
+        # each target's FISTA curvature estimate, carried along the path (1: the Gram's diagonal)
+        self.eig = {"L": torch.ones(self.T, dtype=dtype, device=device)}
         if method == "fista":
             self.vs = target_stats(val, keep_y=True, device=device)
             self.Yv = self.vs.Y.to(dtype)
             self.op = TrainGram(stats, dtype)
             self.c = self.c64.to(dtype)
+            # the standardized validation masks, converted once when small (else per λ, on the
+            # non-zero features only)
+            zv_bytes = stats.n_val * stats.n_features * torch.finfo(dtype).bits // 8
+            self.zv = stats.z_val(None, dtype) if stats.x_val is not None and zv_bytes <= _ZV_CACHE else None
 
     def on_epoch(self, e: int, n_active: int) -> None:
         if self.callback is not None:
@@ -253,9 +259,12 @@ class _Run:
         """Predictions ``[n_val, Ta]`` of the weights ``Wi`` [p, Ta] and intercepts ``bi``."""
         A = (Wi != 0).any(1).nonzero().squeeze(1)
         pred = bi.expand(self.Yv.shape[0], -1).clone()
-        if A.numel():
-            pred.addmm_(self.stats.z_val(A, self.dtype), Wi[A])
-        return pred
+        if A.numel() == 0:
+            return pred
+        if self.zv is not None and 3 * A.numel() >= self.zv.shape[1]:  # most features: no gather
+            return pred.add_(mm_iter(self.zv, Wi))
+        zA = self.zv[:, A] if self.zv is not None else self.stats.z_val(A, self.dtype)
+        return pred.add_(mm_iter(zA, Wi[A]))
 
     def _val_mse_fista(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:
         r = self._val_pred(W[:, idx], b[idx]) - self.Yv[:, idx]
@@ -282,6 +291,7 @@ class _Run:
         W = torch.zeros(self.stats.n_features, T, dtype=dtype, device=device)
         if fista:
             grad = self.c.clone()  # c - G W at W = 0
+            W_old = torch.zeros_like(W)  # the solution at the path point before the last
             wGw_all = torch.zeros(T, dtype=dtype, device=device)
             yy = (self.nulldev if self.fit_intercept else self.ts.yy.to(dtype))
         else:
@@ -323,8 +333,10 @@ class _Run:
                 if solve_idx.numel() > 0:
                     lam_prev = lam_path[i - 1] if i > 0 else lam_max
                     s = solve_idx
+                    W0 = W[:, s] if i < 2 else predict(W[:, s], W_old[:, s], lam_path[i - 2:i + 1, s].to(dtype))
+                    W_old[:, s] = W[:, s]
                     Wi, wGw, g, e = solve_screened(
-                        self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W[:, s], grad[:, s],
+                        self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W0, grad[:, s],
                         nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
                         screen=self.screen, on_iter=self.on_epoch, eig=self.eig, ids=s)
                     W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
@@ -393,3 +405,16 @@ class _Run:
                          epochs=int(self.epochs),
                          phi=(self.phi if self.phi is not None else torch.zeros(T, dtype=torch.float64, device=device)),
                          relax_val_mse=sel_mse)
+
+
+def predict(W1: Tensor, W0: Tensor, lams: Tensor) -> Tensor:
+    """The warm start at ``λ_2`` from the solutions ``W0`` at ``λ_0`` and ``W1`` at ``λ_1``
+    ([p, Ta], ``lams`` [3, Ta]): the linear extrapolation ``W1 + (λ_2-λ_1)/(λ_1-λ_0) (W1 - W0)``,
+    exact while the support and signs do not change (the lasso's path is then linear in λ), with
+    the coordinates whose sign would change set to zero."""
+    d0 = lams[1] - lams[0]
+    r = torch.where(d0 != 0, (lams[2] - lams[1]) / torch.where(d0 != 0, d0, torch.ones_like(d0)),
+                    torch.zeros_like(d0))
+    Wp = torch.addcmul(W1, r.clamp(0, 4)[None, :], W1 - W0)  # λ decreasing: r > 0
+    return Wp.masked_fill_(Wp * W1 <= 0, 0)
+

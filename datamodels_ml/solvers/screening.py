@@ -6,10 +6,12 @@ runs either on the union ``U`` of the kept sets (sub-Gram ``G[U, U]``, one matri
 iteration, each target restricted to its own set) or on one sub-Gram per target ``G[S_t, S_t]``
 (padded, one batched matrix-vector product per iteration), whichever a cost model says is faster
 (the union of 32 targets' sets at p = 6000 covers most features while each set has a few
-hundred). A KKT check on *all* features (``|c_j - G_j w| <= λ`` for the discarded ones) adds any
+hundred); when the union is too large to copy, on all features with the whole Gram (the same
+product per iteration, and no KKT round). A KKT check on *all* features (``|c_j - G_j w| <= λ`` for the discarded ones) adds any
 violator and solves again, so the result is the unscreened solution. The full gradient costs
-``|A| p T`` once per λ (``A`` the non-zero features). Every target gets its own step size
-(Lanczos on its own set), so its result does not depend on the other targets of its block.
+``|A| p T`` once per λ (``A`` the non-zero features). Every target keeps its own step size
+(FISTA's checked curvature, carried from one path point to the next in ``eig["L"]``), so its
+result does not depend on the other targets of its block.
 
 The Gram is reached through an operator with ``block(idx)``, ``batch_block(idx, valid)`` and
 ``apply(W)`` (``G W`` for a sparse ``W``):
@@ -24,7 +26,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.fista import fista, top_eig_cols
+from datamodels_ml.solvers.blas import mm_iter
+from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
 from datamodels_ml.solvers.supports import padded_support, size_groups
 
@@ -137,11 +140,13 @@ class RefitGram:
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
     """``G W`` reading only the rows of ``G`` (symmetric) at the non-zero rows of ``W``."""
-    out = torch.zeros(G.shape[0], W.shape[1], dtype=dtype, device=W.device)
     A = (W != 0).any(1).nonzero().squeeze(1)
+    if G.dtype == dtype and 3 * A.numel() >= G.shape[0]:  # most rows: the whole product, no copies
+        return mm_iter(G, W)
+    out = torch.zeros(G.shape[0], W.shape[1], dtype=dtype, device=W.device)
     for s in range(0, A.numel(), _ROWS):
         a = A[s : s + _ROWS]
-        out.addmm_(G.index_select(0, a).to(dtype).T, W[a])
+        out.add_(mm_iter(G.index_select(0, a).to(dtype).T, W[a]))
     return out
 
 
@@ -152,19 +157,12 @@ def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:
 
 def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, cols):
     """FISTA on the features ``S`` (one sub-Gram for all the given columns), each column with its
-    own Lipschitz bound, warm-started from ``eig["V"]`` (global columns ``cols``)."""
+    own step, started from ``eig["L"]`` (global columns ``cols``) and stored back there."""
     Gs = op.block(S)
-    if eig is not None:
-        V0, cold = eig["V"][S[:, None], cols[None, :]], ~eig["seen"][cols]
-    else:
-        V0, cold = torch.ones(S.numel(), c.shape[1], dtype=c.dtype, device=c.device), None
-    L, V = top_eig_cols(Gs, V0, allowed, cold=cold)
-    if eig is not None:  # store each column's vector on its own set only (as the batched mode)
-        V = V.to(eig["V"].dtype)
-        eig["V"][S[:, None], cols[None, :]] = V if allowed is None else torch.where(allowed, V, V0)
-        eig["seen"][cols] = True
-    return fista(Gs, c[S], lam, W[S], L=L, nulldev=nulldev, var=var[S], tol=tol, max_iter=max_iter,
-                 allowed=allowed, on_iter=on_iter)
+    Ws, wGw, it, L, GWs = fista(Gs, c[S], lam, W[S], L=_start_L(eig, cols, c), nulldev=nulldev, var=var[S],
+                                tol=tol, max_iter=max_iter, allowed=allowed, on_iter=on_iter)
+    _keep_L(eig, cols, L)
+    return Ws, wGw, it, GWs
 
 
 def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, cols):
@@ -175,19 +173,25 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, ei
     m = idx.shape[0]
     Gb = op.batch_block(idx.T, valid.T)  # [Ta, m, m], zero outside the valid block
     tcol = torch.arange(Ta, device=keep.device)[None, :]
-    if eig is not None:
-        V0, cold = eig["V"][idx, cols[None, :]], ~eig["seen"][cols]
-    else:
-        V0, cold = torch.ones(m, Ta, dtype=c.dtype, device=c.device), None
-    L, V = top_eig_cols(Gb, V0, valid, cold=cold)
-    if eig is not None:
-        eig["V"][idx[valid], cols[None, :].expand(m, Ta)[valid]] = V[valid].to(eig["V"].dtype)
-        eig["seen"][cols] = True
-    Wb, wGw, it = fista(Gb, c[idx, tcol], lam, W[idx, tcol], L=L, nulldev=nulldev, var=var[idx], tol=tol,
-                        max_iter=max_iter, allowed=valid, on_iter=on_iter)
+    Wb, wGw, it, L, _ = fista(Gb, c[idx, tcol], lam, W[idx, tcol], L=_start_L(eig, cols, c), nulldev=nulldev,
+                              var=var[idx], tol=tol, max_iter=max_iter, allowed=valid, on_iter=on_iter)
+    _keep_L(eig, cols, L)
     Wn = torch.zeros_like(W)
     Wn[idx[valid], tcol.expand(m, Ta)[valid]] = Wb[valid]
     return Wn, wGw, it
+
+
+def _start_L(eig: dict | None, cols: Tensor, c: Tensor) -> Tensor:
+    """Each column's starting curvature: its last one, or 1 (the diagonal of a standardized Gram,
+    a lower bound of its top eigenvalue) the first time."""
+    if eig is None:
+        return torch.ones(cols.numel(), dtype=c.dtype, device=c.device)
+    return eig["L"][cols].to(c.dtype)
+
+
+def _keep_L(eig: dict | None, cols: Tensor, L: Tensor) -> None:
+    if eig is not None:
+        eig["L"][cols] = L.to(eig["L"].dtype)
 
 
 def copy_budget(p: int) -> float:
@@ -197,7 +201,7 @@ def copy_budget(p: int) -> float:
 
 def _plan(sizes: Tensor, n_union: int, p: int) -> str:
     """``"batched"`` (per-target sub-Grams, in groups of targets that fit the copy budget),
-    ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, masked), the fastest by the
+    ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, on all features), the fastest by the
     cost model whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
     budget = copy_budget(p)
     Ta = sizes.numel()
@@ -230,8 +234,8 @@ def solve_screened(
 
     Shapes: c/W/grad [p, Ta] (``grad = c - G W`` at the warm start ``W``), lam/lam_prev/nulldev
     [Ta], var [p]. ``screen=False`` solves on all features (the reference). ``eig``: a dict kept by
-    the caller across calls, ``{"V": [p, T] power-iteration vectors, "seen": [T] bool}``, for warm
-    starts; ``ids`` [Ta]: the global column of each column in it (default: all, in order).
+    the caller across calls, ``{"L": [T] each target's FISTA curvature}``, for warm starts;
+    ``ids`` [Ta]: the global column of each column in it (default: all, in order).
 
     The kept sets are solved together on their union (one matrix product per iteration, each
     target restricted to its own set) or each on its own sub-Gram ``G[S_t, S_t]`` (one batched
@@ -259,11 +263,15 @@ def solve_screened(
                                                         tol, max_iter, on_iter, eig, ids[sl])
                 most = max(most, it)
             its += most
+        elif plan == "full":  # the working sets cover most features: solve on all of them, with
+            # the Gram itself (the same product per iteration as masked), so no KKT round follows
+            # and the gradient comes with the solution
+            Wn, wGw, it, GW = _solve_set(op, torch.arange(p, device=c.device), c, lam, W, nulldev, var, tol,
+                                         max_iter, None, on_iter, eig, ids)
+            return Wn, wGw, c - GW, its + it
         else:
-            if plan == "full":  # the working set is most features: use the Gram itself, masked
-                U = torch.arange(p, device=c.device)
             allowed = None if bool(keep[U].all()) else keep[U]
-            Ws, wGw, it = _solve_set(op, U, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, ids)
+            Ws, wGw, it, _ = _solve_set(op, U, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, ids)
             Wn[U] = Ws
             its += it
         W = Wn
