@@ -44,12 +44,27 @@ def _child(queue, fn, args, threads):
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def in_child(fn: Callable[..., Any], *args: Any, threads: int = 0) -> Any:
-    """``fn(*args)`` in a fresh (spawned) process, so its peak memory is its own; returns its result."""
+# what ``python -m datamodels_ml`` runs with: ``import datamodels_ml`` sets it before numpy loads
+# OpenBLAS (a spawned child re-imports its script, numpy first, so it must come from the parent)
+OURS_ENV = {"OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
+
+
+def in_child(fn: Callable[..., Any], *args: Any, threads: int = 0, env: dict[str, str] | None = None) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process, so its peak memory is its own; returns its result.
+    ``env``: variables set for that process only (e.g. :data:`OURS_ENV` for our side)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args, threads))
-    proc.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     status, value = queue.get()
     proc.join()
     if status != "ok":

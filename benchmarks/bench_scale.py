@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 import _common  # noqa: F401 - puts the repository on sys.path
-from _common import current_rss_bytes, gb, in_child, peak_rss_bytes, solver_lasso_path
+from _common import OURS_ENV, current_rss_bytes, gb, in_child, peak_rss_bytes, solver_lasso_path
 
 PAPER = {"n": 300_000, "p": 50_000, "T": 10_000}
 
@@ -191,7 +191,7 @@ def main() -> None:
     for p in (int(s) for s in args.sizes.split(",") if s):
         try:
             r = in_child(run_size, p, args.n_train, args.n_val, args.n_test, args.targets, args.support, args.k,
-                         args.eps, args.method, args.device, args.seed, threads=args.threads)
+                         args.eps, args.method, args.device, args.seed, threads=args.threads, env=OURS_ENV)
         except RuntimeError as exc:
             print(f"{p:>6} failed: {exc}")
             continue

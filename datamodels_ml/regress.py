@@ -104,7 +104,7 @@ def plan(cfg: RegressConfig) -> Plan:
     devices = _devices(cfg)
     c = cfg.cfg
     memory = plan_memory(n_features=info.n_features, n_targets=end - start, n_train=d.num_train, n_val=d.num_val,
-                         batch_size=c.batch_size, method=c.method, dtype=c.dtype, devices=list(devices),
+                         batch_size=read_rows(c, info.n_features), method=c.method, dtype=c.dtype, devices=list(devices),
                          target_block=c.target_block)
     return Plan(cfg, info, read_manifest(d.data_path), devices[0],
                 torch.float64 if cfg.cfg.dtype == "float64" else torch.float32,
@@ -178,8 +178,8 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
 
     cfg, c = p.cfg, p.cfg.cfg
     cores = os.cpu_count() or 1
-    common = dict(batch_size=c.batch_size, num_workers=min(c.num_workers, cores) or cores, target_start=p.target_start,
-                  target_end=p.target_end, info=p.info)
+    common = dict(batch_size=read_rows(c, p.info.n_features), num_workers=min(c.num_workers, cores) or cores,
+                  target_start=p.target_start, target_end=p.target_end, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=True, seed=p.cfg.data.seed, **common)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **common)
     tol, tol_mode = tolerance(cfg)
@@ -216,6 +216,17 @@ def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
             "seconds": torch.tensor(float(seconds))}
 
 
+_READ_BYTES = 2**28  # a fista read batch, as float32: 256 MB at most
+
+
+def read_rows(c: Any, n_features: int) -> int:
+    """Rows per read batch: saga's minibatch (``cfg.batch_size``); for fista, whose passes only sum
+    (``X'X``, ``X'Y``), up to 4096 rows within 256 MB as float32, so that each BLAS call is large."""
+    if c.method == "saga":
+        return c.batch_size
+    return max(c.batch_size, min(4096, _READ_BYTES // (4 * max(n_features, 1))))
+
+
 def _feature_stats(p: Plan, device: str) -> Any:
     """The solver's X-only statistics on ``device``, computed once for every block (with the Gram
     for fista; moments only for the streaming method, whose point is to never hold a p x p matrix)."""
@@ -223,7 +234,8 @@ def _feature_stats(p: Plan, device: str) -> Any:
     from datamodels_ml.solvers import feature_stats
 
     c = p.cfg.cfg
-    x_only = dict(batch_size=c.batch_size, target_start=p.target_start, target_end=p.target_start, info=p.info)
+    x_only = dict(batch_size=read_rows(c, p.info.n_features), target_start=p.target_start,
+                  target_end=p.target_start, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=False, **x_only)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)
     return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
