@@ -35,9 +35,11 @@ __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened
 
 _ROWS = 1024  # rows of the Gram gathered at a time
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
-# cost model of one FISTA iteration on 2 CPU cores: float32 matmul ~50 GFLOP/s effective, a
-# batched matvec (memory bound) ~5 GFLOP/s
-_MATMUL_FLOPS, _MATVEC_FLOPS = 5e10, 5e9
+# cost model of one FISTA iteration on 2 CPU cores: float32 matmul through OpenBLAS ~200 GFLOP/s
+# effective (elementwise work included), a batched matvec (memory bound) ~5 GFLOP/s; on the 5k
+# sparse benchmark 2e11 ran the path 5% faster than the 5e10 measured with torch's products
+# (1e11-4e11 within noise)
+_MATMUL_FLOPS, _MATVEC_FLOPS = 2e11, 5e9
 _COPY_BUDGET = 0.125  # sub-Gram copies: at most 0.125 p² entries (0.5 byte per p² in float32)
 
 
