@@ -239,7 +239,7 @@ class _Run:
         self.cur_l = 0
         self.epochs = 0
         # each target's FISTA curvature estimate, carried along the path (1: the Gram's diagonal)
-        self.eig = {"L": torch.ones(self.T, dtype=dtype, device=device)}
+        self.curv = {"L": torch.ones(self.T, dtype=dtype, device=device)}
         if method == "fista":
             self.vs = target_stats(val, keep_y=True, device=device)
             self.Yv = self.vs.Y.to(dtype)
@@ -338,7 +338,7 @@ class _Run:
                     Wi, wGw, g, e = solve_screened(
                         self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W0, grad[:, s],
                         nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
-                        screen=self.screen, on_iter=self.on_epoch, eig=self.eig, ids=s)
+                        screen=self.screen, on_iter=self.on_epoch, curv=self.curv, ids=s)
                     W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
                     self.epochs += e
                 b = self.bias0

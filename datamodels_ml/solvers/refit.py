@@ -50,7 +50,7 @@ def refit_fista(self, W0: Tensor, lam: Tensor, phi: Tensor | None = None,
     grad = gradient(op, c, W0)
     W, _, _, e = solve_screened(op, c, lam, lam, W0, grad, nulldev=nd.clamp_min(1e-30).to(self.dtype),
                                 var=self.var, tol=self.tol, max_iter=self.max_epochs, screen=self.screen,
-                                on_iter=self.on_epoch, eig=self.eig)  # ids: all targets
+                                on_iter=self.on_epoch, curv=self.curv)  # ids: all targets
     self.epochs += e
     if phi is not None:
         W = self._relax(op, c, W, N, phi=phi, support=support)

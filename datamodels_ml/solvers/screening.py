@@ -10,7 +10,7 @@ hundred); when the union is too large to copy, on all features with the whole Gr
 product per iteration, and no KKT round). A KKT check on *all* features (``|c_j - G_j w| <= λ`` for the discarded ones) adds any
 violator and solves again, so the result is the unscreened solution. The full gradient costs
 ``|A| p T`` once per λ (``A`` the non-zero features). Every target keeps its own step size
-(FISTA's checked curvature, carried from one path point to the next in ``eig["L"]``), so its
+(FISTA's checked curvature, carried from one path point to the next in ``curv["L"]``), so its
 result does not depend on the other targets of its block.
 
 The Gram is reached through an operator with ``block(idx)``, ``batch_block(idx, valid)`` and
@@ -157,17 +157,17 @@ def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:
     return c - op.apply(W)
 
 
-def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, cols):
+def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, curv, cols):
     """FISTA on the features ``S`` (one sub-Gram for all the given columns), each column with its
-    own step, started from ``eig["L"]`` (global columns ``cols``) and stored back there."""
+    own step, started from ``curv["L"]`` (global columns ``cols``) and stored back there."""
     Gs = op.block(S)
-    Ws, wGw, it, L, GWs = fista(Gs, c[S], lam, W[S], L=_start_L(eig, cols, c), nulldev=nulldev, var=var[S],
+    Ws, wGw, it, L, GWs = fista(Gs, c[S], lam, W[S], L=_start_L(curv, cols, c), nulldev=nulldev, var=var[S],
                                 tol=tol, max_iter=max_iter, allowed=allowed, on_iter=on_iter)
-    _keep_L(eig, cols, L)
+    _keep_L(curv, cols, L)
     return Ws, wGw, it, GWs
 
 
-def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, eig, cols):
+def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv, cols):
     """FISTA with one sub-Gram per column, ``G[S_t, S_t]``, padded to the largest ``|S_t|`` and
     multiplied as one batch. Returns ``(W [p, Ta], wGw, iters)``."""
     Ta = keep.shape[1]
@@ -175,25 +175,25 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, ei
     m = idx.shape[0]
     Gb = op.batch_block(idx.T, valid.T)  # [Ta, m, m], zero outside the valid block
     tcol = torch.arange(Ta, device=keep.device)[None, :]
-    Wb, wGw, it, L, _ = fista(Gb, c[idx, tcol], lam, W[idx, tcol], L=_start_L(eig, cols, c), nulldev=nulldev,
+    Wb, wGw, it, L, _ = fista(Gb, c[idx, tcol], lam, W[idx, tcol], L=_start_L(curv, cols, c), nulldev=nulldev,
                               var=var[idx], tol=tol, max_iter=max_iter, allowed=valid, on_iter=on_iter)
-    _keep_L(eig, cols, L)
+    _keep_L(curv, cols, L)
     Wn = torch.zeros_like(W)
     Wn[idx[valid], tcol.expand(m, Ta)[valid]] = Wb[valid]
     return Wn, wGw, it
 
 
-def _start_L(eig: dict | None, cols: Tensor, c: Tensor) -> Tensor:
+def _start_L(curv: dict | None, cols: Tensor, c: Tensor) -> Tensor:
     """Each column's starting curvature: its last one, or 1 (the diagonal of a standardized Gram,
     a lower bound of its top eigenvalue) the first time."""
-    if eig is None:
+    if curv is None:
         return torch.ones(cols.numel(), dtype=c.dtype, device=c.device)
-    return eig["L"][cols].to(c.dtype)
+    return curv["L"][cols].to(c.dtype)
 
 
-def _keep_L(eig: dict | None, cols: Tensor, L: Tensor) -> None:
-    if eig is not None:
-        eig["L"][cols] = L.to(eig["L"].dtype)
+def _keep_L(curv: dict | None, cols: Tensor, L: Tensor) -> None:
+    if curv is not None:
+        curv["L"][cols] = L.to(curv["L"].dtype)
 
 
 def copy_budget(p: int) -> float:
@@ -229,13 +229,13 @@ def solve_screened(
     max_iter: int,
     screen: bool = True,
     on_iter: Callable[[int, int], None] | None = None,
-    eig: dict | None = None,
+    curv: dict | None = None,
     ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Solve ``min_w 1/2 w'Gw - c'w + λ|w|_1`` per column at one path point, with screening.
 
     Shapes: c/W/grad [p, Ta] (``grad = c - G W`` at the warm start ``W``), lam/lam_prev/nulldev
-    [Ta], var [p]. ``screen=False`` solves on all features (the reference). ``eig``: a dict kept by
+    [Ta], var [p]. ``screen=False`` solves on all features (the reference). ``curv``: a dict kept by
     the caller across calls, ``{"L": [T] each target's FISTA curvature}``, for warm starts;
     ``ids`` [Ta]: the global column of each column in it (default: all, in order).
 
@@ -262,18 +262,18 @@ def solve_screened(
             most = 0
             for sl in size_groups(sizes, copy_budget(p), spread=1.5):
                 Wn[:, sl], wGw[sl], it = _solve_batched(op, keep[:, sl], c[:, sl], lam[sl], W[:, sl], nulldev[sl], var,
-                                                        tol, max_iter, on_iter, eig, ids[sl])
+                                                        tol, max_iter, on_iter, curv, ids[sl])
                 most = max(most, it)
             its += most
         elif plan == "full":  # the working sets cover most features: solve on all of them, with
             # the Gram itself (the same product per iteration as masked), so no KKT round follows
             # and the gradient comes with the solution
             Wn, wGw, it, GW = _solve_set(op, torch.arange(p, device=c.device), c, lam, W, nulldev, var, tol,
-                                         max_iter, None, on_iter, eig, ids)
+                                         max_iter, None, on_iter, curv, ids)
             return Wn, wGw, c - GW, its + it
         else:
             allowed = None if bool(keep[U].all()) else keep[U]
-            Ws, wGw, it, _ = _solve_set(op, U, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, eig, ids)
+            Ws, wGw, it, _ = _solve_set(op, U, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, curv, ids)
             Wn[U] = Ws
             its += it
         W = Wn
