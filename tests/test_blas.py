@@ -64,3 +64,25 @@ def test_import_shortens_openblas_spin_unless_the_user_set_it(preset, quiet):
     env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["None", "False"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_int8_counts_give_the_same_gram_as_float_products(monkeypatch, dtype):
+    # 0/1 masks: the int8 products (int32 counts) and the float path accumulate the same integers
+    from datamodels_ml.solvers import stats
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.rand(700, 1100, generator=g) < 0.4  # more columns than one block, rows over batches
+    X[:, 5] = True  # a constant feature
+    Y = torch.randn(700, 2, generator=g)
+    src = lambda: (TensorBatches(X[:600], Y[:600], batch_size=256), TensorBatches(X[600:], Y[600:], batch_size=256))  # noqa: E731
+    fast = feature_stats(*src(), dtype=dtype)
+    calls = []
+    real = stats._int8_counts
+    monkeypatch.setattr(stats, "_int8_counts", lambda G, xb: calls.append(1) or real(G, xb))
+    assert feature_stats(*src(), dtype=dtype).gram.equal(fast.gram) and len(calls) == 3  # the int8 path ran
+    monkeypatch.setattr(stats, "_INT8_OK", [False])
+    slow = feature_stats(*src(), dtype=dtype)
+    assert torch.equal(fast.gram, slow.gram)
+    torch.testing.assert_close(fast.mean, slow.mean, rtol=0, atol=0)
+    torch.testing.assert_close(fast.std, slow.std, rtol=0, atol=0)
