@@ -8,7 +8,7 @@ unit noise and an offset. Per size, in a fresh process (so the peak RSS is that 
 * our ``lasso_path`` (``--method``, with the refit) on ``--n-train`` + ``--n-val`` models: seconds,
   FISTA iterations and iterations per second, peak RSS (and the part above the data themselves);
 * test MSE on ``--n-test`` fresh models against an oracle, least squares on the true support;
-* GFLOP/s of the three dense float32 products at the shapes of a large run, measured on this
+* GFLOP/s of the three large products (as the solver computes them) at the shapes of a large run, measured on this
   machine: the Gram block X^T X (2000 rows, up to 8000 columns), X^T Y with 1024 targets and G @ W
   with a 512-target block (one FISTA iteration without screening).
 
@@ -54,10 +54,11 @@ def make_data(n: int, p: int, T: int, support: int, seed: int):
 
 
 def _rates(X: np.ndarray, device: str) -> tuple[float, float, float]:
-    """GFLOP/s on ``device`` of the three dense products, float32, at the shapes of a large run.
+    """GFLOP/s on ``device`` of the three large products at the shapes of a large run.
 
-    The Gram block X^T X (2000 rows, up to 8000 columns), X^T Y with 1024 target columns, and
-    G @ W with a 512-target block (a FISTA iteration without screening).
+    The Gram block X^T X (2000 rows, up to 8000 columns) as ``solvers.stats.add_gram`` accumulates
+    it (full-product flops per second), X^T Y with 1024 target columns and G @ W with a 512-target
+    block (a FISTA iteration without screening), float32.
     """
     import torch
 
@@ -76,10 +77,19 @@ def _rates(X: np.ndarray, device: str) -> tuple[float, float, float]:
         sync()
         return flops / (time.perf_counter() - t0) / 1e9
 
-    gram = rate(lambda: Z.T @ Z, 2 * m * q * q)
+    # the Gram as the solver accumulates it (int8 counts of the 0/1 masks on the CPU, float16 on
+    # CUDA; upper blocks only), counted as the flops of a full product so the extrapolation's
+    # 2 n p² applies unchanged
+    from datamodels_ml.solvers.stats import add_gram
+
+    Xb = torch.from_numpy(X[:m, :q]).to(dev)
+    Gq = torch.zeros(q, q, device=dev)
+    gram = rate(lambda: add_gram(Gq, Xb), 2 * m * q * q)
     G = Z.T @ Z
-    xty = rate(lambda: Z.T @ Y, 2 * m * q * 1024)
-    gw = rate(lambda: G @ W, 2 * q * q * 512)
+    from datamodels_ml.solvers.blas import mm  # the solver's products (OpenBLAS on the CPU)
+
+    xty = rate(lambda: mm(Z.T, Y), 2 * m * q * 1024)
+    gw = rate(lambda: mm(G, W), 2 * q * q * 512)
     return gram, xty, gw
 
 

@@ -39,10 +39,10 @@ from datamodels_ml.solvers.blas import mm, syrk_upper_
 
 from datamodels_ml.solvers.sources import BatchSource
 
-__all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "moments"]
+__all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "moments", "add_gram"]
 
 _BLOCK = 1024  # columns per block of the upper-triangular Gram accumulation
-_CHUNK = 512  # rows per chunk of the in-place standardization / per Zv chunk
+_CHUNK = 256  # rows per chunk of the in-place standardization / per Zv chunk
 _F16_ROWS = 2048  # float16 holds every integer up to 2048 exactly
 
 
@@ -171,6 +171,21 @@ def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
             G[:j1, j0:j1] += (xh[:, :j1].T @ xh[:, j0:j1]).to(G.dtype)
 
 
+def add_gram(G: Tensor, xb: Tensor, *, binary: bool | None = None) -> None:
+    """``G += x'x`` on the upper-triangular column blocks of ``G`` [p, p] (the lower triangle is
+    filled by the final mirror), for a batch ``xb`` [b, p], by the fastest exact path: 0/1 masks as
+    int8 products with int32 counts on the CPU, as float16 on CUDA (float32 ``G``); otherwise in
+    ``G``'s dtype (OpenBLAS ``syrk`` on the CPU). ``binary``: whether ``xb`` holds only 0/1 (None:
+    checked here)."""
+    binary = _is_binary(xb) if binary is None else binary
+    if binary and G.device.type == "cpu" and _int8_counts(G, xb):
+        return
+    if binary and G.device.type == "cuda" and G.dtype == torch.float32:
+        _accumulate(G, xb.to(torch.float16), half=True)
+        return
+    _accumulate(G, xb.to(G.dtype), half=False)
+
+
 _INT8_OK = [hasattr(torch, "_int_mm")]  # cleared for the process if this torch refuses the product
 
 
@@ -196,19 +211,23 @@ def _int8_counts(G: Tensor, xb: Tensor) -> bool:
 
 
 def _mirror_and_standardize(G: Tensor, n: int, mean: Tensor, inv: Tensor) -> None:
-    """Copy the upper triangle to the lower one, then ``G = D^-1 (G / n - m m') D^-1`` in place."""
+    """``G = D^-1 (G / n - m m') D^-1`` in place from the counts in ``G``'s upper triangle, which
+    is also copied to the lower one: row chunk by row chunk, each chunk's upper part
+    ``G[r0:r1, r0:]`` in float64 as ``G ⊙ (d d' / n) - a a'`` (``d = 1/std``, ``a = m ⊙ d``), then
+    its lower part as the transpose of the (already standardized) chunks above it."""
     p = G.shape[0]
-    for j0 in range(0, p, _BLOCK):
-        j1 = min(p, j0 + _BLOCK)
-        G[j0:j1, :j0] = G[:j0, j0:j1].T
-        d = G[j0:j1, j0:j1]  # the diagonal block: only its upper triangle is certain (syrk)
-        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+    d = inv.to(torch.float64)
+    a = mean.to(torch.float64) * d
     for r0 in range(0, p, _CHUNK):
         r1 = min(p, r0 + _CHUNK)
-        blk = G[r0:r1].to(torch.float64)
-        blk.div_(n).sub_(mean[r0:r1, None] * mean[None, :])
-        blk.mul_(inv[r0:r1, None]).mul_(inv[None, :])
-        G[r0:r1] = blk.to(G.dtype)
+        blk = G[r0:r1, r0:].to(torch.float64)
+        blk.mul_(d[None, r0:]).mul_((d[r0:r1] / n)[:, None])
+        blk.addr_(a[r0:r1], a[r0:], alpha=-1.0)
+        sq = blk[:, : r1 - r0]  # the diagonal block: only its upper triangle is certain (syrk)
+        sq.copy_(torch.triu(sq) + torch.triu(sq, 1).T)
+        G[r0:r1, r0:] = blk.to(G.dtype)
+        if r0 > 0:
+            G[r0:r1, :r0] = G[:r0, r0:r1].T
 
 
 def _check_batch(xb: Tensor, p: int, name: str) -> None:
@@ -238,27 +257,22 @@ def feature_stats(
     sxx = torch.zeros_like(sx)
     G = torch.zeros(p, p, dtype=dtype, device=device) if gram else None
     binary, n = True, 0
-    half = device.type == "cuda" and dtype == torch.float32
     for xb, _, _ in train:
         _check_batch(xb, p, "train")
         xb = xb.to(device)
         bb = _is_binary(xb)
         binary = binary and bb
-        if bb and G is not None and device.type == "cpu" and _int8_counts(G, xb):
-            s = xb.sum(0, dtype=torch.float64)  # 0/1: x² = x
-            n += xb.shape[0]
+        n += xb.shape[0]
+        if bb:  # 0/1: x² = x, and the Gram from the masks themselves
+            s = xb.sum(0, dtype=torch.float64)
             sx += s
             sxx += s
-            continue
-        x = xb.to(dtype)
-        n += x.shape[0]
-        sx += x.sum(0, dtype=torch.float64)
-        sxx += (x * x).sum(0, dtype=torch.float64)
+        else:
+            x = xb.to(dtype)
+            sx += x.sum(0, dtype=torch.float64)
+            sxx += (x * x).sum(0, dtype=torch.float64)
         if G is not None:
-            if half and _is_binary(xb):
-                _accumulate(G, xb.to(torch.float16), half=True)
-            else:
-                _accumulate(G, x, half=False)
+            add_gram(G, xb, binary=bb)
     if n != train.n_rows:
         raise ValueError(f"source announced n_rows={train.n_rows} but yielded {n} rows")
     if n < 1:
