@@ -210,6 +210,18 @@ def _int8_counts(G: Tensor, xb: Tensor) -> bool:
     return True
 
 
+def _column_sums(xb: Tensor) -> Tensor:
+    """``[p]`` float64 column sums of the 0/1 masks ``xb`` [b, p]: on the CPU an int8 product with
+    a block of ones (int32 counts, exact; 25x torch's reduction of a bool tensor here)."""
+    if xb.device.type == "cpu" and _INT8_OK[0] and xb.dtype in (torch.bool, torch.uint8):
+        try:
+            ones = torch.ones(32, xb.shape[0], dtype=torch.int8)
+            return torch._int_mm(ones, xb.view(torch.int8))[0].to(torch.float64)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return xb.sum(0, dtype=torch.float64)
+
+
 def _mirror_and_standardize(G: Tensor, n: int, mean: Tensor, inv: Tensor) -> None:
     """``G = D^-1 (G / n - m m') D^-1`` in place from the counts in ``G``'s upper triangle, which
     is also copied to the lower one: row chunk by row chunk, each chunk's upper part
@@ -264,7 +276,7 @@ def feature_stats(
         binary = binary and bb
         n += xb.shape[0]
         if bb:  # 0/1: x² = x, and the Gram from the masks themselves
-            s = xb.sum(0, dtype=torch.float64)
+            s = _column_sums(xb)
             sx += s
             sxx += s
         else:
@@ -324,9 +336,13 @@ def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.dev
             )
         x = xb.to(**f64)
         n += x.shape[0]
-        s = x.sum(0)
-        sx += s
-        sxx += s if xb.dtype in (torch.bool, torch.uint8) and _is_binary(xb) else (x * x).sum(0)  # 0/1: x² = x
+        if xb.dtype in (torch.bool, torch.uint8) and _is_binary(xb):  # 0/1: x² = x
+            s = _column_sums(xb)
+            sx += s
+            sxx += s
+        else:
+            sx += x.sum(0)
+            sxx += (x * x).sum(0)
         sxy += mm(x.T, y)
         sy += y.sum(0)
         syy += (y * y).sum(0)
