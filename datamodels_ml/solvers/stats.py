@@ -210,6 +210,18 @@ def _int8_counts(G: Tensor, xb: Tensor) -> bool:
     return True
 
 
+def _add_moments(sx: Tensor, sxx: Tensor, x: Tensor, binary: bool) -> None:
+    """``sx += Σ x``, ``sxx += Σ x²`` over the rows of ``x`` [b, p], in float64 (for 0/1 masks
+    ``x² = x``: one column sum)."""
+    if binary:
+        s = _column_sums(x)
+        sx += s
+        sxx += s
+    else:
+        sx += x.sum(0, dtype=torch.float64)
+        sxx += (x * x).sum(0, dtype=torch.float64)
+
+
 def _column_sums(xb: Tensor) -> Tensor:
     """``[p]`` float64 column sums of the 0/1 masks ``xb`` [b, p]: on the CPU an int8 product with
     a block of ones (int32 counts, exact; 25x torch's reduction of a bool tensor here)."""
@@ -275,16 +287,10 @@ def feature_stats(
         bb = _is_binary(xb)
         binary = binary and bb
         n += xb.shape[0]
-        if bb:  # 0/1: x² = x, and the Gram from the masks themselves
-            s = _column_sums(xb)
-            sx += s
-            sxx += s
-        else:
-            x = xb.to(dtype)
-            sx += x.sum(0, dtype=torch.float64)
-            sxx += (x * x).sum(0, dtype=torch.float64)
+        x = xb if bb else xb.to(dtype)  # 0/1: the Gram and the sums from the masks themselves
+        _add_moments(sx, sxx, x, bb)
         if G is not None:
-            add_gram(G, xb, binary=bb)
+            add_gram(G, x, binary=bb)
     if n != train.n_rows:
         raise ValueError(f"source announced n_rows={train.n_rows} but yielded {n} rows")
     if n < 1:
@@ -336,13 +342,10 @@ def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.dev
             )
         x = xb.to(**f64)
         n += x.shape[0]
-        if xb.dtype in (torch.bool, torch.uint8) and _is_binary(xb):  # 0/1: x² = x
-            s = _column_sums(xb)
-            sx += s
-            sxx += s
+        if xb.dtype in (torch.bool, torch.uint8) and _is_binary(xb):
+            _add_moments(sx, sxx, xb, True)
         else:
-            sx += x.sum(0)
-            sxx += (x * x).sum(0)
+            _add_moments(sx, sxx, x, False)
         sxy += mm(x.T, y)
         sy += y.sum(0)
         syy += (y * y).sum(0)
