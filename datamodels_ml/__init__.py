@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 # products may go through OpenBLAS (``solvers/blas.py``).
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-OPENBLAS_QUIET = "OPENBLAS_THREAD_TIMEOUT" in _os.environ and _os.environ["OPENBLAS_THREAD_TIMEOUT"].strip().isdigit() \
-    and int(_os.environ["OPENBLAS_THREAD_TIMEOUT"]) <= 12
+_timeout = _os.environ.get("OPENBLAS_THREAD_TIMEOUT", "").strip()
+OPENBLAS_QUIET = _timeout.isdigit() and int(_timeout) <= 12

@@ -13,8 +13,8 @@ about 0.1 s after each call: alternating the two made a path up to 10x slower on
 So ``mm_iter`` uses OpenBLAS only when its workers sleep promptly (``OPENBLAS_THREAD_TIMEOUT`` at
 most 12, which ``import datamodels_ml`` sets to 4 when numpy is not loaded yet), and torch's
 product otherwise. These helpers take and return torch tensors, sharing their memory with numpy
-(no copies); on other devices, dtypes or layouts they fall back to torch. Set ``DATAMODELS_TORCH_BLAS=1`` to always use
-torch's (e.g. on Intel CPUs, where MKL is the faster one).
+(no copies); on other devices, dtypes or layouts they fall back to torch. Set
+``DATAMODELS_TORCH_BLAS=1`` to always use torch's (e.g. on Intel CPUs, where MKL is the faster one).
 """
 
 from __future__ import annotations

@@ -63,8 +63,9 @@ def fista(
     from ``y`` to ``x⁺`` is accepted when ``e'Ge <= L e'e`` (``e = x⁺ - y``; the sufficient
     decrease of FISTA with backtracking, Beck & Teboulle 2009); else that column goes back to its
     last iterate, restarts its momentum and grows its ``L`` (to 1.1 L, or 1.02 times the curvature
-    it met if more, at most 2 L). No eigenvalue is computed: a column's ``L`` comes from its own history (the
-    caller passes the previous path point's), so its iterates do not depend on the other columns.
+    it met if more, at most 2 L). No eigenvalue is computed: a column's ``L`` comes from its own
+    history (the caller passes the previous path point's), so its iterates do not depend on the
+    other columns.
 
     A column is converged when the duality gap of its (restricted) problem at the iterate, relative
     to its null deviance ``D`` (``nulldev``: ``||y||²/n`` of the centred target), is below ``tol``,
@@ -96,7 +97,6 @@ def fista(
     live = torch.arange(Ta, device=c.device)
     L_all = torch.as_tensor(L, dtype=c.dtype, device=c.device).expand(Ta).clone()
     Lc = L_all.clone()
-    step = 1.0 / Lc
     if allowed is not None:
         W.masked_fill_(~allowed, 0)
     x = W.clone()
@@ -110,6 +110,7 @@ def fista(
     it = 0
     while live.numel() > 0 and it < max_iter:
         it += 1
+        step = 1.0 / Lc
         thr = laml * step
         u = y + step * (cl - Gy)  # a gradient step from y
         x_new = u - torch.maximum(torch.minimum(u, thr), -thr)  # soft-threshold
@@ -127,7 +128,6 @@ def fista(
         if bool(bad.any()):
             grown = torch.maximum(1.1 * Lc, 1.02 * curv / ee.clamp_min(1e-300)).clamp_max(2 * Lc)
             Lc = torch.where(bad, grown, Lc)
-            step = 1.0 / Lc
             x_new = torch.where(bad, x, x_new)
             Gx_new = torch.where(bad, Gx, Gx_new)
         check = it % check_every == 0
@@ -158,7 +158,7 @@ def fista(
                 L_all[live] = Lc
                 keep = ~done
                 live, x, y, t, Gx, Gy = live[keep], x[:, keep], y[:, keep], t[keep], Gx[:, keep], Gy[:, keep]
-                nd, step, Lc = nd[keep], step[keep], Lc[keep]
+                nd, Lc = nd[keep], Lc[keep]
                 cl, laml = cl[:, keep], laml[keep]
                 if out is not None:
                     out = out[:, keep]

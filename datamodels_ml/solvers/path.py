@@ -239,7 +239,7 @@ class _Run:
         self.cur_l = 0
         self.epochs = 0
         # each target's FISTA curvature estimate, carried along the path (1: the Gram's diagonal)
-        self.curv = {"L": torch.ones(self.T, dtype=dtype, device=device)}
+        self.curv = torch.ones(self.T, dtype=dtype, device=device)
         if method == "fista":
             self.vs = target_stats(val, keep_y=True, device=device)
             self.Yv = self.vs.Y.to(dtype)
@@ -417,4 +417,3 @@ def predict(W1: Tensor, W0: Tensor, lams: Tensor) -> Tensor:
                     torch.zeros_like(d0))
     Wp = torch.addcmul(W1, r.clamp(0, 4)[None, :], W1 - W0)  # λ decreasing: r > 0
     return Wp.masked_fill_(Wp * W1 <= 0, 0)
-

@@ -7,10 +7,10 @@ iteration, each target restricted to its own set) or on one sub-Gram per target 
 (padded, one batched matrix-vector product per iteration), whichever a cost model says is faster
 (the union of 32 targets' sets at p = 6000 covers most features while each set has a few
 hundred); when the union is too large to copy, on all features with the whole Gram (the same
-product per iteration, and no KKT round). A KKT check on *all* features (``|c_j - G_j w| <= λ`` for the discarded ones) adds any
-violator and solves again, so the result is the unscreened solution. The full gradient costs
-``|A| p T`` once per λ (``A`` the non-zero features). Every target keeps its own step size
-(FISTA's checked curvature, carried from one path point to the next in ``curv["L"]``), so its
+product per iteration, and no KKT round). A KKT check on *all* features (``|c_j - G_j w| <= λ``
+for the discarded ones) adds any violator and solves again, so the result is the unscreened
+solution. The full gradient costs ``|A| p T`` once per λ (``A`` the non-zero features). Every target keeps its own step size
+(FISTA's checked curvature, carried from one path point to the next in ``curv``), so its
 result does not depend on the other targets of its block.
 
 The Gram is reached through an operator with ``block(idx)``, ``batch_block(idx, valid)`` and
@@ -159,7 +159,7 @@ def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:
 
 def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, curv, cols):
     """FISTA on the features ``S`` (one sub-Gram for all the given columns), each column with its
-    own step, started from ``curv["L"]`` (global columns ``cols``) and stored back there."""
+    own step, started from ``curv`` (global columns ``cols``) and stored back there."""
     Gs = op.block(S)
     Ws, wGw, it, L, GWs = fista(Gs, c[S], lam, W[S], L=_start_L(curv, cols, c), nulldev=nulldev, var=var[S],
                                 tol=tol, max_iter=max_iter, allowed=allowed, on_iter=on_iter)
@@ -183,17 +183,17 @@ def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, cu
     return Wn, wGw, it
 
 
-def _start_L(curv: dict | None, cols: Tensor, c: Tensor) -> Tensor:
+def _start_L(curv: Tensor | None, cols: Tensor, c: Tensor) -> Tensor:
     """Each column's starting curvature: its last one, or 1 (the diagonal of a standardized Gram,
     a lower bound of its top eigenvalue) the first time."""
     if curv is None:
         return torch.ones(cols.numel(), dtype=c.dtype, device=c.device)
-    return curv["L"][cols].to(c.dtype)
+    return curv[cols].to(c.dtype)
 
 
-def _keep_L(curv: dict | None, cols: Tensor, L: Tensor) -> None:
+def _keep_L(curv: Tensor | None, cols: Tensor, L: Tensor) -> None:
     if curv is not None:
-        curv["L"][cols] = L.to(curv["L"].dtype)
+        curv[cols] = L.to(curv.dtype)
 
 
 def copy_budget(p: int) -> float:
@@ -203,8 +203,8 @@ def copy_budget(p: int) -> float:
 
 def _plan(sizes: Tensor, n_union: int, p: int) -> str:
     """``"batched"`` (per-target sub-Grams, in groups of targets that fit the copy budget),
-    ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, on all features), the fastest by the
-    cost model whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
+    ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, on all features), the fastest
+    by the cost model whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
     budget = copy_budget(p)
     Ta = sizes.numel()
     m2 = float(sizes.max()) ** 2
@@ -229,14 +229,14 @@ def solve_screened(
     max_iter: int,
     screen: bool = True,
     on_iter: Callable[[int, int], None] | None = None,
-    curv: dict | None = None,
+    curv: Tensor | None = None,
     ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Solve ``min_w 1/2 w'Gw - c'w + λ|w|_1`` per column at one path point, with screening.
 
     Shapes: c/W/grad [p, Ta] (``grad = c - G W`` at the warm start ``W``), lam/lam_prev/nulldev
-    [Ta], var [p]. ``screen=False`` solves on all features (the reference). ``curv``: a dict kept by
-    the caller across calls, ``{"L": [T] each target's FISTA curvature}``, for warm starts;
+    [Ta], var [p]. ``screen=False`` solves on all features (the reference). ``curv``: [T] each target's
+    FISTA curvature, kept by the caller across calls and updated in place (warm starts);
     ``ids`` [Ta]: the global column of each column in it (default: all, in order).
 
     The kept sets are solved together on their union (one matrix product per iteration, each
