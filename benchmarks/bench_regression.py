@@ -95,6 +95,7 @@ def run_command(size, n_val, k, eps, tmp):
     """The whole ``regress`` command (start-up, reading the .beton, statistics, path, no refit,
     results, MLflow) on the same problem written to a store and a .beton: wall seconds of a first
     and a second run in the same directory."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -115,7 +116,7 @@ def run_command(size, n_val, k, eps, tmp):
     cmd = [sys.executable, "-m", "datamodels_ml", "regress", f"config={root / 'configs' / 'reg.yaml'}",
            f"data.data_path={Path(tmp) / 'd.beton'}", f"data.num_train={n - n_val}", f"data.num_val={n_val}",
            "data.split=ordered", f"cfg.k={k}", f"cfg.eps={eps}", "cfg.refit=false", "cfg.progress=false"]
-    env = {key: v for key, v in __import__("os").environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
+    env = {key: v for key, v in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
     env["PYTHONPATH"] = str(root)
     times = []
     for i in range(2):  # the first run also creates the MLflow database; the second finds it, as a user's does
