@@ -86,3 +86,17 @@ def test_int8_counts_give_the_same_gram_as_float_products(monkeypatch, dtype):
     assert torch.equal(fast.gram, slow.gram)
     torch.testing.assert_close(fast.mean, slow.mean, rtol=0, atol=0)
     torch.testing.assert_close(fast.std, slow.std, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_product_matches_the_dense_one_and_pays_only_when_sparse(dtype):
+    from datamodels_ml.solvers.blas import mm_sparse, sparse_pays
+
+    g = torch.Generator().manual_seed(2)
+    at = torch.randn(300, 120, generator=g, dtype=dtype)
+    W = torch.randn(300, 9, generator=g, dtype=dtype) * (torch.rand(300, 9, generator=g) < 0.05)
+    torch.testing.assert_close(mm_sparse(at, W), at.T @ W)
+    torch.testing.assert_close(mm_sparse(at, torch.zeros(300, 9, dtype=dtype)), torch.zeros(120, 9, dtype=dtype))
+    # the 5k benchmark's shapes: 10 non-zeros per target pay, a dense W does not
+    assert sparse_pays(200 * 10, 5000, 5000, 200)
+    assert not sparse_pays(200 * 2500, 5000, 5000, 200)

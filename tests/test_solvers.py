@@ -380,3 +380,68 @@ def test_gram_operators_match_the_explicit_gram(refit):
     torch.testing.assert_close(b[0], ref[[1, 4, 5]][:, [1, 4, 5]])
     torch.testing.assert_close(b[1, :2, :2], ref[[2, 9]][:, [2, 9]])
     assert (b[1, 2] == 0).all() and (b[1, :, 2] == 0).all()
+
+
+@pytest.mark.parametrize("plan", ["batched", "union", "full"])
+def test_every_screening_plan_gives_the_same_path(monkeypatch, plan):
+    # the cost model picks a plan per path point; each one must solve the same problem
+    from datamodels_ml.solvers import screening
+    from datamodels_ml.solvers.supports import size_groups
+
+    Xt, Yt, Xv, Yv = _sparse_problem(6, T=6)
+    kw = dict(k=20, eps=1e-3, dtype=torch.float64, tol=1e-20, max_epochs=50_000, min_lambdas=20)
+    ref = lasso_path((Xt, Yt), (Xv, Yv), screen=False, **kw)
+    chosen = []
+
+    def forced(sizes, n_union, p):
+        chosen.append(plan)
+        return plan, (size_groups(sizes, screening.copy_budget(p), spread=1.5) if plan == "batched" else [])
+
+    monkeypatch.setattr(screening, "_plan", forced)
+    got = lasso_path((Xt, Yt), (Xv, Yv), **kw)
+    assert chosen
+    torch.testing.assert_close(got.val_mse, ref.val_mse, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.weight, ref.weight, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_products_give_the_same_path_as_dense_ones(monkeypatch, dtype):
+    # the Gram and validation products of a sparse W go through torch's CSR product when the cost
+    # model says so (at scale); forced here, the path must not change
+    from datamodels_ml.solvers import blas
+
+    Xt, Yt, Xv, Yv = _sparse_problem(7, T=5)
+    kw = dict(k=20, eps=1e-3, dtype=dtype, tol=1e-20 if dtype == torch.float64 else 1e-7, max_epochs=50_000,
+              min_lambdas=20)
+    monkeypatch.setattr(blas, "_SPARSE_CALL_S", 1e9)  # never sparse
+    dense = lasso_path((Xt, Yt), (Xv, Yv), **kw)
+    calls = []
+    real = blas.mm_sparse
+    monkeypatch.setattr(blas, "_SPARSE_CALL_S", 0.0)
+    monkeypatch.setattr(blas, "_SPARSE_S", 0.0)  # always sparse
+    for mod in ("screening", "path"):
+        monkeypatch.setattr(f"datamodels_ml.solvers.{mod}.mm_sparse", lambda a, w: calls.append(1) or real(a, w))
+    sparse = lasso_path((Xt, Yt), (Xv, Yv), **kw)
+    assert len(calls) > 10
+    tol = dict(rtol=1e-6, atol=0) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sparse.val_mse, dense.val_mse, equal_nan=True, **tol)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=0, atol=1e-5 if dtype == torch.float64 else 1e-3)
+
+
+@pytest.mark.parametrize("binary_dtype", [torch.bool, torch.float32])
+def test_float32_target_products_keep_the_centred_sums(binary_dtype):
+    # X'y in float32 products (0/1 masks), on targets with a mean 1000 times their spread: the
+    # shift keeps the centred linear term as accurate as float32 data, not 1000x worse
+    from datamodels_ml.solvers.stats import target_stats
+
+    g = torch.Generator().manual_seed(11)
+    X = (torch.rand(3000, 50, generator=g) < 0.5).to(binary_dtype)
+    Y = 1000.0 + torch.randn(3000, 4, generator=g, dtype=torch.float64)
+    src = TensorBatches(X, Y, batch_size=512, shuffle=False)
+    exact, low = target_stats(src), target_stats(src, dtype=torch.float32)
+    mean, inv = exact.sx / 3000, 1 / (exact.sxx / 3000 - (exact.sx / 3000) ** 2).sqrt()
+    c64, nd64 = exact.quad(mean, inv, True)
+    c32, nd32 = low.quad(mean, inv, True)
+    torch.testing.assert_close(c32, c64, rtol=0, atol=1e-5 * float(c64.abs().max()))
+    torch.testing.assert_close(nd32, nd64)
+    assert torch.equal(low.sx, exact.sx) and torch.equal(low.sy, exact.sy)

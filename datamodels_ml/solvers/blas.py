@@ -20,6 +20,7 @@ product otherwise. These helpers take and return torch tensors, sharing their me
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from datamodels_ml import OPENBLAS_QUIET
 
-__all__ = ["mm", "mm_iter", "syrk_upper_", "enabled"]
+__all__ = ["mm", "mm_iter", "mm_sparse", "sparse_pays", "syrk_upper_", "enabled"]
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -53,6 +54,26 @@ def mm_iter(a: Tensor, b: Tensor) -> Tensor:
     if not OPENBLAS_QUIET:
         return a @ b
     return mm(a, b)
+
+
+# a dense float32 product through OpenBLAS (2 cores) ~4e11 FLOP/s; torch's sparse (CSR) times
+# dense product ~1.5e-10 s per non-zero and row of the result, plus ~1 ms (bench_blas.py --sparse)
+_DENSE_FLOPS, _SPARSE_S, _SPARSE_CALL_S = 4e11, 1.5e-10, 1e-3
+
+
+def sparse_pays(nnz: int, rows: int, dense_inner: int, cols: int) -> bool:
+    """Whether a ``[rows, p]`` matrix times a ``[p, cols]`` one with ``nnz`` non-zeros is faster as
+    a sparse product than as a dense one over ``dense_inner`` of the ``p`` (CPU)."""
+    return _SPARSE_S * nnz * rows + _SPARSE_CALL_S < 2.0 * rows * dense_inner * cols / _DENSE_FLOPS
+
+
+def mm_sparse(at: Tensor, W: Tensor) -> Tensor:
+    """``at.T @ W`` ``[m, T]`` for a C-contiguous ``at`` ``[p, m]`` and a mostly zero ``W``
+    ``[p, T]``: torch's sparse CSR product ``(W' at)'``, which reads the rows of ``at`` at the
+    non-zeros of ``W`` (``nnz · m`` work instead of ``p · m · T``). Returned as a transposed view."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": products are all this uses
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.mm(W.T.to_sparse_csr(), at).T
 
 
 def syrk_upper_(G: Tensor, x: Tensor) -> bool:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm_iter
+from datamodels_ml.solvers.blas import mm_iter, mm_sparse, sparse_pays
 from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
 from datamodels_ml.solvers.refit import refit_fista, refit_saga
@@ -218,7 +218,7 @@ class _Run:
         self.relax = relax
         self.phi = None if phi is None else phi.to(device=device, dtype=torch.float64).expand(train.n_targets)
         self.support = None if support is None else support.to(device)
-        self.ts = target_stats(train, device=device)
+        self.ts = target_stats(train, device=device, dtype=dtype)
         if stats is None:  # streaming method: the moments come from the same pass
             mean, std, nonconst = moments(self.ts.n, self.ts.sx, self.ts.sxx)
             stats = FeatureStats(n_train=self.ts.n, n_val=val.n_rows, mean=mean, std=std, nonconst=nonconst,
@@ -241,14 +241,16 @@ class _Run:
         # each target's FISTA curvature estimate, carried along the path (1: the Gram's diagonal)
         self.curv = torch.ones(self.T, dtype=dtype, device=device)
         if method == "fista":
-            self.vs = target_stats(val, keep_y=True, device=device)
+            self.vs = target_stats(val, keep_y=True, device=device, dtype=dtype)
             self.Yv = self.vs.Y.to(dtype)
             self.op = TrainGram(stats, dtype)
             self.c = self.c64.to(dtype)
             # the standardized validation masks, converted once when small (else per λ, on the
             # non-zero features only)
+            # (kept transposed, [p, n_val]: its rows are what a sparse product reads)
             zv_bytes = stats.n_val * stats.n_features * torch.finfo(dtype).bits // 8
-            self.zv = stats.z_val(None, dtype) if stats.x_val is not None and zv_bytes <= _ZV_CACHE else None
+            small = stats.x_val is not None and zv_bytes <= _ZV_CACHE
+            self.zvT = stats.z_val(None, dtype).T.contiguous() if small else None
 
     def on_epoch(self, e: int, n_active: int) -> None:
         if self.callback is not None:
@@ -257,13 +259,18 @@ class _Run:
     # -- fista pieces --------------------------------------------------------------------------
     def _val_pred(self, Wi: Tensor, bi: Tensor) -> Tensor:
         """Predictions ``[n_val, Ta]`` of the weights ``Wi`` [p, Ta] and intercepts ``bi``."""
-        A = (Wi != 0).any(1).nonzero().squeeze(1)
+        nz = Wi != 0
+        A = nz.any(1).nonzero().squeeze(1)
         pred = bi.expand(self.Yv.shape[0], -1).clone()
         if A.numel() == 0:
             return pred
-        if self.zv is not None and 3 * A.numel() >= self.zv.shape[1]:  # most features: no gather
-            return pred.add_(mm_iter(self.zv, Wi))
-        zA = self.zv[:, A] if self.zv is not None else self.stats.z_val(A, self.dtype)
+        zvT = self.zvT
+        if zvT is not None and zvT.device.type == "cpu" and sparse_pays(int(nz.sum()), zvT.shape[1], A.numel(),
+                                                                         Wi.shape[1]):
+            return pred.add_(mm_sparse(zvT, Wi))
+        if zvT is not None and 3 * A.numel() >= zvT.shape[0]:  # most features: no gather
+            return pred.add_(mm_iter(zvT.T, Wi))
+        zA = zvT.index_select(0, A).T if zvT is not None else self.stats.z_val(A, self.dtype)
         return pred.add_(mm_iter(zA, Wi[A]))
 
     def _val_mse_fista(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:

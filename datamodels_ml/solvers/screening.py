@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm_iter
+from datamodels_ml.solvers.blas import mm_iter, mm_sparse, sparse_pays
 from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
 from datamodels_ml.solvers.supports import padded_support, size_groups
@@ -35,11 +35,14 @@ __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened
 
 _ROWS = 1024  # rows of the Gram gathered at a time
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
-# cost model of one FISTA iteration on 2 CPU cores: float32 matmul through OpenBLAS ~200 GFLOP/s
-# effective (elementwise work included), a batched matvec (memory bound) ~5 GFLOP/s; on the 5k
-# sparse benchmark 2e11 ran the path 5% faster than the 5e10 measured with torch's products
-# (1e11-4e11 within noise)
-_MATMUL_FLOPS, _MATVEC_FLOPS = 2e11, 5e9
+# cost model of a path point on 2 CPU cores (measured on the 5k sparse benchmark): _ITERS
+# iterations; a float32 matmul through OpenBLAS ~2e11 effective FLOP/s (elementwise work
+# included); a batched matrix-vector product ~1 ns per sub-Gram entry (memory bound); gathering a
+# sub-Gram ~3 ns per entry (random reads), copying the union's ~2 ns; ~0.5 ms of small tensor
+# operations per FISTA iteration of each group
+_ITERS = 7
+_MATMUL_FLOPS, _MATVEC_S, _GATHER_S, _COPY_S, _GROUP_S = 2e11, 1e-9, 3e-9, 2e-9, 5e-4
+_SPREAD = 1.5  # a batched group's largest set is at most this times its smallest
 _COPY_BUDGET = 0.125  # sub-Gram copies: at most 0.125 p² entries (0.5 byte per p² in float32)
 
 
@@ -141,8 +144,12 @@ class RefitGram:
 
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
-    """``G W`` reading only the rows of ``G`` (symmetric) at the non-zero rows of ``W``."""
-    A = (W != 0).any(1).nonzero().squeeze(1)
+    """``G W`` reading only the rows of ``G`` (symmetric) at the non-zero rows of ``W``: as a sparse
+    product when ``W`` is sparse enough (CPU), else densely over those rows."""
+    nz = W != 0
+    A = nz.any(1).nonzero().squeeze(1)
+    if G.dtype == dtype and G.device.type == "cpu" and sparse_pays(int(nz.sum()), G.shape[0], A.numel(), W.shape[1]):
+        return mm_sparse(G, W)  # G' = G
     if G.dtype == dtype and 3 * A.numel() >= G.shape[0]:  # most rows: the whole product, no copies
         return mm_iter(G, W)
     out = torch.zeros(G.shape[0], W.shape[1], dtype=dtype, device=W.device)
@@ -201,18 +208,27 @@ def copy_budget(p: int) -> float:
     return max(_COPY_BUDGET * p * p, 2.0**24)
 
 
-def _plan(sizes: Tensor, n_union: int, p: int) -> str:
-    """``"batched"`` (per-target sub-Grams, in groups of targets that fit the copy budget),
-    ``"union"`` (a copy of ``G[U, U]``) or ``"full"`` (the whole Gram, on all features), the fastest
-    by the cost model whose copies stay within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32)."""
+def _plan(sizes: Tensor, n_union: int, p: int) -> tuple[str, list[Tensor]]:
+    """``("batched", groups)`` (per-target sub-Grams, in ``groups`` of targets of similar set sizes
+    whose copies fit the budget), ``("union", [])`` (a copy of ``G[U, U]``) or ``("full", [])``
+    (the whole Gram, on all features): the cheapest path point by the cost model (copies, then
+    ``_ITERS`` iterations), with copies within ``_COPY_BUDGET`` entries (0.5 byte per p² in float32).
+    A batched group pays for gathering its padded sub-Grams, their matrix-vector products and a
+    fixed cost per iteration (its own FISTA loop)."""
     budget = copy_budget(p)
     Ta = sizes.numel()
-    m2 = float(sizes.max()) ** 2
-    union_entries = float(n_union) ** 2 if float(n_union) ** 2 <= budget else float(p) ** 2
-    union = 2.0 * union_entries * Ta / _MATMUL_FLOPS
-    if Ta > 1 and m2 <= budget and 2.0 * m2 * Ta / _MATVEC_FLOPS < union:
-        return "batched"
-    return "union" if float(n_union) ** 2 <= budget else "full"
+    union_fits = float(n_union) ** 2 <= budget
+    n = n_union if union_fits else p
+    union = (_COPY_S * n * n if union_fits else 0.0) + _ITERS * (2.0 * n * n * Ta / _MATMUL_FLOPS + _GROUP_S)
+    if Ta > 1 and float(sizes.max()) ** 2 <= budget:
+        groups = size_groups(sizes, budget, spread=_SPREAD)
+        batched = 0.0
+        for g in groups:
+            entries = g.numel() * float(sizes[g].max()) ** 2
+            batched += _GATHER_S * entries + _ITERS * (_MATVEC_S * entries + _GROUP_S)
+        if batched < union:
+            return "batched", groups
+    return ("union" if union_fits else "full"), []
 
 
 def solve_screened(
@@ -258,14 +274,14 @@ def solve_screened(
         Wn = torch.zeros_like(W)
         if U.numel() == 0:
             pass
-        elif (plan := _plan(sizes, U.numel(), p)) == "batched":
+        elif (plan := _plan(sizes, U.numel(), p))[0] == "batched":
             most = 0
-            for sl in size_groups(sizes, copy_budget(p), spread=1.5):
+            for sl in plan[1]:
                 Wn[:, sl], wGw[sl], it = _solve_batched(op, keep[:, sl], c[:, sl], lam[sl], W[:, sl], nulldev[sl], var,
                                                         tol, max_iter, on_iter, curv, ids[sl])
                 most = max(most, it)
             its += most
-        elif plan == "full":  # the working sets cover most features: solve on all of them, with
+        elif plan[0] == "full":  # the working sets cover most features: solve on all of them, with
             # the Gram itself (the same product per iteration as masked), so no KKT round follows
             # and the gradient comes with the solution
             Wn, wGw, it, GW = _solve_set(op, torch.arange(p, device=c.device), c, lam, W, nulldev, var, tol,

@@ -319,10 +319,15 @@ def feature_stats(
                         x_val=x_val, binary=binary)
 
 
-def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.device | str = "cpu") -> TargetStats:
+def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float64) -> TargetStats:
     """One pass over ``source``: raw sums of ``X``, ``X'y``, ``y``, ``y²`` (and ``Y`` if ``keep_y``).
 
-    float64 accumulation (``p x T`` + one batch of memory).
+    Sums in float64 (``p x T`` + one batch of memory). ``dtype``: the products ``X'y`` of one batch
+    for 0/1 masks (float32 for a float32 solve: exact masks times the targets minus a shift, the
+    first batch's means, so that a batch's product holds centred sums and rounds like float32
+    data, about 1e-7 relative; the shift is added back in float64 from the exact counts). Other
+    masks, and ``dtype=float64``, multiply in float64.
     """
     device = torch.device(device)
     p, T = source.n_features, source.n_targets
@@ -330,6 +335,7 @@ def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.dev
     sxy, sx, sxx = torch.zeros(p, T, **f64), torch.zeros(p, **f64), torch.zeros(p, **f64)
     sy, syy = torch.zeros(T, **f64), torch.zeros(T, **f64)
     Y = torch.empty(source.n_rows, T, **f64) if keep_y else None
+    shift = None  # [T]: subtracted from y in the low-precision products
     n = 0
     for xb, yb, rows in source:
         y = yb.to(**f64)
@@ -340,17 +346,24 @@ def target_stats(source: BatchSource, *, keep_y: bool = False, device: torch.dev
                 f"batch shapes {tuple(xb.shape)}, {tuple(y.shape)} do not match the source "
                 f"(n_features={p}, n_targets={T})"
             )
-        x = xb.to(**f64)
-        n += x.shape[0]
-        if xb.dtype in (torch.bool, torch.uint8) and _is_binary(xb):
+        xb = xb.to(device)
+        n += xb.shape[0]
+        if shift is None and dtype != torch.float64:
+            shift = y.mean(0) if y.shape[0] else torch.zeros(T, **f64)
+        yc = y if shift is None else y - shift
+        if _is_binary(xb):
             _add_moments(sx, sxx, xb, True)
+            sxy += mm(xb.to(dtype).T, yc.to(dtype)).to(torch.float64)
         else:
+            x = xb.to(**f64)
             _add_moments(sx, sxx, x, False)
-        sxy += mm(x.T, y)
+            sxy += mm(x.T, yc)
         sy += y.sum(0)
         syy += (y * y).sum(0)
         if Y is not None:
             Y[rows.to(device)] = y
     if n != source.n_rows:
         raise ValueError(f"source announced n_rows={source.n_rows} but yielded {n} rows")
+    if shift is not None:  # X'y = X'(y - shift) + (Σ x) shift'
+        sxy += sx[:, None] * shift[None, :]
     return TargetStats(n=n, sx=sx, sxx=sxx, sxy=sxy, sy=sy, syy=syy, Y=Y)

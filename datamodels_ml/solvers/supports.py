@@ -24,9 +24,14 @@ def padded_support(S: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:
     m = int(a.max()) if a.numel() else 0
     if cap is not None:
         m = min(m, cap)
-    order = torch.sort((~S).to(torch.int8), dim=0, stable=True).indices[:m]
+    # the members in column-major order (column, then feature): one scan, no sort
+    col, feat = S.T.nonzero(as_tuple=True)
+    pos = torch.arange(col.numel(), device=S.device) - (a.cumsum(0) - a)[col]  # rank within the column
+    keep = pos < m
+    idx = torch.zeros(m, S.shape[1], dtype=torch.long, device=S.device)
+    idx[pos[keep], col[keep]] = feat[keep]
     valid = torch.arange(m, device=S.device)[:, None] < a.clamp_max(m)[None, :]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
+    return idx, valid
 
 
 def size_groups(sizes: Tensor, budget: float, spread: float = math.inf) -> list[Tensor]:
