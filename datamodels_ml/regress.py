@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -241,8 +241,49 @@ def _feature_stats(p: Plan, device: str) -> Any:
     return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
 
 
-def _fit_blocks(p: Plan, bar: _Progress, store: Any = None) -> dict[str, Any]:
-    """Every target block of the plan (resuming from ``store``, a ``blocks.BlockStore``), merged."""
+def _stats_in_background(p: Plan, then_import: tuple[str, ...] = ()) -> Callable[[], Any]:
+    """Start the feature statistics of the plan's first device in a daemon thread, so that they
+    are computed (reading and products, which release the GIL) while the command starts MLflow;
+    return the function that waits for them and re-raises the thread's error. The thread then
+    imports the modules ``then_import`` (those the results need later, beside the solver)."""
+    import importlib
+    import threading
+
+    out: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def work() -> None:
+        import torch
+
+        threads = torch.get_num_threads()
+        try:  # one core: MLflow's start keeps the other one busy (two would wait on each other)
+            torch.set_num_threads(1)
+            out["stats"] = _feature_stats(p, p.devices[0])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            out["error"] = exc
+        finally:
+            torch.set_num_threads(threads)
+            ready.set()
+        for name in then_import:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the main thread's own import reports it
+                return
+
+    threading.Thread(target=work, name="regress-stats", daemon=True).start()
+
+    def wait() -> Any:
+        ready.wait()
+        if "error" in out:
+            raise out["error"]
+        return out["stats"]
+
+    return wait
+
+
+def _fit_blocks(p: Plan, bar: _Progress, store: Any = None, started: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Every target block of the plan (resuming from ``store``, a ``blocks.BlockStore``), merged.
+    ``started``: waits for the first device's feature statistics (``_stats_in_background``)."""
     import dataclasses
 
     from datamodels_ml import blocks
@@ -257,7 +298,7 @@ def _fit_blocks(p: Plan, bar: _Progress, store: Any = None) -> dict[str, Any]:
 
     def fit_one(s: int, e: int, device: str) -> dict[str, Any]:
         if device not in stats:
-            stats[device] = _feature_stats(p, device)
+            stats[device] = started() if started is not None and device == p.devices[0] else _feature_stats(p, device)
         return _fit_block(dataclasses.replace(p, device=device, target_start=s, target_end=e), bar, stats[device])
 
     def done(s: int, e: int, block: dict[str, Any]) -> None:
@@ -322,25 +363,29 @@ def _log_path(result: dict[str, Any]) -> None:
     lam_ratio, val, train, nnz = path_curves(result)
     active = result["active"].numpy()
     table: dict[str, list] = {k: [] for k in ("step", "lam_ratio", "val_mse", "train_mse", "nnz", "active_fraction")}
+    rows = []
     for i in range(len(lam_ratio)):
         if np.isfinite(val[i]) and lam_ratio[i] > 0:  # λ = 0 (cfg.grid=fast_l1) has no place on the log scale
             row = {"val_mse": float(val[i]), "train_mse": float(train[i]), "nnz": float(nnz[i]),
                    "lam_ratio": float(lam_ratio[i]), "active_fraction": float(active[i])}
             step = path_step(lam_ratio[i])
-            tracking.log_metrics(row, step=step)
+            rows.append((step, row))
             for key, value in {"step": step, **row}.items():
                 table[key].append(value)
+    tracking.log_metric_steps(rows)
     tracking.log_table(table, "path_table.json")
 
 
-def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = None) -> dict[str, Any]:
-    """Run the solver for a validated plan, block by block, and return the datamodels dict (see ``fit``)."""
+def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = None,
+             started: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run the solver for a validated plan, block by block, and return the datamodels dict (see
+    ``fit``). ``started``: the feature statistics already under way (``_stats_in_background``)."""
     from datamodels_ml import tracking
 
     c = p.cfg.cfg
     bar = _Progress(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
     try:
-        result = _result(p, _fit_blocks(p, bar, store))
+        result = _result(p, _fit_blocks(p, bar, store, started))
     finally:
         bar.close()
     if log and tracking.active_run_id() is not None:
@@ -365,8 +410,7 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
 
 def regress(cfg: RegressConfig) -> int:
     """Fit one lasso path per target on the beton and write datamodels.pt (+ MLflow run)."""
-    from datamodels_ml import tracking
-    from datamodels_ml.blocks import BlockStore
+    from datamodels_ml.blocks import BlockStore, remaining
     from datamodels_ml.config import to_flat_dict
     from datamodels_ml.results import check_out_dir
 
@@ -381,11 +425,16 @@ def regress(cfg: RegressConfig) -> int:
     print(p.memory.describe(), file=sys.stderr)
     store = BlockStore(out)
     store.open(fingerprint(cfg), force=cfg.cfg.force)
+    # the statistics of the masks go first, in the background, while MLflow is imported and its
+    # store opened (both take about a second)
+    _, todo = remaining(p.target_start, p.target_end, p.memory.target_block, store.saved())
+    started = _stats_in_background(p, ("datamodels_ml.plots", "datamodels_ml.pyfunc")) if todo else None
+    from datamodels_ml import tracking
     tags = {"method": cfg.cfg.method, "k": cfg.cfg.k, "eps": cfg.cfg.eps, "num_train": cfg.data.num_train,
             "num_val": cfg.data.num_val, "targets": f"{p.target_start}:{p.target_end}", "devices": ",".join(p.devices)}
     with tracking.run("regress", name=f"regress-{cfg.cfg.method}-k{cfg.cfg.k}", tags=tags) as active:
         tracking.log_params(to_flat_dict(cfg))
-        result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store)
+        result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store, started=started)
         write_results(result, cfg, out, run_id=active.info.run_id if active else None)
         store.clear()
         stats = summary(result)

@@ -308,6 +308,22 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         safe(lambda: mlflow.log_metrics(clean, step=step), "log metrics")
 
 
+def log_metric_steps(rows: list[tuple[int, Mapping[str, float]]]) -> None:
+    """Metrics at many steps (``(step, {key: value})`` rows) in one write (``log_batch``, in chunks
+    of MLflow's 1000 metrics per call) instead of one transaction per step."""
+    active = mlflow.active_run()
+    if active is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(step)) for step, row in rows for k, v in row.items() if v is not None]
+    client = MlflowClient()
+    for i in range(0, len(metrics), 1000):
+        chunk = metrics[i : i + 1000]
+        safe(lambda: client.log_batch(active.info.run_id, metrics=chunk), "log metrics")
+
+
 def set_tags(tags: Mapping[str, Any]) -> None:
     safe(lambda: mlflow.set_tags({k: str(v) for k, v in tags.items()}), "set tags")
 

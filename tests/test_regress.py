@@ -224,6 +224,27 @@ def test_fit_rejects_bad_values(planted, override, message):
         fit(cfg, progress=False, log=False)
 
 
+def test_an_error_in_the_background_statistics_fails_the_command_cleanly(planted, tmp_path, monkeypatch):
+    # the masks' statistics run in a thread while MLflow starts: their error is the command's,
+    # the run ends FAILED and no results are written
+    import datamodels_ml.regress as regress_module
+
+    def broken(p, device):
+        raise UserError("the masks could not be read")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(regress_module, "_feature_stats", broken)
+    cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={planted[0] / 'with_bias.beton'}",
+                               f"cfg.out_dir={tmp_path / 'out'}", "data.target_end_ind=-1", "cfg.method=fista"],
+               config_key="config")
+    with pytest.raises(UserError, match="^the masks could not be read$"):
+        regress_module.regress(cfg)
+    assert not (tmp_path / "out" / "datamodels.pt").exists()
+    [run] = search_runs(tmp_path)
+    assert run.info.status == "FAILED"
+
+
 def test_missing_beton_is_a_user_error(tmp_path):
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={tmp_path / 'nope.beton'}", "cfg.out_dir=x"],
                config_key="config")
