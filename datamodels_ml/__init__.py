@@ -17,3 +17,10 @@ if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 _timeout = _os.environ.get("OPENBLAS_THREAD_TIMEOUT", "").strip()
 OPENBLAS_QUIET = _timeout.isdigit() and int(_timeout) <= 12
+
+# The same for torch's OpenMP threads (GNU libgomp): after each parallel operation they spin
+# 300,000 times before they sleep, and the solver alternates torch's elementwise work with
+# OpenBLAS's products on the same cores. 10,000 made the 5k benchmark's path 18-22% faster
+# (``docs/benchmarks.md``); set before torch loads libgomp, the user's own setting wins.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "10000")

@@ -66,6 +66,24 @@ def test_import_shortens_openblas_spin_unless_the_user_set_it(preset, quiet):
     assert out.split() == ["None", "False"]
 
 
+@pytest.mark.parametrize("preset", [None, "300000"])
+def test_import_shortens_openmp_spin_unless_the_user_set_it_or_torch_is_loaded(preset):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    code = "import os, datamodels_ml, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [preset or "10000"]
+    env.pop("GOMP_SPINCOUNT", None)  # torch first: its OpenMP runtime has read the environment already
+    code = "import torch, datamodels_ml, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_int8_counts_give_the_same_gram_as_float_products(monkeypatch, dtype):
     # 0/1 masks: the int8 products (int32 counts) and the float path accumulate the same integers
