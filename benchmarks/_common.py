@@ -44,9 +44,11 @@ def _child(queue, fn, args, threads):
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-# what ``python -m datamodels_ml`` runs with: ``import datamodels_ml`` sets it before numpy loads
-# OpenBLAS (a spawned child re-imports its script, numpy first, so it must come from the parent)
-OURS_ENV = {"OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
+# what ``python -m datamodels_ml`` runs with: ``import datamodels_ml`` sets them before numpy loads
+# OpenBLAS and torch its OpenMP runtime (a spawned child re-imports its script, numpy and torch
+# first, so they must come from the parent)
+OURS_ENV = {"OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4"),
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
 
 
 def in_child(fn: Callable[..., Any], *args: Any, threads: int = 0, env: dict[str, str] | None = None) -> Any:

@@ -4,8 +4,11 @@ Times, in this process, the Gram of binary masks accumulated in place (torch: bl
 on the upper triangle, as ``solvers/stats.py`` does without BLAS; OpenBLAS: ``syrk``, what
 ``solvers/blas.py`` uses) and the product ``G @ W`` of the Gram with a block of targets
 (torch ``@`` vs numpy's ``matmul``). Prints seconds, GFLOP/s and the ratio; asserts nothing.
+With ``--sparse`` it also times ``G @ W`` for a mostly zero ``W`` (k non-zeros per target) as the
+dense OpenBLAS product and as torch's sparse CSR product (``blas.mm_sparse``), beside what the
+cost model ``blas.sparse_pays`` picks.
 
-Usage: python benchmarks/bench_blas.py [--n 8000] [--p 4000] [--t 256] [--reps 3]
+Usage: python benchmarks/bench_blas.py [--n 8000] [--p 4000] [--t 256] [--reps 3] [--sparse]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=4000)
     ap.add_argument("--t", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sparse", action="store_true", help="also the sparse products against the dense one")
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(a.n, a.p, generator=g) < 0.5).float()
@@ -62,6 +66,16 @@ def main() -> None:
         tt, tb = best(ft, a.reps), best(fb, a.reps)
         print(f"{name:26s} torch {tt:7.3f} s ({fl / tt / 1e9:6.1f} GFLOP/s)   OpenBLAS {tb:7.3f} s "
               f"({fl / tb / 1e9:6.1f} GFLOP/s)   ratio {tt / tb:5.2f}x")
+    if a.sparse:
+        dense = best(lambda: blas.mm(G, W), a.reps)
+        for k in (5, 30, 100, 300, 1000):
+            Ws = torch.zeros(a.p, a.t)
+            rows_k = torch.stack([torch.randperm(a.p, generator=g)[:k] for _ in range(a.t)], 1)
+            Ws.scatter_(0, rows_k, torch.randn(k, a.t, generator=g))
+            ts = best(lambda: blas.mm_sparse(G, Ws), a.reps)
+            pick = "sparse" if blas.sparse_pays(k * a.t, a.p, a.p, a.t) else "dense"
+            print(f"G @ W, {k:4d} non-zeros per target: dense {dense:7.4f} s, sparse {ts:7.4f} s, ratio "
+                  f"{dense / ts:6.2f}x; the cost model picks {pick}")
     print("numpy", np.__version__, "| torch", torch.__version__)
 
 

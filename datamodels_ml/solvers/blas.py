@@ -57,7 +57,7 @@ def mm_iter(a: Tensor, b: Tensor) -> Tensor:
 
 
 # a dense float32 product through OpenBLAS (2 cores) ~4e11 FLOP/s; torch's sparse (CSR) times
-# dense product ~1.5e-10 s per non-zero and row of the result, plus ~1 ms (bench_blas.py --sparse)
+# dense product ~1.5e-10 s per non-zero and row of the result, plus ~1 ms (``bench_blas.py --sparse``)
 _DENSE_FLOPS, _SPARSE_S, _SPARSE_CALL_S = 4e11, 1.5e-10, 1e-3
 
 
