@@ -121,10 +121,13 @@ def fista(
         # products at hand (G y is a combination of earlier ones): a column that fails it had too
         # small an L; it goes back to x and grows L (never by more than the curvature it met)
         e = x_new - y
-        ee = (e * e).sum(0)
-        curv = (e * (Gx_new - Gy)).sum(0)
-        slack = rounding * ee.sqrt() * (Gx_new.norm(dim=0) + Gy.norm(dim=0))
-        bad = curv > Lc * ee * (1 + 1e-6) + slack
+        ee = torch.linalg.vecdot(e, e, dim=0)
+        curv = torch.linalg.vecdot(e, Gx_new - Gy, dim=0)
+        bad = curv > Lc * ee * (1 + 1e-6)
+        if bool(bad.any()):  # allow for the products' rounding before calling a step failed
+            slack = rounding * ee.sqrt() * (torch.linalg.vector_norm(Gx_new, dim=0)
+                                            + torch.linalg.vector_norm(Gy, dim=0))
+            bad = curv > Lc * ee * (1 + 1e-6) + slack
         if bool(bad.any()):
             grown = torch.maximum(1.1 * Lc, 1.02 * curv / ee.clamp_min(1e-300)).clamp_max(2 * Lc)
             Lc = torch.where(bad, grown, Lc)
@@ -134,7 +137,7 @@ def fista(
         if check:
             gap = duality_gap(x_new, Gx_new, cl, laml, nd, out)
         d = x_new - x
-        restart = (((y - x_new) * d).sum(0) > 0) | bad  # (y - x_new)·(x_new - x) > 0: momentum off
+        restart = (torch.linalg.vecdot(y - x_new, d, dim=0) > 0) | bad  # (y - x_new)·(x_new - x) > 0: momentum off
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * t * t))
         beta = torch.where(restart, torch.zeros_like(t), (t - 1) / t_new)
         t = torch.where(restart, torch.ones_like(t), t_new)
@@ -281,6 +284,6 @@ def duality_gap(w: Tensor, Gw: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor,
         g.masked_fill_(out, 0)
     gmax = g.abs().amax(0) if g.shape[0] else torch.zeros_like(lam)
     s = torch.where(gmax > lam, lam / gmax.clamp_min(1e-30), torch.ones_like(gmax))
-    cw = (c * w).sum(0)
-    terms = (w.abs() * lam).sub_(w * g * (0.5 * (1 + s * s)))
+    cw = torch.linalg.vecdot(c, w, dim=0)
+    terms = torch.addcmul(w.abs().mul_(lam), w * g, -0.5 * (1 + s * s))
     return 0.5 * (1 - s) ** 2 * (nulldev - cw) + terms.sum(0)
