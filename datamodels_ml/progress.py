@@ -6,6 +6,7 @@ pile up as thousands of lines in one, so the bar prints a plain labelled line in
 another tenth of the total is done or ``LineBar.INTERVAL`` seconds have passed since the last one,
 and a last line when it closes. FFCV's writer makes its own tqdm bar; ``ffcv_writer_bar`` swaps it
 for one of ours while a .beton is written (labelled, and silent with ``progress=false``).
+``PathBar`` is the regression's bar, fed by the solver's callback.
 """
 
 from __future__ import annotations
@@ -112,3 +113,31 @@ def ffcv_writer_bar(label: str, *, enabled: bool = True) -> Iterator[None]:
             yield
         finally:
             ffcv.writer.tqdm = original
+
+
+class PathBar:
+    """The regression's bar: the solver's callback (``lasso_path(callback=...)``) over epochs, with the
+    target block, the λ index, the share of targets still on the path and the features being solved;
+    one bar for all the target blocks of a ``regress``."""
+
+    def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool):
+        self.k, self.n_targets, self.n_blocks = k, n_targets, n_blocks
+        self.on_path = 1.0  # fraction of the block's targets still on the path
+        self.blocks_done = 0
+        self.bar = bar("regress", unit="epoch", enabled=progress)
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "epoch":
+            self.bar.update(1)
+            lam = "refit" if info.get("lambda_index", 0) < 0 else f"{info['lambda_index'] + 1}/{self.k}"
+            blocks = f"block {self.blocks_done + 1}/{self.n_blocks}, " if self.n_blocks > 1 else ""
+            self.bar.set_postfix_str(f"{blocks}λ {lam}, targets on path {self.on_path:.0%}, "
+                                     f"solving {info['n_active']}", refresh=False)
+        elif event == "lambda":
+            self.on_path = float(info["active"])
+
+    def end_block(self) -> None:
+        self.blocks_done += 1
+
+    def close(self) -> None:
+        self.bar.close()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.progress import PathBar
 from datamodels_ml.original_config import load_config, notes  # noqa: F401  (the CLI reads configs with load_config)
 from datamodels_ml.provenance import fingerprint_from_beton
 from datamodels_ml.regress_config import (DataConfig, EarlyStoppingConfig, RegressConfig, SolverConfig,  # noqa: F401
@@ -112,34 +113,6 @@ def plan(cfg: RegressConfig) -> Plan:
 
 
 # -- the fit -------------------------------------------------------------------------------------
-class _Progress:
-    """The solver callback: a progress bar over epochs (`progress.bar`), shared by the target blocks."""
-
-    def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool):
-        from datamodels_ml.progress import bar
-
-        self.k, self.n_targets, self.n_blocks = k, n_targets, n_blocks
-        self.on_path = 1.0  # fraction of the block's targets still on the path
-        self.blocks_done = 0
-        self.bar = bar("regress", unit="epoch", enabled=progress)
-
-    def __call__(self, event: str, info: dict) -> None:
-        if event == "epoch":
-            self.bar.update(1)
-            lam = "refit" if info.get("lambda_index", 0) < 0 else f"{info['lambda_index'] + 1}/{self.k}"
-            blocks = f"block {self.blocks_done + 1}/{self.n_blocks}, " if self.n_blocks > 1 else ""
-            self.bar.set_postfix_str(f"{blocks}λ {lam}, targets on path {self.on_path:.0%}, "
-                                     f"solving {info['n_active']}", refresh=False)
-        elif event == "lambda":
-            self.on_path = float(info["active"])
-
-    def end_block(self) -> None:
-        self.blocks_done += 1
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def tolerance(cfg: RegressConfig) -> tuple[float, str]:
     """The solver's convergence test: ``early_stopping.eps`` (the original's absolute one) for saga
     when set, else ``cfg.tol`` (relative). fista ignores ``early_stopping.eps``: its per-iteration
@@ -164,7 +137,7 @@ def _val_variance(source) -> Any:
     return (ss / n - mean * mean).clamp_min(0)
 
 
-def _fit_block(p: Plan, bar: _Progress, stats: Any = None) -> dict[str, Any]:
+def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     """Solve targets ``[p.target_start, p.target_end)`` on ``p.device``: the block's tensors, on the CPU.
 
     ``stats`` are the solver's feature statistics for ``p.device``, shared by the blocks (None: the
@@ -241,49 +214,9 @@ def _feature_stats(p: Plan, device: str) -> Any:
     return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
 
 
-def _stats_in_background(p: Plan, then_import: tuple[str, ...] = ()) -> Callable[[], Any]:
-    """Start the feature statistics of the plan's first device in a daemon thread, so that they
-    are computed (reading and products, which release the GIL) while the command starts MLflow;
-    return the function that waits for them and re-raises the thread's error. The thread then
-    imports the modules ``then_import`` (those the results need later, beside the solver)."""
-    import importlib
-    import threading
-
-    out: dict[str, Any] = {}
-    ready = threading.Event()
-
-    def work() -> None:
-        import torch
-
-        threads = torch.get_num_threads()
-        try:  # one core: MLflow's start keeps the other one busy (two would wait on each other)
-            torch.set_num_threads(1)
-            out["stats"] = _feature_stats(p, p.devices[0])
-        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
-            out["error"] = exc
-        finally:
-            torch.set_num_threads(threads)
-            ready.set()
-        for name in then_import:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the main thread's own import reports it
-                return
-
-    threading.Thread(target=work, name="regress-stats", daemon=True).start()
-
-    def wait() -> Any:
-        ready.wait()
-        if "error" in out:
-            raise out["error"]
-        return out["stats"]
-
-    return wait
-
-
-def _fit_blocks(p: Plan, bar: _Progress, store: Any = None, started: Callable[[], Any] | None = None) -> dict[str, Any]:
+def _fit_blocks(p: Plan, bar: PathBar, store: Any = None, started: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Every target block of the plan (resuming from ``store``, a ``blocks.BlockStore``), merged.
-    ``started``: waits for the first device's feature statistics (``_stats_in_background``)."""
+    ``started``: waits for the first device's feature statistics (computed by ``background.start``)."""
     import dataclasses
 
     from datamodels_ml import blocks
@@ -379,11 +312,11 @@ def _log_path(result: dict[str, Any]) -> None:
 def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = None,
              started: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run the solver for a validated plan, block by block, and return the datamodels dict (see
-    ``fit``). ``started``: the feature statistics already under way (``_stats_in_background``)."""
+    ``fit``). ``started``: the feature statistics already under way (``background.start``)."""
     from datamodels_ml import tracking
 
     c = p.cfg.cfg
-    bar = _Progress(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
+    bar = PathBar(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
     try:
         result = _result(p, _fit_blocks(p, bar, store, started))
     finally:
@@ -410,6 +343,7 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
 
 def regress(cfg: RegressConfig) -> int:
     """Fit one lasso path per target on the beton and write datamodels.pt (+ MLflow run)."""
+    from datamodels_ml import background
     from datamodels_ml.blocks import BlockStore, remaining
     from datamodels_ml.config import to_flat_dict
     from datamodels_ml.results import check_out_dir
@@ -425,10 +359,11 @@ def regress(cfg: RegressConfig) -> int:
     print(p.memory.describe(), file=sys.stderr)
     store = BlockStore(out)
     store.open(fingerprint(cfg), force=cfg.cfg.force)
-    # the statistics of the masks go first, in the background, while MLflow is imported and its
-    # store opened (both take about a second)
+    # the statistics of the masks go first, in the background on one core, while MLflow is imported
+    # and its store opened (both about a second); then the imports of the results' plot and model
     _, todo = remaining(p.target_start, p.target_end, p.memory.target_block, store.saved())
-    started = _stats_in_background(p, ("datamodels_ml.plots", "datamodels_ml.pyfunc")) if todo else None
+    started = background.start(lambda: _feature_stats(p, p.devices[0]), name="regress-stats", threads=1,
+                               then_import=("datamodels_ml.plots", "datamodels_ml.pyfunc")) if todo else None
     from datamodels_ml import tracking
     tags = {"method": cfg.cfg.method, "k": cfg.cfg.k, "eps": cfg.cfg.eps, "num_train": cfg.data.num_train,
             "num_val": cfg.data.num_val, "targets": f"{p.target_start}:{p.target_end}", "devices": ",".join(p.devices)}

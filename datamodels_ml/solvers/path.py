@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm_iter, mm_sparse, sparse_pays
 from datamodels_ml.solvers.fista import TOL
 from datamodels_ml.solvers.grid import GRIDS, check_k_eps, path_grid
 from datamodels_ml.solvers.refit import refit_fista, refit_saga
@@ -32,6 +31,7 @@ from datamodels_ml.solvers.relax import blend, choose_phi, support_ls
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.screening import TrainGram, solve_screened
 from datamodels_ml.solvers.sources import BatchSource, as_source
+from datamodels_ml.solvers.validation import ValRows
 from datamodels_ml.solvers.stats import FeatureStats, feature_stats, moments, target_stats
 
 __all__ = ["LassoPath", "lasso_path", "METHODS"]
@@ -199,9 +199,6 @@ def lasso_path(
     return run.path(refit)
 
 
-_ZV_CACHE = 256 * 2**20  # bytes: the standardized validation masks are kept converted up to this size
-
-
 class _Run:
     """The state of one lasso_path call (one target block)."""
 
@@ -245,38 +242,13 @@ class _Run:
             self.Yv = self.vs.Y.to(dtype)
             self.op = TrainGram(stats, dtype)
             self.c = self.c64.to(dtype)
-            # the standardized validation masks, converted once when small (else per λ, on the
-            # non-zero features only)
-            # (kept transposed, [p, n_val]: its rows are what a sparse product reads)
-            zv_bytes = stats.n_val * stats.n_features * torch.finfo(dtype).bits // 8
-            small = stats.x_val is not None and zv_bytes <= _ZV_CACHE
-            self.zvT = stats.z_val(None, dtype).T.contiguous() if small else None
+            self.val_rows = ValRows(stats, self.Yv, dtype)
 
     def on_epoch(self, e: int, n_active: int) -> None:
         if self.callback is not None:
             self.callback("epoch", {"epoch": e, "lambda_index": self.cur_l, "n_active": n_active})
 
     # -- fista pieces --------------------------------------------------------------------------
-    def _val_pred(self, Wi: Tensor, bi: Tensor) -> Tensor:
-        """Predictions ``[n_val, Ta]`` of the weights ``Wi`` [p, Ta] and intercepts ``bi``."""
-        nz = Wi != 0
-        A = nz.any(1).nonzero().squeeze(1)
-        pred = bi.expand(self.Yv.shape[0], -1).clone()
-        if A.numel() == 0:
-            return pred
-        zvT = self.zvT
-        if zvT is not None and zvT.device.type == "cpu" and sparse_pays(int(nz.sum()), zvT.shape[1], A.numel(),
-                                                                         Wi.shape[1]):
-            return pred.add_(mm_sparse(zvT, Wi))
-        if zvT is not None and 3 * A.numel() >= zvT.shape[0]:  # most features: no gather
-            return pred.add_(mm_iter(zvT.T, Wi))
-        zA = zvT.index_select(0, A).T if zvT is not None else self.stats.z_val(A, self.dtype)
-        return pred.add_(mm_iter(zA, Wi[A]))
-
-    def _val_mse_fista(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:
-        r = self._val_pred(W[:, idx], b[idx]) - self.Yv[:, idx]
-        return (r * r).sum(0, dtype=torch.float64) / max(r.shape[0], 1)
-
     def _relax(self, op, c: Tensor, W: Tensor, n_rows: int, phi: Tensor | None = None,
                b: Tensor | None = None, idx: Tensor | None = None, support: Tensor | None = None):
         """The relaxed lasso of the weights ``W`` [p, Ta] fitted with ``op``/``c`` on ``n_rows``
@@ -286,7 +258,7 @@ class _Run:
         W_ls, _ = support_ls(op, c, W, n_rows=n_rows, fit_intercept=self.fit_intercept, support=support)
         if phi is not None:
             return blend(W, W_ls, phi)
-        mse, f = choose_phi(self._val_pred(W, b), self._val_pred(W_ls, b), self.Yv[:, idx], self.relax)
+        mse, f = choose_phi(self.val_rows.predict(W, b), self.val_rows.predict(W_ls, b), self.Yv[:, idx], self.relax)
         return mse, f, blend(W, W_ls, f)
 
     def path(self, refit: bool) -> LassoPath:
@@ -351,7 +323,7 @@ class _Run:
                 b = self.bias0
                 Wi = W[:, idx]
                 tm = (yy[idx] - 2 * (self.c[:, idx] * Wi).sum(0) + wGw_all[idx]).clamp_min(0).to(torch.float64)
-                vm = self._val_mse_fista(W, b, idx)
+                vm = self.val_rows.mse(W, b, idx)
             else:
                 if solve_idx.numel() > 0:
                     self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.nulldev[solve_idx],

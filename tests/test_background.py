@@ -1,0 +1,33 @@
+"""Work started in a daemon thread and awaited later (datamodels_ml.background)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+from datamodels_ml import background
+
+
+def test_the_result_comes_back_on_the_threads_asked_for_and_the_imports_follow():
+    sys.modules.pop("colorsys", None)
+    before = torch.get_num_threads()
+    wait = background.start(lambda: (torch.get_num_threads(), "done"), name="test-bg", threads=1,
+                            then_import=("colorsys",))
+    assert wait() == (1, "done")
+    assert torch.get_num_threads() == before  # the caller's setting is untouched
+    deadline = time.monotonic() + 10
+    while "colorsys" not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "colorsys" in sys.modules
+
+
+def test_an_error_is_raised_again_in_the_caller():
+    def fail():
+        raise ValueError("no masks")
+
+    wait = background.start(fail, name="test-bg-error", then_import=("no_such_module_anywhere",))
+    with pytest.raises(ValueError, match="^no masks$"):
+        wait()
