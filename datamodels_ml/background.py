@@ -16,17 +16,17 @@ from typing import Any, Callable
 
 def start(fn: Callable[[], Any], *, name: str, threads: int = 0,
           then_import: tuple[str, ...] = ()) -> Callable[[], Any]:
-    """Run ``fn()`` in a daemon thread named ``name`` (on ``threads`` torch threads if > 0; the
-    setting is per thread under torch's OpenMP and restored after), then import ``then_import``
-    there. Returns ``wait()``: ``fn``'s result, or its exception raised again; it does not wait
+    """Run ``fn()`` in a daemon thread named ``name`` (on ``threads`` torch threads if > 0, then
+    back to the caller's count: OpenMP keeps the count per thread, MKL's is global), then import
+    ``then_import`` there. Returns ``wait()``: ``fn``'s result, or its exception raised again; it does not wait
     for the imports."""
+    import torch
+
     out: dict[str, Any] = {}
     ready = threading.Event()
+    before = torch.get_num_threads()  # the caller's setting (OpenMP keeps one per thread)
 
     def work() -> None:
-        import torch
-
-        before = torch.get_num_threads()
         try:
             if threads > 0:
                 torch.set_num_threads(threads)
@@ -34,7 +34,8 @@ def start(fn: Callable[[], Any], *, name: str, threads: int = 0,
         except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
             out["error"] = exc
         finally:
-            torch.set_num_threads(before)
+            if threads > 0:
+                torch.set_num_threads(before)
             ready.set()
         for module in then_import:
             try:
