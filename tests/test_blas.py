@@ -118,3 +118,16 @@ def test_sparse_product_matches_the_dense_one_and_pays_only_when_sparse(dtype):
     # the 5k benchmark's shapes: 10 non-zeros per target pay, a dense W does not
     assert sparse_pays(200 * 10, 5000, 5000, 200)
     assert not sparse_pays(200 * 2500, 5000, 5000, 200)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.2, 1.0])
+def test_rows_product_reads_the_rows_it_needs_by_any_form(density):
+    from datamodels_ml.solvers.blas import mm_rows
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(300, 300, generator=g) / 300**0.5
+    G = a @ a.T  # symmetric, entries of order 1
+    W = torch.randn(300, 6, generator=g) * (torch.rand(300, 1, generator=g) < density)
+    torch.testing.assert_close(mm_rows(G, W, symmetric=True), G @ W)
+    torch.testing.assert_close(mm_rows(a, W, rows=7), a.T @ W)  # gathered in pieces
+    torch.testing.assert_close(mm_rows(a.double(), W), (a.T @ W))  # rows converted to W's dtype

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from datamodels_ml import OPENBLAS_QUIET
 
-__all__ = ["mm", "mm_iter", "mm_sparse", "sparse_pays", "syrk_upper_", "enabled"]
+__all__ = ["mm", "mm_iter", "mm_rows", "mm_sparse", "sparse_pays", "syrk_upper_", "enabled"]
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -74,6 +74,26 @@ def mm_sparse(at: Tensor, W: Tensor) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": products are all this uses
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse.mm(W.T.to_sparse_csr(), at).T
+
+
+def mm_rows(at: Tensor, W: Tensor, *, symmetric: bool = False, rows: int = 1024) -> Tensor:
+    """``at.T @ W`` ``[m, T]`` for a C-contiguous ``at`` ``[p, m]``, reading only the rows of ``at``
+    at the non-zero rows ``A`` of ``W`` ``[p, T]``, by the cheapest form: a sparse product while
+    ``W`` is sparse enough (CPU, ``sparse_pays``), the whole product when ``A`` is most rows, else
+    the rows ``A``, ``rows`` at a time (converted to ``W``'s dtype). ``symmetric``: ``at`` equals
+    its transpose (a Gram), so the whole product multiplies by it untransposed."""
+    nz = W != 0
+    A = nz.any(1).nonzero().squeeze(1)
+    same = at.dtype == W.dtype
+    if same and at.device.type == "cpu" and sparse_pays(int(nz.sum()), at.shape[1], A.numel(), W.shape[1]):
+        return mm_sparse(at, W)
+    if same and 3 * A.numel() >= at.shape[0]:  # most rows: the whole product, no copies
+        return mm_iter(at if symmetric else at.T, W)
+    out = torch.zeros(at.shape[1], W.shape[1], dtype=W.dtype, device=W.device)
+    for s in range(0, A.numel(), rows):
+        a = A[s : s + rows]
+        out.add_(mm_iter(at.index_select(0, a).to(W.dtype).T, W[a]))
+    return out
 
 
 def syrk_upper_(G: Tensor, x: Tensor) -> bool:

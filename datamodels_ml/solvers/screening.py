@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm_iter, mm_sparse, sparse_pays
+from datamodels_ml.solvers.blas import mm_rows
 from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
 from datamodels_ml.solvers.supports import padded_support, size_groups
@@ -144,19 +144,9 @@ class RefitGram:
 
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
-    """``G W`` reading only the rows of ``G`` (symmetric) at the non-zero rows of ``W``: as a sparse
-    product when ``W`` is sparse enough (CPU), else densely over those rows."""
-    nz = W != 0
-    A = nz.any(1).nonzero().squeeze(1)
-    if G.dtype == dtype and G.device.type == "cpu" and sparse_pays(int(nz.sum()), G.shape[0], A.numel(), W.shape[1]):
-        return mm_sparse(G, W)  # G' = G
-    if G.dtype == dtype and 3 * A.numel() >= G.shape[0]:  # most rows: the whole product, no copies
-        return mm_iter(G, W)
-    out = torch.zeros(G.shape[0], W.shape[1], dtype=dtype, device=W.device)
-    for s in range(0, A.numel(), _ROWS):
-        a = A[s : s + _ROWS]
-        out.add_(mm_iter(G.index_select(0, a).to(dtype).T, W[a]))
-    return out
+    """``G W`` reading only the rows of ``G`` (symmetric) at the non-zero rows of ``W``
+    (``blas.mm_rows``: sparse, whole or gathered, whichever is cheapest)."""
+    return mm_rows(G, W.to(dtype), symmetric=True, rows=_ROWS)
 
 
 def gradient(op: GramOperator, c: Tensor, W: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 The standardized validation masks ``Z_val`` are kept converted (float, transposed to
 ``[p, n_val]``, whose rows a sparse product reads) while they take at most ``CACHE`` bytes, else
 converted per call on the features in use only. A product picks the cheapest form for the weights
-at hand: sparse (CSR, ``blas.mm_sparse``) while they are sparse enough, the whole ``Z_val`` when
+at hand (``blas.mm_rows``): sparse (CSR) while they are sparse enough, the whole ``Z_val`` when
 most features are non-zero, else the gathered columns of the non-zero features.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers.blas import mm_iter, mm_sparse, sparse_pays
+from datamodels_ml.solvers.blas import mm_iter, mm_rows
 from datamodels_ml.solvers.stats import FeatureStats
 
 __all__ = ["ValRows", "CACHE"]
@@ -31,19 +31,14 @@ class ValRows:
 
     def predict(self, W: Tensor, b: Tensor) -> Tensor:
         """Predictions ``[n_val, Ta]`` of the weights ``W`` [p, Ta] and intercepts ``b`` [Ta]."""
-        nz = W != 0
-        A = nz.any(1).nonzero().squeeze(1)
         pred = b.expand(self.Y.shape[0], -1).clone()
+        if self.zT is not None:  # sparse, whole or gathered rows (blas.mm_rows), gathered at once:
+            # they are at most the cached matrix
+            return pred.add_(mm_rows(self.zT, W, rows=self.zT.shape[0]))
+        A = (W != 0).any(1).nonzero().squeeze(1)
         if A.numel() == 0:
             return pred
-        zT = self.zT
-        if zT is not None and zT.device.type == "cpu" and sparse_pays(int(nz.sum()), zT.shape[1], A.numel(),
-                                                                      W.shape[1]):
-            return pred.add_(mm_sparse(zT, W))
-        if zT is not None and 3 * A.numel() >= zT.shape[0]:  # most features: no gather
-            return pred.add_(mm_iter(zT.T, W))
-        zA = zT.index_select(0, A).T if zT is not None else self.stats.z_val(A, self.dtype)
-        return pred.add_(mm_iter(zA, W[A]))
+        return pred.add_(mm_iter(self.stats.z_val(A, self.dtype), W[A]))
 
     def mse(self, W: Tensor, b: Tensor, idx: Tensor) -> Tensor:
         """Validation MSE ``[len(idx)]`` (float64) of the targets ``idx`` (columns of ``W`` [p, T])."""
