@@ -24,3 +24,10 @@ OPENBLAS_QUIET = _timeout.isdigit() and int(_timeout) <= 12
 # (``docs/benchmarks.md``); set before torch loads libgomp, the user's own setting wins.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+# Thread pools sized to the CPUs this process is allotted (affinity mask, cgroup quota), not the
+# machine's core count, unless the user sized them (``cpus.environment_defaults``).
+if "torch" not in _sys.modules and "numpy" not in _sys.modules:
+    from datamodels_ml.cpus import environment_defaults as _environment_defaults
+
+    _environment_defaults()

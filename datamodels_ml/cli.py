@@ -9,6 +9,10 @@ The original MadryLab tools' spelling is accepted too: ``--key=value``/``--key v
 ``--flag`` for a boolean key, a command's ``ALIASES`` (``--worker.index`` for ``index``), and, for a
 command that runs the user's script (``SCRIPT_ARGV``), the script's own ``--section.key=value``
 options, passed through to its ``sys.argv``.
+
+Every command takes ``threads=N``: the CPU threads of torch and of the BLAS libraries, for the
+command and the processes it starts (0, the default: every CPU the process is allotted, see
+``cpus``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def _help(name: str, schema: type, func, yaml_key: str | None) -> str:
     if yaml_key:
         lines.append(f"  {yaml_key:<28} YAML file merged under the command-line keys")
     lines += describe(schema)
+    lines.append(f"  {'threads':<28} CPU threads for torch and the BLAS libraries, here and in the processes this "
+                 f"command starts (0: every CPU allotted: affinity mask, cgroup quota) (default 0)")
     aliases = getattr(schema, "ALIASES", {})
     if aliases:
         lines += ["", "the original tools' spelling (e.g. --" + next(iter(aliases)) + "=...; not with our key as well):"]
@@ -230,6 +236,20 @@ def main(argv: list[str] | None = None) -> int:
             tracking.finish_attached(attached, name, code)
 
 
+def take_threads(tokens: list[str]) -> tuple[list[str], int | None]:
+    """Split off the ``threads=N`` that every command takes: ``(other tokens, N or None)``."""
+    out, threads = [], None
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if eq and key == "threads":
+            if not value.strip().isdigit():
+                raise UserError(f"threads must be a whole number >= 0 (0: every CPU allotted), got '{value}'")
+            threads = int(value)
+        else:
+            out.append(token)
+    return out, threads
+
+
 def _call(schema: Any, func: Any, rest: list[str], yaml_key: str | None, loader: Any = None) -> int:
     """Parse the command's config (with the command's own ``load_config`` when it has one: regress,
     whose original configs keep the original's meaning) and run it; the exit code (errors a user can
@@ -243,7 +263,12 @@ def _call(schema: Any, func: Any, rest: list[str], yaml_key: str | None, loader:
         rest = bare_flags(schema, rest)
         if script_key:
             rest, script = split_script_options(schema, rest)
-        tokens = apply_aliases(schema, normalize_args(rest, config_key=yaml_key))
+        tokens, threads = take_threads(normalize_args(rest, config_key=yaml_key))
+        if threads is not None:
+            from datamodels_ml.cpus import set_threads
+
+            set_threads(threads)
+        tokens = apply_aliases(schema, tokens)
         cfg = loader(tokens) if loader is not None else load(schema, tokens, config_key=yaml_key)
         if script:  # after any argv=[...] given as a key
             setattr(cfg, script_key, [*getattr(cfg, script_key), *script])

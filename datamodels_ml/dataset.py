@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from datamodels_ml.config import MISSING
+from datamodels_ml.cpus import allotment
 from datamodels_ml.errors import UserError
 from datamodels_ml.dataset_reader import (FIELDS, MANIFEST_SUFFIX, BetonBatches, BetonInfo, beton_info,  # noqa: F401
                                           manifest_path, open_beton, read_beton, read_manifest)
@@ -252,7 +253,7 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
 
     from datamodels_ml.progress import ffcv_writer_bar
 
-    workers = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
+    workers = num_workers if num_workers > 0 else max(1, min(4, allotment()))
     workers = min(workers, max(1, keep.size // 64))
     fields = {
         "mask": NDArrayField(dtype=np.dtype(x.dtype), shape=(n_features,)),

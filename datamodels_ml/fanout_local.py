@@ -17,6 +17,7 @@ import queue
 import threading
 from typing import Any
 
+from datamodels_ml.cpus import allotment
 from datamodels_ml.errors import UserError
 from datamodels_ml.runner_process import RunnerProcess
 from datamodels_ml.worker import ModelResult
@@ -27,7 +28,7 @@ def slot_environments(gpus: int, jobs: int) -> list[dict[str, str]]:
     if gpus < 0 or jobs < 0:
         raise UserError("gpus and jobs must be non-negative")
     if gpus == 0:
-        n_slots = jobs or (os.cpu_count() or 1)
+        n_slots = jobs or allotment()
         return [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(n_slots)]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # "" hides every GPU; unset shows them all
     ids = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else [str(i) for i in range(gpus)]

@@ -103,7 +103,9 @@ def notes(cfg) -> list[str]:
     if c.method == "saga" and c.relax:
         lines.append("cfg.relax=true (the relaxed lasso) needs the Gram of cfg.method=fista; cfg.method=saga fits the "
                      "lasso alone")
-    cores = os.cpu_count() or 1
+    from datamodels_ml.cpus import allotment
+
+    cores = allotment()
     if c.num_workers > cores:
         lines.append(f"cfg.num_workers={c.num_workers} is more than the {cores} CPU cores here: clamped to {cores} "
                      f"(no effect anyway: the .beton reader reads ahead in one thread)")

@@ -11,7 +11,6 @@ spread over ``gpus`` devices) and the MLflow record (one run; the path as metric
 curve; ``regress(cfg)`` is the command.
 """
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -150,7 +149,9 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     from datamodels_ml.solvers.relax import PHIS
 
     cfg, c = p.cfg, p.cfg.cfg
-    cores = os.cpu_count() or 1
+    from datamodels_ml.cpus import allotment
+
+    cores = allotment()
     common = dict(batch_size=read_rows(c, p.info.n_features), num_workers=min(c.num_workers, cores) or cores,
                   target_start=p.target_start, target_end=p.target_end, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=True, seed=p.cfg.data.seed, **common)
@@ -200,9 +201,23 @@ def read_rows(c: Any, n_features: int) -> int:
     return max(c.batch_size, min(4096, _READ_BYTES // (4 * max(n_features, 1))))
 
 
-def _feature_stats(p: Plan, device: str) -> Any:
+class _Stepped:
+    """A batch source that calls ``step()`` before each batch (``background.Pending.widen``)."""
+
+    def __init__(self, source: Any, step: Callable[[], None]) -> None:
+        self.source, self.step = source, step
+        self.n_rows, self.n_features, self.n_targets = source.n_rows, source.n_features, source.n_targets
+
+    def __iter__(self):
+        for batch in self.source:
+            self.step()
+            yield batch
+
+
+def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None) -> Any:
     """The solver's X-only statistics on ``device``, computed once for every block (with the Gram
-    for fista; moments only for the streaming method, whose point is to never hold a p x p matrix)."""
+    for fista; moments only for the streaming method, whose point is to never hold a p x p matrix).
+    ``widen``: called between batches (the background start's move to every thread)."""
     from datamodels_ml.dataset import BetonBatches
     from datamodels_ml.solvers import feature_stats
 
@@ -211,6 +226,8 @@ def _feature_stats(p: Plan, device: str) -> Any:
                   target_end=p.target_start, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=False, **x_only)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)
+    if widen is not None:
+        train, val = _Stepped(train, widen), _Stepped(val, widen)
     return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
 
 
@@ -338,7 +355,21 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
     ``active``, ``epochs``, ``fit_seconds``. With ``log`` and an active MLflow run, the path is logged
     to it as metrics with step = ``path_step(λ/λ_max)``.
     """
-    return fit_plan(plan(cfg), progress=progress, log=log)
+    p = plan(cfg)
+    use_kernels(cfg, quiet=not progress)
+    return fit_plan(p, progress=progress, log=log)
+
+
+def use_kernels(cfg: RegressConfig, *, quiet: bool = False) -> Any:
+    """The CPU kernels for this machine (measured rates, cached per machine; ``cfg.kernels``
+    forces some), installed for this process and printed in one line with their rates."""
+    from datamodels_ml.kernel_cache import load, machine
+
+    k = load(forced=cfg.cfg.kernels)
+    if not quiet:
+        print(f"regress: {machine()}", file=sys.stderr)
+        print(f"regress: {k.describe()}", file=sys.stderr)
+    return k
 
 
 def regress(cfg: RegressConfig) -> int:
@@ -357,18 +388,20 @@ def regress(cfg: RegressConfig) -> int:
           f"{p.info.n_features} features, targets [{p.target_start}:{p.target_end}], {cfg.cfg.method} on "
           f"{', '.join(p.devices)}, k={cfg.cfg.k}", file=sys.stderr)
     print(p.memory.describe(), file=sys.stderr)
+    kernels = use_kernels(cfg)
     store = BlockStore(out)
     store.open(fingerprint(cfg), force=cfg.cfg.force)
-    # the statistics of the masks go first, in the background on one core, while MLflow is imported
-    # and its store opened (both about a second); then the imports of the results' plot and model
+    # the statistics of the masks go first, in the background on one core while MLflow is imported
+    # and its store opened (both about a second), then on every thread; then the imports of the
+    # results' plot and model
     _, todo = remaining(p.target_start, p.target_end, p.memory.target_block, store.saved())
-    started = background.start(lambda: _feature_stats(p, p.devices[0]), name="regress-stats", threads=1,
-                               then_import=("datamodels_ml.plots", "datamodels_ml.pyfunc")) if todo else None
+    started = background.start(lambda widen: _feature_stats(p, p.devices[0], widen), name="regress-stats",
+                               threads=1, then_import=("datamodels_ml.plots", "datamodels_ml.pyfunc")) if todo else None
     from datamodels_ml import tracking
     tags = {"method": cfg.cfg.method, "k": cfg.cfg.k, "eps": cfg.cfg.eps, "num_train": cfg.data.num_train,
             "num_val": cfg.data.num_val, "targets": f"{p.target_start}:{p.target_end}", "devices": ",".join(p.devices)}
     with tracking.run("regress", name=f"regress-{cfg.cfg.method}-k{cfg.cfg.k}", tags=tags) as active:
-        tracking.log_params(to_flat_dict(cfg))
+        tracking.log_params({**to_flat_dict(cfg), **kernels.params()})
         result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store, started=started)
         write_results(result, cfg, out, run_id=active.info.run_id if active else None)
         store.clear()

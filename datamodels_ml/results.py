@@ -27,7 +27,9 @@ RESULTS_FILE = "datamodels.pt"
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = ("datamodels.pt", "config.yaml", "path.png", "targets.csv", MANIFEST_FILE)
 # Keys that do not change the fitted result: left out of the fingerprint that decides reruns.
-NOT_FINGERPRINTED = ("cfg.force", "cfg.num_workers", "cfg.progress", "cfg.out_dir", "cfg.target_block", "gpus")
+# output-only keys, and the kernels (exact: every kernel gives the same statistics)
+NOT_FINGERPRINTED = ("cfg.force", "cfg.num_workers", "cfg.progress", "cfg.out_dir", "cfg.target_block", "gpus",
+                     "cfg.kernels")
 
 
 def config_dict(cfg) -> dict[str, Any]:

@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
+# the measured kernel rates of this session's tests (and of the CLI processes they start) in a
+# folder of their own, not in the user's cache
+os.environ.setdefault("DATAMODELS_CACHE_DIR", tempfile.mkdtemp(prefix="datamodels-cache-"))
+
 
 _TEMPLATE_DB: Path | None = None
 

@@ -27,14 +27,15 @@ def test_mm_and_syrk_match_torch(dtype):
 def test_torch_fallback_when_asked_or_not_applicable(monkeypatch):
     x = torch.ones(3, 3)
     assert enabled(x) and not enabled(x.to(torch.int64)) and not enabled(x, x.double())
-    monkeypatch.setenv("DATAMODELS_TORCH_BLAS", "1")
+    monkeypatch.setenv("DATAMODELS_KERNELS", "gemm=torch")
     assert not enabled(x)
     assert not syrk_upper_(torch.zeros(3, 3), x)
+    assert enabled(x, force=True)
 
 
-@pytest.mark.parametrize("torch_blas", ["0", "1"])
-def test_feature_stats_gram_is_the_same_either_way(monkeypatch, torch_blas):
-    monkeypatch.setenv("DATAMODELS_TORCH_BLAS", torch_blas)
+@pytest.mark.parametrize("gemm", ["openblas", "torch"])
+def test_feature_stats_gram_is_the_same_either_way(monkeypatch, gemm):
+    monkeypatch.setenv("DATAMODELS_KERNELS", f"gemm={gemm}")
     g = torch.Generator().manual_seed(1)
     X = torch.rand(300, 200, generator=g) < 0.3
     Y = torch.randn(300, 2, generator=g)
@@ -94,12 +95,13 @@ def test_int8_counts_give_the_same_gram_as_float_products(monkeypatch, dtype):
     X[:, 5] = True  # a constant feature
     Y = torch.randn(700, 2, generator=g)
     src = lambda: (TensorBatches(X[:600], Y[:600], batch_size=256), TensorBatches(X[600:], Y[600:], batch_size=256))  # noqa: E731
+    monkeypatch.setenv("DATAMODELS_KERNELS", "gram=int8,colsum=int8")
     fast = feature_stats(*src(), dtype=dtype)
     calls = []
     real = stats._int8_counts
     monkeypatch.setattr(stats, "_int8_counts", lambda G, xb: calls.append(1) or real(G, xb))
     assert feature_stats(*src(), dtype=dtype).gram.equal(fast.gram) and len(calls) == 3  # the int8 path ran
-    monkeypatch.setattr(stats, "_INT8_OK", [False])
+    monkeypatch.setenv("DATAMODELS_KERNELS", "gram=syrk,colsum=torch")
     slow = feature_stats(*src(), dtype=dtype)
     assert torch.equal(fast.gram, slow.gram)
     torch.testing.assert_close(fast.mean, slow.mean, rtol=0, atol=0)

@@ -229,7 +229,7 @@ def test_an_error_in_the_background_statistics_fails_the_command_cleanly(planted
     # the run ends FAILED and no results are written
     import datamodels_ml.regress as regress_module
 
-    def broken(p, device):
+    def broken(p, device, widen=None):
         raise UserError("the masks could not be read")
 
     monkeypatch.chdir(tmp_path)

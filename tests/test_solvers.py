@@ -408,7 +408,7 @@ def test_every_screening_plan_gives_the_same_path(monkeypatch, plan):
 def test_sparse_products_give_the_same_path_as_dense_ones(monkeypatch, dtype):
     # the Gram and validation products of a sparse W go through torch's CSR product when the cost
     # model says so (at scale); forced here, the path must not change
-    from datamodels_ml.solvers import blas
+    from datamodels_ml.solvers import blas, kernels
 
     Xt, Yt, Xv, Yv = _sparse_problem(7, T=5)
     kw = dict(k=20, eps=1e-3, dtype=dtype, tol=1e-20 if dtype == torch.float64 else 1e-7, max_epochs=50_000,
@@ -418,7 +418,8 @@ def test_sparse_products_give_the_same_path_as_dense_ones(monkeypatch, dtype):
     calls = []
     real = blas.mm_sparse
     monkeypatch.setattr(blas, "_SPARSE_CALL_S", 0.0)
-    monkeypatch.setattr(blas, "_SPARSE_S", 0.0)  # always sparse
+    always = kernels.choose({**kernels.active().rates, "sparse_s": 1e-30})  # a free sparse product
+    monkeypatch.setattr(kernels, "_STATE", {"base": always, "env": None, "effective": None})
     monkeypatch.setattr(blas, "mm_sparse", lambda a, w: calls.append(1) or real(a, w))
     sparse = lasso_path((Xt, Yt), (Xv, Yv), **kw)
     assert len(calls) > 10

@@ -5,7 +5,8 @@ to scale), ``grid`` (λ_max and the path grid), ``fista`` (FISTA on a Gram), ``s
 (strong rules + KKT check, Gram operators), ``saga`` (the streaming method), ``path`` (the path
 driver: warm starts, early stop, validation selection), ``refit`` (the refit on train+val),
 ``restandardize`` (the train+val Gram with its own mean/std), ``relax`` (the relaxed lasso),
-``result`` (:class:`LassoPath`), ``blas`` (CPU products through OpenBLAS).
+``result`` (:class:`LassoPath`), ``blas`` (CPU products through OpenBLAS), ``kernels`` (which of
+equivalent exact kernels runs, by rates measured on this machine).
 """
 
 from datamodels_ml.solvers.grid import lambda_grid, lambda_max

@@ -13,13 +13,13 @@ about 0.1 s after each call: alternating the two made a path up to 10x slower on
 So ``mm_iter`` uses OpenBLAS only when its workers sleep promptly (``OPENBLAS_THREAD_TIMEOUT`` at
 most 12, which ``import datamodels_ml`` sets to 4 when numpy is not loaded yet), and torch's
 product otherwise. These helpers take and return torch tensors, sharing their memory with numpy
-(no copies); on other devices, dtypes or layouts they fall back to torch. Set
-``DATAMODELS_TORCH_BLAS=1`` to always use torch's (e.g. on Intel CPUs, where MKL is the faster one).
+(no copies); on other devices, dtypes or layouts they fall back to torch. Whether OpenBLAS or torch
+(MKL, often the faster one on Intel CPUs) multiplies is the ``gemm`` kernel that ``kernels`` picked
+from their rates measured on this machine (``DATAMODELS_KERNELS=gemm=torch`` forces torch's).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -27,15 +27,17 @@ import torch
 from torch import Tensor
 
 from datamodels_ml import OPENBLAS_QUIET
+from datamodels_ml.solvers import kernels
 
 __all__ = ["mm", "mm_iter", "mm_rows", "mm_sparse", "sparse_pays", "syrk_upper_", "enabled"]
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def enabled(*ts: Tensor) -> bool:
-    """Whether the OpenBLAS path applies to these tensors (CPU, float32/float64, one dtype)."""
-    if os.environ.get("DATAMODELS_TORCH_BLAS", "") not in ("", "0"):
+def enabled(*ts: Tensor, force: bool = False) -> bool:
+    """Whether the OpenBLAS path applies to these tensors (CPU, float32/float64, one dtype) and is
+    the ``gemm`` kernel in use (``force``: whichever is)."""
+    if not force and kernels.pick("gemm") != "openblas":
         return False
     dt = ts[0].dtype
     return all(t.device.type == "cpu" and t.dtype == dt and dt in _NP and not t.requires_grad for t in ts)
@@ -56,15 +58,17 @@ def mm_iter(a: Tensor, b: Tensor) -> Tensor:
     return mm(a, b)
 
 
-# a dense float32 product through OpenBLAS (2 cores) ~4e11 FLOP/s; torch's sparse (CSR) times
-# dense product ~1.5e-10 s per non-zero and row of the result, plus ~1 ms (``bench_blas.py --sparse``)
-_DENSE_FLOPS, _SPARSE_S, _SPARSE_CALL_S = 4e11, 1.5e-10, 1e-3
+_SPARSE_CALL_S = 1e-3  # fixed cost of a sparse (CSR) product: the conversion and the call
 
 
 def sparse_pays(nnz: int, rows: int, dense_inner: int, cols: int) -> bool:
     """Whether a ``[rows, p]`` matrix times a ``[p, cols]`` one with ``nnz`` non-zeros is faster as
-    a sparse product than as a dense one over ``dense_inner`` of the ``p`` (CPU)."""
-    return _SPARSE_S * nnz * rows + _SPARSE_CALL_S < 2.0 * rows * dense_inner * cols / _DENSE_FLOPS
+    a sparse product than as a dense one over ``dense_inner`` of the ``p`` (CPU), by the rates
+    measured on this machine (``kernels``: the CSR product's seconds per non-zero and row, the
+    dense ``gemm`` kernel's FLOP/s; e.g. 1.5e-10 s and 4e11 FLOP/s on 2 AMD EPYC cores)."""
+    k = kernels.active()
+    dense = kernels.rate("gemm") or 4e11
+    return k.constant("sparse_s") * nnz * rows + _SPARSE_CALL_S < 2.0 * rows * dense_inner * cols / dense
 
 
 def mm_sparse(at: Tensor, W: Tensor) -> Tensor:
@@ -96,11 +100,12 @@ def mm_rows(at: Tensor, W: Tensor, *, symmetric: bool = False, rows: int = 1024)
     return out
 
 
-def syrk_upper_(G: Tensor, x: Tensor) -> bool:
+def syrk_upper_(G: Tensor, x: Tensor, *, force: bool = False) -> bool:
     """``G += x'x`` on the upper triangle of the C-contiguous ``G`` [p, p] (``x`` [b, p]), in place
     through BLAS ``syrk``; the lower triangle is left as it was. Returns False (and does nothing)
-    when the BLAS path does not apply; the caller then uses its own product."""
-    if not enabled(G, x) or not G.is_contiguous() or G.ndim != 2 or G.shape[0] != G.shape[1]:
+    when the BLAS path does not apply (``force``: whatever the ``gemm`` kernel in use); the caller
+    then uses its own product."""
+    if not enabled(G, x, force=force) or not G.is_contiguous() or G.ndim != 2 or G.shape[0] != G.shape[1]:
         return False
     from scipy.linalg import blas
 

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers import kernels
 from datamodels_ml.solvers.blas import mm_rows
 from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
@@ -35,13 +36,13 @@ __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened
 
 _ROWS = 1024  # rows of the Gram gathered at a time
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
-# cost model of a path point on 2 CPU cores (measured on the 5k sparse benchmark): _ITERS
-# iterations; a float32 matmul through OpenBLAS ~2e11 effective FLOP/s (elementwise work
-# included); a batched matrix-vector product ~1 ns per sub-Gram entry (memory bound); gathering a
-# sub-Gram ~3 ns per entry (random reads), copying the union's ~2 ns; ~0.5 ms of small tensor
-# operations per FISTA iteration of each group
+# cost model of a path point: _ITERS iterations; a float32 matmul at half the ``gemm`` kernel's
+# measured rate (elementwise work included: 2e11 effective FLOP/s on 2 AMD EPYC cores, 5k sparse
+# benchmark); a batched matrix-vector product and a sub-Gram's gather at their measured seconds
+# per entry (``kernels``: ~1 ns and ~3 ns there); copying the union's ~2 ns per entry; ~0.5 ms of
+# small tensor operations per FISTA iteration of each group
 _ITERS = 7
-_MATMUL_FLOPS, _MATVEC_S, _GATHER_S, _COPY_S, _GROUP_S = 2e11, 1e-9, 3e-9, 2e-9, 5e-4
+_COPY_S, _GROUP_S = 2e-9, 5e-4
 _SPREAD = 1.5  # a batched group's largest set is at most this times its smallest
 _COPY_BUDGET = 0.125  # sub-Gram copies: at most 0.125 p² entries (0.5 byte per p² in float32)
 
@@ -206,16 +207,19 @@ def _plan(sizes: Tensor, n_union: int, p: int) -> tuple[str, list[Tensor]]:
     A batched group pays for gathering its padded sub-Grams, their matrix-vector products and a
     fixed cost per iteration (its own FISTA loop)."""
     budget = copy_budget(p)
+    k = kernels.active()
+    matmul_flops = 0.5 * (kernels.rate("gemm") or 4e11)
+    matvec_s, gather_s = k.constant("matvec_s"), k.constant("gather_s")
     Ta = sizes.numel()
     union_fits = float(n_union) ** 2 <= budget
     n = n_union if union_fits else p
-    union = (_COPY_S * n * n if union_fits else 0.0) + _ITERS * (2.0 * n * n * Ta / _MATMUL_FLOPS + _GROUP_S)
+    union = (_COPY_S * n * n if union_fits else 0.0) + _ITERS * (2.0 * n * n * Ta / matmul_flops + _GROUP_S)
     if Ta > 1 and float(sizes.max()) ** 2 <= budget:
         groups = size_groups(sizes, budget, spread=_SPREAD)
         batched = 0.0
         for g in groups:
             entries = g.numel() * float(sizes[g].max()) ** 2
-            batched += _GATHER_S * entries + _ITERS * (_MATVEC_S * entries + _GROUP_S)
+            batched += gather_s * entries + _ITERS * (matvec_s * entries + _GROUP_S)
         if batched < union:
             return "batched", groups
     return ("union" if union_fits else "full"), []

@@ -12,8 +12,10 @@ The Gram is built in one streaming pass *in place*: raw counts ``X'X`` are accum
 at the end and then centered and scaled in place, ``G = D^-1 (X'X / n - m m') D^-1``, row chunk by
 row chunk in float64. Peak memory: ``4 p^2`` bytes (float32) + one batch + one chunk.
 
-On the CPU, 0/1 masks are multiplied as int8 with int32 counts (``torch._int_mm``, about 4x
-OpenBLAS's float32 ``syrk`` on the AVX-512 VNNI CPU measured; ``syrk`` where torch lacks it).
+On the CPU, 0/1 masks are multiplied by the ``gram`` kernel that ``kernels`` picked from rates
+measured on this machine: int8 with int32 counts (``torch._int_mm``: 4x OpenBLAS's float32 ``syrk``
+on an AVX-512 VNNI CPU, 80-200x slower than it on an AVX2-only one), ``syrk``, or torch's product.
+All three give the same integer counts.
 
 Precision: 0/1 (bool/uint8) masks give integer counts, exact in float32 up to 2^24 rows; the scaled
 Gram then carries float32 rounding (relative 6e-8 per entry), as before. Non-binary masks are
@@ -35,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from datamodels_ml.solvers import kernels
 from datamodels_ml.solvers.blas import mm, syrk_upper_
-
 from datamodels_ml.solvers.sources import BatchSource
 
 __all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "moments", "add_gram"]
@@ -157,8 +159,8 @@ def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
     """``G += x'x`` on the upper-triangular column blocks of ``G`` (``x`` ``[b, p]``)."""
     p = x.shape[1]
     if not half:
-        if syrk_upper_(G, x):  # CPU: BLAS syrk in place (half the flops of a general product)
-            return
+        if G.device.type == "cpu" and _float_gram_kernel() == "syrk" and syrk_upper_(G, x, force=True):
+            return  # BLAS syrk in place (half the flops of a general product)
         for j0 in range(0, p, _BLOCK):
             j1 = min(p, j0 + _BLOCK)
             G[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
@@ -171,14 +173,25 @@ def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
             G[:j1, j0:j1] += (xh[:, :j1].T @ xh[:, j0:j1]).to(G.dtype)
 
 
+def _float_gram_kernel() -> str:
+    """The ``gram`` kernel for float data: the one in use, or (int8 picked) the faster float one."""
+    name = kernels.pick("gram")
+    if name != "int8":
+        return name
+    return "syrk" if kernels.rate("gram", "syrk") >= kernels.rate("gram", "torch") else "torch"
+
+
 def add_gram(G: Tensor, xb: Tensor, *, binary: bool | None = None) -> None:
     """``G += x'x`` on the upper-triangular column blocks of ``G`` [p, p] (the lower triangle is
-    filled by the final mirror), for a batch ``xb`` [b, p], by the fastest exact path: 0/1 masks as
-    int8 products with int32 counts on the CPU, as float16 on CUDA (float32 ``G``); otherwise in
-    ``G``'s dtype (OpenBLAS ``syrk`` on the CPU). ``binary``: whether ``xb`` holds only 0/1 (None:
-    checked here)."""
+    filled by the final mirror), for a batch ``xb`` [b, p], by the fastest exact path: for 0/1 masks
+    on the CPU the ``gram`` kernel picked by measured rate (``kernels``: int8 counts, ``syrk`` or
+    torch's product), as float16 on CUDA (float32 ``G``); otherwise in ``G``'s dtype (OpenBLAS
+    ``syrk`` on the CPU when it is the ``gemm`` kernel). ``binary``: whether ``xb`` holds only 0/1
+    (None: checked here)."""
     binary = _is_binary(xb) if binary is None else binary
-    if binary and G.device.type == "cpu" and _int8_counts(G, xb):
+    if binary and G.device.type == "cpu":
+        if kernels.pick("gram") != "int8" or not _int8_counts(G, xb):
+            kernels.IMPLS["gram"][_float_gram_kernel()](G, xb)
         return
     if binary and G.device.type == "cuda" and G.dtype == torch.float32:
         _accumulate(G, xb.to(torch.float16), half=True)
@@ -186,26 +199,12 @@ def add_gram(G: Tensor, xb: Tensor, *, binary: bool | None = None) -> None:
     _accumulate(G, xb.to(G.dtype), half=False)
 
 
-_INT8_OK = [hasattr(torch, "_int_mm")]  # cleared for the process if this torch refuses the product
-
-
 def _int8_counts(G: Tensor, xb: Tensor) -> bool:
-    """``G += x'x`` for 0/1 masks ``xb`` [b, p] on the CPU as int8 products with int32 counts
-    (``torch._int_mm``: exact, and 4x the syrk path on the AVX-512 VNNI CPU measured), upper
-    column blocks only. Returns False (nothing done) where torch has no such product."""
-    if not _INT8_OK[0]:
-        return False
-    xi = xb.view(torch.int8) if xb.dtype in (torch.bool, torch.uint8) else xb.to(torch.int8)
-    xt = xi.T.contiguous()
-    p = xi.shape[1]
+    """``G += x'x`` for 0/1 masks ``xb`` [b, p] on the CPU with the ``int8`` kernel. Returns False
+    (nothing done) where this torch refuses the product."""
     try:
-        for j0 in range(0, p, _BLOCK):
-            j1 = min(p, j0 + _BLOCK)
-            G[:j1, j0:j1] += torch._int_mm(xt[:j1], xi[:, j0:j1].contiguous())
-    except (RuntimeError, NotImplementedError):
-        if j0 > 0:  # part of this batch is in G already: not recoverable here
-            raise
-        _INT8_OK[0] = False
+        kernels.IMPLS["gram"]["int8"](G, xb)
+    except kernels.Unavailable:
         return False
     return True
 
@@ -223,13 +222,13 @@ def _add_moments(sx: Tensor, sxx: Tensor, x: Tensor, binary: bool) -> None:
 
 
 def _column_sums(xb: Tensor) -> Tensor:
-    """``[p]`` float64 column sums of the 0/1 masks ``xb`` [b, p]: on the CPU an int8 product with
-    a block of ones (int32 counts, exact; 25x torch's reduction of a bool tensor here)."""
-    if xb.device.type == "cpu" and _INT8_OK[0] and xb.dtype in (torch.bool, torch.uint8):
+    """``[p]`` float64 column sums of the 0/1 masks ``xb`` [b, p]: on the CPU by the ``colsum``
+    kernel picked by measured rate (an int8 product with ones: 25x torch's reduction of a bool
+    tensor on an AVX-512 VNNI CPU; or that reduction)."""
+    if xb.device.type == "cpu" and xb.dtype in (torch.bool, torch.uint8) and kernels.pick("colsum") == "int8":
         try:
-            ones = torch.ones(32, xb.shape[0], dtype=torch.int8)
-            return torch._int_mm(ones, xb.view(torch.int8))[0].to(torch.float64)
-        except (RuntimeError, NotImplementedError):
+            return kernels.IMPLS["colsum"]["int8"](xb)
+        except (AttributeError, RuntimeError, NotImplementedError):
             pass
     return xb.sum(0, dtype=torch.float64)
 

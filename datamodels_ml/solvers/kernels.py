@@ -1,0 +1,310 @@
+"""Kernels chosen by the rate measured on the machine that runs them.
+
+Where two exact kernels compute the same thing, which one is faster depends on the CPU, not on
+whether a function exists: ``torch._int_mm`` on 0/1 int8 masks was 4x OpenBLAS's float32 ``syrk``
+on an AVX-512 VNNI CPU and 80-200x *slower* on an AVX2-only CPU of the same machine kind. So every
+such choice here is made from a short probe (tens of milliseconds) that times each candidate on
+this process's threads:
+
+- ``gram``: ``G += x'x`` for 0/1 masks on the CPU: ``int8`` (int32 counts), ``syrk`` (OpenBLAS,
+  float), ``torch`` (torch's float ``addmm`` over upper column blocks). Rate: multiply-adds of the
+  upper triangle per second.
+- ``colsum``: column counts of 0/1 masks: ``int8`` (a product with ones) or ``torch`` (a reduction).
+- ``gemm``: dense float products on the CPU: ``openblas`` (numpy/scipy's) or ``torch`` (MKL).
+  Rate: FLOP/s.
+- the cost models' constants: a CSR product's seconds per non-zero and row (``sparse_s``, for
+  ``blas.sparse_pays``), a sub-Gram gather's seconds per entry (``gather_s``) and a batched
+  matrix-vector product's (``matvec_s``), for screening's plan.
+
+A kernel can be forced (tests, users) with ``op=name`` pairs: the ``DATAMODELS_KERNELS`` variable
+(e.g. ``gram=syrk,gemm=torch``) or :func:`use`. Pure torch: timing only, no files; the command
+layer (``kernel_cache``) keeps the measured rates per machine and installs them with :func:`use`.
+Without that, the first solver call in a process probes once (about 0.1 s).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["OPS", "Kernels", "IMPLS", "Unavailable", "probe", "choose", "parse_forced", "use", "active", "pick", "rate"]
+
+# op -> its candidates, best first when rates tie
+OPS: dict[str, tuple[str, ...]] = {
+    "gram": ("int8", "syrk", "torch"),
+    "colsum": ("int8", "torch"),
+    "gemm": ("openblas", "torch"),
+}
+_UNITS = {"gram": "MAC/s", "colsum": "entries/s", "gemm": "FLOP/s"}
+# the cost models' constants: name -> default (seconds), used only when not measured
+CONSTANTS = {"sparse_s": 1.5e-10, "gather_s": 3e-9, "matvec_s": 1e-9}
+ENV = "DATAMODELS_KERNELS"
+_TRIAL_S = 0.3  # a kernel whose small trial predicts more than this at full size is not run at full size
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels in use: ``picks`` (op -> kernel), the ``rates`` they were picked from
+    (``"op.kernel"`` -> rate, plus the cost constants), the ops ``forced`` by a setting, and where
+    the rates came from (``source``: measured, cached, or a note)."""
+
+    picks: dict[str, str]
+    rates: dict[str, float]
+    forced: tuple[str, ...] = ()
+    source: str = "measured"
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def constant(self, name: str) -> float:
+        value = self.rates.get(name)
+        return float(value) if value and value > 0 else CONSTANTS[name]
+
+    def describe(self) -> str:
+        """One line: each op's kernel with its rate, and the runners-up in parentheses."""
+        parts = []
+        for op, names in OPS.items():
+            pick = self.picks[op]
+            others = [f"{n} {_fmt(self.rates.get(f'{op}.{n}'))}" for n in names if n != pick]
+            how = " forced" if op in self.forced else ""
+            parts.append(f"{op}={pick}{how} {_fmt(self.rates.get(f'{op}.{pick}'))} {_UNITS[op]}"
+                         + (f" ({', '.join(others)})" if others else ""))
+        return f"kernels ({self.source}, {self.threads} threads): " + "; ".join(parts)
+
+    def params(self) -> dict[str, str]:
+        """Flat ``kernel.<op>`` / ``kernel.<op>.rate`` entries (MLflow params)."""
+        out = {f"kernel.{op}": self.picks[op] + (" (forced)" if op in self.forced else "") for op in OPS}
+        out.update({f"kernel.{op}.rate": _fmt(self.rates.get(f"{op}.{self.picks[op]}")) for op in OPS})
+        out["kernel.source"] = self.source
+        out["kernel.threads"] = str(self.threads)
+        return out
+
+
+def _fmt(rate: float | None) -> str:
+    return "unmeasured" if rate is None or rate != rate else f"{rate:.3g}"
+
+
+# -- the candidates ---------------------------------------------------------------------------------
+_BLOCK = 1024  # columns per upper-triangular block (as stats accumulates)
+
+
+class Unavailable(RuntimeError):
+    """This torch has no such kernel (raised before anything was written)."""
+
+
+def gram_int8(G: torch.Tensor, x: torch.Tensor) -> None:
+    """``G += x'x`` (upper column blocks) for 0/1 masks ``x`` [b, p] as int8 products, int32 counts.
+    Raises :class:`Unavailable`, with ``G`` untouched, where torch refuses the product."""
+    xi = x.view(torch.int8) if x.dtype in (torch.bool, torch.uint8) else x.to(torch.int8)
+    xt = xi.T.contiguous()
+    p = xi.shape[1]
+    for j0 in range(0, p, _BLOCK):
+        j1 = min(p, j0 + _BLOCK)
+        try:
+            counts = torch._int_mm(xt[:j1], xi[:, j0:j1].contiguous())
+        except (AttributeError, RuntimeError, NotImplementedError) as exc:
+            if j0 == 0:
+                raise Unavailable(f"torch._int_mm: {exc}") from exc
+            raise
+        G[:j1, j0:j1] += counts
+
+
+def gram_syrk(G: torch.Tensor, x: torch.Tensor) -> None:
+    """``G += x'x`` (upper triangle) through OpenBLAS ``syrk`` in ``G``'s dtype."""
+    from datamodels_ml.solvers.blas import syrk_upper_
+
+    if not syrk_upper_(G, x.to(G.dtype), force=True):
+        gram_torch(G, x)
+
+
+def gram_torch(G: torch.Tensor, x: torch.Tensor) -> None:
+    """``G += x'x`` (upper column blocks) with torch's ``addmm`` in ``G``'s dtype."""
+    x = x.to(G.dtype)
+    p = x.shape[1]
+    for j0 in range(0, p, _BLOCK):
+        j1 = min(p, j0 + _BLOCK)
+        G[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
+
+
+def colsum_int8(x: torch.Tensor) -> torch.Tensor:
+    """``[p]`` float64 column counts of 0/1 masks ``x`` [b, p]: an int8 product with ones."""
+    ones = torch.ones(32, x.shape[0], dtype=torch.int8)
+    return torch._int_mm(ones, x.view(torch.int8) if x.dtype in (torch.bool, torch.uint8)
+                         else x.to(torch.int8))[0].to(torch.float64)
+
+
+def colsum_torch(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(0, dtype=torch.float64)
+
+
+def gemm_openblas(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
+def gemm_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b
+
+
+IMPLS: dict[str, dict[str, Callable]] = {
+    "gram": {"int8": gram_int8, "syrk": gram_syrk, "torch": gram_torch},
+    "colsum": {"int8": colsum_int8, "torch": colsum_torch},
+    "gemm": {"openblas": gemm_openblas, "torch": gemm_torch},
+}
+
+
+# -- the probe --------------------------------------------------------------------------------------
+def _best(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm: first-call set-up, page faults
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
+def _rate(make: Callable[[bool], tuple[Callable[[], object], float]], reps: int = 2) -> float:
+    """Work per second of a candidate: ``make(full)`` gives ``(run, work)``; a small trial first
+    (run twice: the first call sets up, e.g. a JIT-compiled kernel), then full size, unless the
+    trial predicts the full size to take more than ``_TRIAL_S`` (a kernel this slow has lost)."""
+    run, work = make(False)
+    try:
+        run()
+        t0 = time.perf_counter()
+        run()
+        trial = max(time.perf_counter() - t0, 1e-9)
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return 0.0  # this torch or this CPU has no such kernel
+    run_full, work_full = make(True)
+    if trial * work_full / work > _TRIAL_S:
+        return work / trial
+    return work_full / _best(run_full, reps)
+
+
+def _masks(rows: int, p: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, p, generator=g) < 0.5
+
+
+def probe(ops: tuple[str, ...] = tuple(OPS)) -> dict[str, float]:
+    """Measure every candidate of ``ops`` (through :data:`IMPLS`, so a replaced one is what is
+    timed) and the cost constants: ``{"op.kernel": rate, "sparse_s": s, ...}``. A candidate this
+    torch lacks rates 0."""
+    rates: dict[str, float] = {}
+    if "gram" in ops:  # full: 512 rows of 2048 features (two column blocks), as the statistics pass
+        x, G = _masks(512, 2048, 0), torch.zeros(2048, 2048)
+        for name, fn in IMPLS["gram"].items():
+            def make(full, fn=fn):
+                rows, p = (512, 2048) if full else (32, 512)
+                xs, Gs = x[:rows, :p], G[:p, :p].contiguous() if not full else G
+                return (lambda: fn(Gs, xs.contiguous())), rows * p * p / 2.0
+            rates[f"gram.{name}"] = _rate(make)
+    if "colsum" in ops:
+        x = _masks(1024, 2048, 1)
+        for name, fn in IMPLS["colsum"].items():
+            def make(full, fn=fn):
+                xs = x if full else x[:128]
+                return (lambda: fn(xs)), float(xs.numel())
+            rates[f"colsum.{name}"] = _rate(make)
+    if "gemm" in ops:
+        g = torch.Generator().manual_seed(2)
+        a, b = torch.randn(512, 512, generator=g), torch.randn(512, 1024, generator=g)
+        for name, fn in IMPLS["gemm"].items():
+            def make(full, fn=fn):
+                n = 512 if full else 128
+                aa, bb = a[:n, :n].contiguous(), b[:n, : 2 * n].contiguous()
+                return (lambda: fn(aa, bb)), 2.0 * n * n * 2 * n
+            rates[f"gemm.{name}"] = _rate(make)
+    rates.update(_constants())
+    return rates
+
+
+def _constants() -> dict[str, float]:
+    """The cost models' constants: CSR product, sub-Gram gather, batched matrix-vector product."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    p, m, T = 2048, 1024, 64
+    at = torch.randn(p, m, generator=g)
+    W = torch.randn(p, T, generator=g) * (torch.rand(p, T, generator=g) < 0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        Wt = W.T.to_sparse_csr()
+        sparse = _best(lambda: torch.sparse.mm(Wt, at), 3) / (int((W != 0).sum()) * m)
+    G = torch.randn(p, p, generator=g)
+    S = torch.randperm(p, generator=g)[:512]
+    gather = _best(lambda: G[S[:, None], S[None, :]], 3) / S.numel() ** 2
+    B = torch.randn(16, 256, 256, generator=g)
+    v = torch.randn(16, 256, 1, generator=g)
+    matvec = _best(lambda: torch.bmm(B, v), 3) / B.numel()
+    return {"sparse_s": sparse, "gather_s": gather, "matvec_s": matvec}
+
+
+# -- the choice -------------------------------------------------------------------------------------
+def parse_forced(text: str | None) -> dict[str, str]:
+    """``"gram=syrk,gemm=torch"`` -> ``{"gram": "syrk", "gemm": "torch"}``; empty -> {}. Raises
+    ValueError naming the op or kernel that does not exist."""
+    out: dict[str, str] = {}
+    for part in (text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        op, eq, name = (s.strip() for s in part.partition("="))
+        if not eq or op not in OPS:
+            raise ValueError(f"unknown kernel setting '{part}': give op=kernel with op one of {', '.join(OPS)}")
+        if name not in OPS[op]:
+            raise ValueError(f"unknown kernel '{name}' for {op}: one of {', '.join(OPS[op])}")
+        out[op] = name
+    return out
+
+
+def choose(rates: dict[str, float], forced: dict[str, str] | None = None, *, source: str = "measured") -> Kernels:
+    """The fastest candidate of each op by ``rates`` (ties: the first listed), except the ``forced``."""
+    forced = dict(forced or {})
+    picks = {}
+    for op, names in OPS.items():
+        if op in forced:
+            picks[op] = forced[op]
+            continue
+        rated = [(rates.get(f"{op}.{n}", 0.0) or 0.0, -i, n) for i, n in enumerate(names)]
+        picks[op] = max(rated)[2] if max(rated)[0] > 0 else names[-1]
+    return Kernels(picks=picks, rates=dict(rates), forced=tuple(sorted(forced)), source=source)
+
+
+_STATE: dict[str, object] = {"base": None, "env": None, "effective": None}
+
+
+def use(kernels: Kernels | None) -> None:
+    """Install ``kernels`` for this process (None: probe again at the next use)."""
+    _STATE.update(base=kernels, env=None, effective=None)
+
+
+def active() -> Kernels:
+    """The kernels in use: the installed ones, else a probe now (once per process); either way
+    with the ops that ``DATAMODELS_KERNELS`` names forced."""
+    base = _STATE["base"]
+    if base is None:
+        base = choose(probe(), source="measured")
+        _STATE.update(base=base, env=None, effective=None)
+    env = os.environ.get(ENV, "")
+    if _STATE["effective"] is None or _STATE["env"] != env:
+        forced = parse_forced(env)
+        eff = base if not forced else choose(base.rates, {**{op: base.picks[op] for op in base.forced}, **forced},
+                                             source=base.source)
+        _STATE.update(env=env, effective=eff)
+    return _STATE["effective"]  # type: ignore[return-value]
+
+
+def pick(op: str) -> str:
+    """The kernel in use for ``op``."""
+    return active().picks[op]
+
+
+def rate(op: str, name: str | None = None) -> float:
+    """The measured rate of ``op``'s kernel ``name`` (default: the one in use); 0 if unmeasured."""
+    k = active()
+    return float(k.rates.get(f"{op}.{name or k.picks[op]}", 0.0) or 0.0)

@@ -1,0 +1,166 @@
+"""Kernels chosen by measured rate (solvers.kernels) and kept per machine (kernel_cache)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from datamodels_ml import kernel_cache
+from datamodels_ml.errors import UserError
+from datamodels_ml.solvers import TensorBatches, feature_stats, kernels, lasso_path
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """This test's own kernel state (restored afterwards), nothing forced."""
+    monkeypatch.setattr(kernels, "_STATE", {"base": None, "env": None, "effective": None})
+    monkeypatch.delenv(kernels.ENV, raising=False)
+
+
+def _masks(seed=0, n=700, p=1100):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, p, generator=g) < 0.4  # more columns than one int8 block
+    X[:, 5] = True  # a constant feature
+    return X, torch.randn(n, 3, generator=g)
+
+
+GRAM_KERNELS = [("int8", "int8"), ("syrk", "torch"), ("torch", "int8"), ("int8", "torch")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_gram_kernel_forced_gives_the_same_exact_statistics(fresh, monkeypatch, dtype):
+    X, Y = _masks()
+    src = lambda: (TensorBatches(X[:600], Y[:600], batch_size=256), TensorBatches(X[600:], Y[600:], batch_size=256))  # noqa: E731
+    # the exact integer counts, standardized in float64
+    Z = X[:600].double()
+    Xc = Z.T @ Z
+    got = {}
+    for gram, colsum in GRAM_KERNELS:
+        monkeypatch.setenv(kernels.ENV, f"gram={gram},colsum={colsum}")
+        assert kernels.pick("gram") == gram and kernels.pick("colsum") == colsum
+        st = feature_stats(*src(), dtype=dtype)
+        got[(gram, colsum)] = st
+        assert torch.equal(st.mean, Z.sum(0) / 600)  # exact counts
+    ref = got[GRAM_KERNELS[0]]
+    for key, st in got.items():
+        assert torch.equal(st.gram, ref.gram), key
+        assert torch.equal(st.mean, ref.mean) and torch.equal(st.std, ref.std), key
+    mean = Z.mean(0)
+    inv = torch.where(ref.nonconst, 1 / ref.std, torch.zeros_like(ref.std))
+    expect = (Xc / 600 - mean[:, None] * mean[None, :]) * inv[:, None] * inv[None, :]
+    torch.testing.assert_close(ref.gram.double(), expect, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_each_kernel_forced_gives_the_same_path(fresh, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    X = torch.rand(500, 60, generator=g) < 0.5
+    w = torch.zeros(60, 2)
+    w[:4] = torch.randn(4, 2, generator=g)
+    Y = X.float() @ w + 0.3 * torch.randn(500, 2, generator=g)
+    paths = {}
+    for forced in ("gram=int8,colsum=int8", "gram=syrk,colsum=torch", "gram=torch,colsum=int8"):
+        monkeypatch.setenv(kernels.ENV, forced)
+        paths[forced] = lasso_path((X[:400], Y[:400]), (X[400:], Y[400:]), k=15, eps=1e-3, dtype=torch.float64)
+    ref = paths["gram=int8,colsum=int8"]
+    for forced, path in paths.items():
+        assert torch.equal(path.weight, ref.weight), forced
+        torch.testing.assert_close(path.val_mse, ref.val_mse, rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setenv(kernels.ENV, "gemm=torch")  # another product: the same path up to rounding
+    other = lasso_path((X[:400], Y[:400]), (X[400:], Y[400:]), k=15, eps=1e-3, dtype=torch.float64)
+    torch.testing.assert_close(other.weight, ref.weight, rtol=0, atol=1e-8)
+
+
+def _slowed(fn, seconds):
+    def slow(*args):
+        time.sleep(seconds)
+        return fn(*args)
+    return slow
+
+
+@pytest.mark.parametrize("slow, expect", [("int8", {"syrk", "torch"}), ("syrk", {"int8", "torch"})])
+def test_the_probe_picks_another_kernel_than_a_slow_one(fresh, monkeypatch, slow, expect):
+    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls["gram"][slow] = _slowed(impls["gram"][slow], 0.05)
+    if slow == "syrk":  # int8 and syrk beat torch's product anyway; make int8 win clearly
+        impls["gram"]["torch"] = _slowed(impls["gram"]["torch"], 0.05)
+        expect = {"int8"}
+    impls["colsum"]["int8"] = _slowed(impls["colsum"]["int8"], 0.05)
+    monkeypatch.setattr(kernels, "IMPLS", impls)
+    k = kernels.choose(kernels.probe(("gram", "colsum")))
+    assert k.picks["gram"] in expect
+    assert k.picks["colsum"] == "torch"
+    assert k.rates[f"gram.{slow}"] < min(k.rates[f"gram.{n}"] for n in expect)
+
+
+def test_a_kernel_this_torch_lacks_rates_zero_and_is_not_picked(fresh, monkeypatch):
+    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+
+    def missing(G, x):
+        raise kernels.Unavailable("torch._int_mm: not in this build")
+
+    impls["gram"]["int8"] = missing
+    monkeypatch.setattr(kernels, "IMPLS", impls)
+    k = kernels.choose(kernels.probe(("gram",)))
+    assert k.rates["gram.int8"] == 0.0 and k.picks["gram"] in ("syrk", "torch")
+
+
+def test_forced_settings_are_checked_by_name():
+    assert kernels.parse_forced(" gram=syrk , gemm=torch") == {"gram": "syrk", "gemm": "torch"}
+    assert kernels.parse_forced("") == {}
+    with pytest.raises(ValueError, match=re.escape("unknown kernel 'avx' for gram: one of int8, syrk, torch")):
+        kernels.parse_forced("gram=avx")
+    with pytest.raises(ValueError, match=re.escape("unknown kernel setting 'blas=torch': give op=kernel with op one "
+                                                   "of gram, colsum, gemm")):
+        kernels.parse_forced("blas=torch")
+    with pytest.raises(UserError, match=re.escape("cfg.kernels: unknown kernel 'avx' for gram")):
+        kernel_cache.load(forced="gram=avx")
+
+
+def test_rates_are_cached_per_machine_and_measured_again_when_it_changes(fresh, monkeypatch, tmp_path):
+    monkeypatch.setenv("DATAMODELS_CACHE_DIR", str(tmp_path / "cache"))
+    probes = []
+    real = kernels.probe
+    monkeypatch.setattr(kernels, "probe", lambda *a: probes.append(1) or real(*a))
+    first = kernel_cache.load()
+    assert first.source == "measured" and len(probes) == 1
+    doc = json.loads((tmp_path / "cache" / "kernels.json").read_text())
+    [entry] = doc.values()
+    assert entry["key"]["cpu"] == kernel_cache.cpu_model() and entry["key"]["threads"] == torch.get_num_threads()
+    again = kernel_cache.load()
+    assert again.source == "cached" and len(probes) == 1 and again.picks == first.picks
+    # another torch (or CPU, or thread count): measured again, both kept
+    key = kernel_cache.machine_key()
+    monkeypatch.setattr(kernel_cache, "machine_key", lambda: {**key, "torch": "9.9"})
+    assert kernel_cache.load().source == "measured" and len(probes) == 2
+    assert len(json.loads((tmp_path / "cache" / "kernels.json").read_text())) == 2
+    # a damaged file is measured again and rewritten
+    (tmp_path / "cache" / "kernels.json").write_text("{not json")
+    assert kernel_cache.load().source == "measured" and len(probes) == 3
+    assert kernel_cache.load().source == "cached"
+    # a forced kernel wins over the rates, and says so
+    k = kernel_cache.load(forced="gram=torch")
+    assert k.picks["gram"] == "torch" and "gram=torch forced" in k.describe()
+    assert k.params()["kernel.gram"] == "torch (forced)"
+
+
+def test_an_unwritable_cache_costs_a_probe_not_an_error(fresh, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DATAMODELS_CACHE_DIR", str(blocker / "sub"))  # a directory under a file
+    assert kernel_cache.load().source == "measured"
+
+
+def test_the_line_names_every_op_with_its_rate(fresh):
+    rates = {"gram.int8": 2e8, "gram.syrk": 9e10, "gram.torch": 5e10, "colsum.int8": 1e10, "colsum.torch": 3e8,
+             "gemm.openblas": 2e11, "gemm.torch": 1.9e11}
+    k = kernels.choose(rates, source="cached")
+    assert k.picks == {"gram": "syrk", "colsum": "int8", "gemm": "openblas"}
+    line = k.describe()
+    assert line.startswith("kernels (cached, ")
+    assert "gram=syrk 9e+10 MAC/s (int8 2e+08, torch 5e+10)" in line
+    assert k.params()["kernel.gram.rate"] == "9e+10"
+    assert k.constant("gather_s") == kernels.CONSTANTS["gather_s"]  # unmeasured: the default
