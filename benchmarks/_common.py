@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the solver import, running one side in a fresh process, peak memory."""
+"""Shared by the benchmarks: the solver import, running one side in a fresh process, peak memory,
+and the machine and kernels that every figure comes from (``machine_report``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,41 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def solver_lasso_path():
-    """The package's ``lasso_path``."""
+    """The package's ``lasso_path``, with this machine's kernels installed from the cache (as the
+    ``regress`` command does), so that no probe is timed."""
+    from datamodels_ml.kernel_cache import load
     from datamodels_ml.solvers import lasso_path
 
+    load()
     return lasso_path
+
+
+def machine_report(threads: int = 0):
+    """Print the machine (CPU model, torch's CPU capability, cores and threads) and the kernels
+    picked on it with their measured rates; returns the ``Kernels``. ``threads``: as the CLI's."""
+    from datamodels_ml.cpus import set_threads
+    from datamodels_ml.kernel_cache import load, machine
+
+    if threads:
+        set_threads(threads)
+    k = load()
+    print(f"machine: {machine()}")
+    print(k.describe())
+    return k
+
+
+def best_rate(k, op: str = "gram") -> tuple[str, float]:
+    """The fastest measured kernel of ``op`` and its rate (for the arithmetic floor)."""
+    from datamodels_ml.solvers.kernels import OPS
+
+    name = max(OPS[op], key=lambda n: k.rates.get(f"{op}.{n}", 0.0))
+    return name, float(k.rates.get(f"{op}.{name}", 0.0))
+
+
+def gram_floor(k, n: int, p: int) -> str:
+    """The exact Gram's floor: ``n p² / 2`` multiply-adds at the best measured Gram rate."""
+    name, rate = best_rate(k)
+    return f"{n * p * p / 2 / rate:.2f} s ({n} x {p}²/2 multiply-adds at {rate:.3g}/s, {name})"
 
 
 def peak_rss_bytes() -> int:

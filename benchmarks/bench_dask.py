@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--absorb-n", type=int, default=3000, help="models for the driver's absorb rate")
     parser.add_argument("--absorb-only", action="store_true", help="only the absorb rates (no training)")
     opts = parser.parse_args()
+    from _common import machine_report
+
+    machine_report()
     if opts.absorb_only:
         with tempfile.TemporaryDirectory(prefix="bench-dask-") as tmp:
             print_absorb(Path(tmp), opts.absorb_n)

@@ -41,6 +41,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0])
     args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import machine_report
+
+    machine_report()
     print("noise  settings        regress (mean)  relax=false     fast_l1 (mean)  seeds where regress <= fast_l1")
     with tempfile.TemporaryDirectory() as tmp:
         for noise in args.noise:

@@ -17,12 +17,16 @@ T / N (it solves targets independently); the output says so, and compares the MS
 Prints the ratio sklearn time / our time at (reported) validation MSE, and each side's peak memory
 (ru_maxrss of its process; on CUDA also torch.cuda.max_memory_allocated). Asserts nothing.
 
+With ``--load N`` both sides are timed again while N busy processes (one pure-Python loop each,
+ended with the benchmark) compete for the cores, and each side's slowdown is printed: on a shared
+machine our path must not slow down more than the baseline's.
+
 With ``--command`` the same data also goes into a store and a .beton, and the whole ``regress``
 command (a fresh process: start-up, reading, statistics, path without refit, results, MLflow) is
 timed by its wall clock against the same baseline.
 
 Usage: python benchmarks/bench_regression.py [--quick] [--device cuda] [--methods fista,saga] [--truth sparse]
-                                             [--threads N] [--targets-baseline N] [--command]
+                                             [--threads N] [--targets-baseline N] [--command] [--load N]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import time
 import numpy as np
 
 import _common  # noqa: F401 - puts the repository on sys.path
-from _common import OURS_ENV, gb, in_child, peak_rss_bytes, solver_lasso_path
+from _common import OURS_ENV, gb, gram_floor, in_child, machine_report, peak_rss_bytes, solver_lasso_path
 
 
 def make_problem(n: int, p: int, T: int, seed: int = 0, noise: float = 1.0, truth: str = "dense"):
@@ -151,6 +155,33 @@ def run_sklearn(size, n_val, lam_path, n_targets):
             "rss": peak_rss_bytes()}
 
 
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+class Load:
+    """``n`` busy processes (a pure-Python loop each, at most ``seconds``), ended on exit."""
+
+    def __init__(self, n: int, seconds: float = 1800.0) -> None:
+        import multiprocessing as mp
+
+        self.procs = [mp.get_context("spawn").Process(target=_spin, args=(seconds,), daemon=True) for _ in range(n)]
+
+    def __enter__(self) -> "Load":
+        for proc in self.procs:
+            proc.start()
+        time.sleep(0.5)  # let them start spinning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small problem (smoke test)")
@@ -166,6 +197,8 @@ def main() -> None:
     ap.add_argument("--truth", choices=("dense", "sparse"), default="dense",
                     help="true weights: dense (every feature 0.01 N(0,1) plus 10 heavy ones per target) or "
                          "sparse (1%% of the features, heavy-tailed; the rest 0)")
+    ap.add_argument("--load", type=int, default=0,
+                    help="also time both sides under N busy competing processes (e.g. one per core)")
     ap.add_argument("--command", action="store_true",
                     help="also time the whole regress command on the same data (a .beton in a temporary directory)")
     args = ap.parse_args()
@@ -177,10 +210,12 @@ def main() -> None:
     else:
         n, p, T, n_val = 4000, 1000, 300, 400
     size = (n, p, T, args.truth)
+    kern = machine_report(args.threads)
     print(f"problem: {n - n_val} train / {n_val} val models, {p} features, {T} targets ({args.truth} truth), "
           f"k={k}, eps={eps}; "
           f"device {args.device}, threads {args.threads or 'default'}")
 
+    print(f"floor: the exact Gram alone takes {gram_floor(kern, n - n_val, p)}")
     ours = {}
     for method in args.methods.split(","):
         r = in_child(run_ours, size, n_val, k, eps, method, args.device, threads=args.threads, env=OURS_ENV)
@@ -216,6 +251,19 @@ def main() -> None:
     if command is not None:
         print(f"  the whole regress command: sklearn-shared-Gram / ours = {sk_total / command:6.2f}x"
               f"{' (estimated)' if label else ''}")
+    if args.load:
+        with Load(args.load):
+            loaded = {m: in_child(run_ours, size, n_val, k, eps, m, args.device, threads=args.threads, env=OURS_ENV)
+                      for m in ours}
+            sk_loaded = in_child(run_sklearn, size, n_val, ours[fastest]["lam_path"], n_sk, threads=args.threads)
+        sk_l = sk_loaded["gram_seconds"] + sk_loaded["path_seconds"] * scale
+        print(f"under load ({args.load} busy processes competing for the cores):")
+        print(f"  sklearn: {sk_l:8.2f} s, slowdown {sk_l / sk_total:5.2f}x")
+        for method, r in loaded.items():
+            slow = r["seconds"] / ours[method]["seconds"]
+            print(f"  ours [{method}]: {r['seconds']:8.2f} s, slowdown {slow:5.2f}x "
+                  f"({'no worse than' if slow <= sk_l / sk_total else 'WORSE than'} sklearn's); "
+                  f"sklearn-shared-Gram / ours under load = {sk_l / r['seconds']:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 import _common  # noqa: F401 - puts the repository on sys.path
-from _common import OURS_ENV, current_rss_bytes, gb, in_child, peak_rss_bytes, solver_lasso_path
+from _common import OURS_ENV, current_rss_bytes, gb, gram_floor, in_child, machine_report, peak_rss_bytes, solver_lasso_path
 
 PAPER = {"n": 300_000, "p": 50_000, "T": 10_000}
 
@@ -77,7 +77,7 @@ def _rates(X: np.ndarray, device: str) -> tuple[float, float, float]:
         sync()
         return flops / (time.perf_counter() - t0) / 1e9
 
-    # the Gram as the solver accumulates it (int8 counts of the 0/1 masks on the CPU, float16 on
+    # the Gram as the solver accumulates it (the gram kernel picked by measured rate on the CPU, float16 on
     # CUDA; upper blocks only), counted as the flops of a full product so the extrapolation's
     # 2 n p² applies unchanged
     from datamodels_ml.solvers.stats import add_gram
@@ -193,6 +193,7 @@ def main() -> None:
                     help="ASSUMED fp32 rate of one 80 GB GPU for the extrapolation (when not measured)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    kern = machine_report(args.threads)
     print(f"{args.n_train} train + {args.n_val} val (+ {args.n_test} test) models, {args.targets} targets, "
           f"{args.support} true non-zeros each, k={args.k}, eps={args.eps}, {args.method} on {args.device}")
     print(f"{'p':>6} {'seconds':>8} {'stats s':>8} {'path s':>7} {'iters':>6} {'iter/s':>7} {'Gram GF/s':>9} "
@@ -210,6 +211,7 @@ def main() -> None:
               f"{r['iters_per_s']:7.1f} {r['gram_gflops']:9.0f} {r['xty_gflops']:8.0f} {r['gw_gflops']:7.0f} {gb(r['rss']):>9} "
               f"{gb(r['rss'] - r['data_rss']):>10} {r['test_mse']:9.4f} {r['oracle_mse']:7.4f} "
               f"{r['test_mse'] / r['oracle_mse']:6.3f}{gpu}")
+        print(f"{'':>6} floor: the exact Gram alone takes {gram_floor(kern, args.n_train, p)}")
         last = r
     if last is not None:
         extrapolate(last, args.device.startswith("cuda"), args.gpu_tflops, args.method)

@@ -59,6 +59,10 @@ def main() -> None:
     parser.add_argument("--baseline-n", type=int, default=16, help="models for the one-process-per-model baseline")
     parser.add_argument("--jobs", type=int, default=2, help="parallel slots / processes in both designs")
     opts = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import machine_report
+
+    machine_report()
 
     def time_train(folder: Path, n: int) -> tuple[float, int, float]:
         folder.mkdir()

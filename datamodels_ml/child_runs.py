@@ -96,7 +96,8 @@ class ChildRunWriter:
         self._pool = ThreadPoolExecutor(API_THREADS if server else 1, thread_name_prefix="mlflow-child")
         self._queue: queue.Queue[ChildRecord | None] = queue.Queue()
         self._abandon = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="mlflow-child-runs", daemon=True)
+        self._finished = threading.Event()  # set by the thread when its counts are final
+        self._thread = threading.Thread(target=self._run, name="mlflow-child-runs", daemon=True)
         self._thread.start()
 
     def add(self, record: ChildRecord) -> None:
@@ -109,15 +110,19 @@ class ChildRunWriter:
         pending = self._queue.qsize() - 1
         if pending > 200 and self.mode == "api":
             print(f"MLflow: writing {pending} queued child runs ...", file=sys.stderr, flush=True)
+        # an Event, not Thread.join: a KeyboardInterrupt inside join can leave the thread reported
+        # as ended while it still runs (and still counts)
         try:
-            while self._thread.is_alive():
-                self._thread.join(timeout=0.5)
+            while not self._finished.wait(0.5):
+                pass
         except BaseException:  # Ctrl-C (or a signal handler's SystemExit): give up on the rest
             self._abandon.set()
-            self._thread.join(timeout=30)
+            self._finished.wait(30)
             raise
         finally:
-            stuck = self._thread.is_alive()  # e.g. a server that does not answer: leave it behind
+            stuck = not self._finished.is_set()  # e.g. a server that does not answer: leave it behind
+            if not stuck:
+                self._thread.join(timeout=5)
             self._pool.shutdown(wait=not stuck, cancel_futures=stuck)
             self._report()
 
@@ -133,6 +138,12 @@ class ChildRunWriter:
             first = f" (first error: {self.errors[0]})" if self.errors else ""
             print(f"warning: {lost} MLflow child runs of {self.parent_run_id} were not written{first}; "
                   "the store is unaffected", file=sys.stderr, flush=True)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._finished.set()
 
     def _loop(self) -> None:
         done = False
