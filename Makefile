@@ -34,7 +34,7 @@ SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
@@ -90,9 +90,10 @@ evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STO
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)
 
-bench: setup ## benchmarks (~10 min): train overhead, regression vs sklearn, scale at p=5k (docs/benchmarks.md)
+bench: setup ## benchmarks (~15 min; each names the CPU and kernels): train overhead, regress vs sklearn (1k and 5k features), kernels, scale at p=5k
 	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_regression.py
+	$(PY) benchmarks/bench_regression.py --command --load 2
+	$(PY) benchmarks/bench_regression.py --size 20000,5000,200,4000 --truth sparse --command --targets-baseline 20
 	$(PY) benchmarks/bench_scale.py --sizes 5000
 	$(PY) benchmarks/bench_startup.py
 	$(PY) benchmarks/bench_blas.py
@@ -104,6 +105,9 @@ gpu-check: setup ## on a CUDA machine (setup with a CUDA TORCH_SPEC): GPU tests 
 
 bench-regression: setup ## regression vs scikit-learn's lasso_path sharing one Gram, time and peak memory
 	$(PY) benchmarks/bench_regression.py $(ARGS)
+
+bench-paper: setup ## the CIFAR-10 shape end to end through the CLI, p=50k (mid: ~15 min; ARGS="--shape full": hours, 15 GB disk)
+	$(PY) benchmarks/bench_paper_shape.py $(ARGS)
 
 bench-scale: setup ## regression at p=5k..30k features (long; ~10 GB at 30k) and the paper-scale extrapolation
 	$(PY) benchmarks/bench_scale.py $(ARGS)

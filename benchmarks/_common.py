@@ -10,6 +10,9 @@ import sys
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# before numpy and torch load their thread pools, as under ``python -m datamodels_ml``: the short
+# OpenBLAS/OpenMP spins (and the kernels' probe measures what the commands will run with)
+import datamodels_ml  # noqa: E402,F401
 
 
 def solver_lasso_path():

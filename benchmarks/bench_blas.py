@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import _common  # noqa: F401,I001 - first: puts the repository on sys.path, sets the thread spins
 import numpy as np
-
-import _common  # noqa: F401 - puts the repository on sys.path
 from _common import machine_report
 
 

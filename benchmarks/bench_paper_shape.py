@@ -39,9 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+import _common  # noqa: F401,I001 - first: puts the repository on sys.path, sets the thread spins
 import numpy as np
-
-import _common  # noqa: F401 - puts the repository on sys.path
 from _common import best_rate, gb, machine_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,7 +215,7 @@ def main() -> None:
     work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="paper-shape-"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     threads = [f"threads={a.threads}"] if a.threads else []
     stages: dict[str, dict] = {}
     try:

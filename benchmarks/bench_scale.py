@@ -28,9 +28,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import _common  # noqa: F401,I001 - first: puts the repository on sys.path, sets the thread spins
 import numpy as np
-
-import _common  # noqa: F401 - puts the repository on sys.path
 from _common import OURS_ENV, current_rss_bytes, gb, gram_floor, in_child, machine_report, peak_rss_bytes, solver_lasso_path
 
 PAPER = {"n": 300_000, "p": 50_000, "T": 10_000}

@@ -3,8 +3,9 @@
 ``solvers.kernels`` times each of the equivalent exact kernels (tens of milliseconds); this module
 keeps the result in ``kernels.json`` under ``$DATAMODELS_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/datamodels_ml``, else ``~/.cache/datamodels_ml``, keyed by what decides the rates:
-the CPU model and torch's CPU capability, the cores and threads, and the versions of torch, numpy
-and scipy (their BLAS). Any change of those measures again. A cache that cannot be read or written
+the CPU model and torch's CPU capability, the cores and threads, the versions of torch, numpy
+and scipy (their BLAS) and of the probe. Any change of those measures again; so does
+``regress cfg.kernels=measure`` (or deleting the file). A cache that cannot be read or written
 costs a probe per process, nothing else.
 
 :func:`machine` describes this machine in one line, as every benchmark and speed figure names it.
@@ -60,7 +61,9 @@ def machine_key() -> dict[str, Any]:
     import scipy
     import torch
 
-    return {"cpu": cpu_model(), "capability": capability(), "cores": os.cpu_count(),
+    from datamodels_ml.solvers.kernels import PROBE_VERSION
+
+    return {"probe": PROBE_VERSION, "cpu": cpu_model(), "capability": capability(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": numpy.__version__,
             "scipy": scipy.__version__}
 
@@ -98,11 +101,14 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
 def load(*, forced: str = "", refresh: bool = False):
     """The kernels for this machine (``solvers.kernels.Kernels``), installed for this process: the
     cached rates when the machine's key matches, else measured now and cached. ``forced``: ``op=name``
-    pairs (as ``DATAMODELS_KERNELS``) that win over the rates; a bad one is a UserError."""
+    pairs (as ``DATAMODELS_KERNELS``) that win over the rates, and ``measure`` to measure again
+    whatever the cache holds; a bad one is a UserError."""
     from datamodels_ml.solvers import kernels
 
+    parts = [t.strip() for t in forced.replace(";", ",").split(",")]
+    refresh = refresh or "measure" in parts
     try:
-        force = kernels.parse_forced(forced)
+        force = kernels.parse_forced(",".join(t for t in parts if t != "measure"))
     except ValueError as exc:
         raise UserError(f"cfg.kernels: {exc}") from None
     key = machine_key()

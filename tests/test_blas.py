@@ -133,3 +133,21 @@ def test_rows_product_reads_the_rows_it_needs_by_any_form(density):
     torch.testing.assert_close(mm_rows(G, W, symmetric=True), G @ W)
     torch.testing.assert_close(mm_rows(a, W, rows=7), a.T @ W)  # gathered in pieces
     torch.testing.assert_close(mm_rows(a.double(), W), (a.T @ W))  # rows converted to W's dtype
+
+
+def test_sparse_product_over_row_blocks_past_the_32_bit_limit(monkeypatch):
+    # torch's CSR x dense product crashes past 2^31 dense entries (p >= 46,341 for a Gram): the
+    # product then goes over row blocks under the limit; forced here with a tiny limit
+    from datamodels_ml.solvers import blas
+
+    g = torch.Generator().manual_seed(5)
+    at = torch.randn(300, 70, generator=g)
+    W = torch.randn(300, 6, generator=g) * (torch.rand(300, 6, generator=g) < 0.05)
+    W[100:200] = 0  # a block without non-zeros is skipped
+    calls = []
+    real = torch.sparse.mm
+    monkeypatch.setattr(torch.sparse, "mm", lambda a, b: calls.append(b.numel()) or real(a, b))
+    monkeypatch.setattr(blas, "SPARSE_DENSE_LIMIT", 50 * 70)
+    torch.testing.assert_close(blas.mm_sparse(at, W), at.T @ W)
+    assert len(calls) == 4 and max(calls) <= 50 * 70  # 6 blocks of 50 rows, 2 of them empty
+    torch.testing.assert_close(blas.mm_sparse(at, torch.zeros(300, 6)), torch.zeros(70, 6))

@@ -164,3 +164,11 @@ def test_the_line_names_every_op_with_its_rate(fresh):
     assert "gram=syrk 9e+10 MAC/s (int8 2e+08, torch 5e+10)" in line
     assert k.params()["kernel.gram.rate"] == "9e+10"
     assert k.constant("gather_s") == kernels.CONSTANTS["gather_s"]  # unmeasured: the default
+
+
+def test_measure_measures_again_whatever_the_cache_holds(fresh, monkeypatch, tmp_path):
+    monkeypatch.setenv("DATAMODELS_CACHE_DIR", str(tmp_path))
+    assert kernel_cache.load().source == "measured"
+    assert kernel_cache.load().source == "cached"
+    k = kernel_cache.load(forced="measure, gemm=torch")
+    assert k.source == "measured" and k.picks["gemm"] == "torch" and k.forced == ("gemm",)

@@ -71,13 +71,30 @@ def sparse_pays(nnz: int, rows: int, dense_inner: int, cols: int) -> bool:
     return k.constant("sparse_s") * nnz * rows + _SPARSE_CALL_S < 2.0 * rows * dense_inner * cols / dense
 
 
+# torch's CSR times dense product indexes the dense operand with 32-bit offsets: past 2^31 entries
+# (a Gram from p = 46,341 features) it reads out of bounds and crashes, so it gets row blocks
+SPARSE_DENSE_LIMIT = 2**31 - 1
+
+
 def mm_sparse(at: Tensor, W: Tensor) -> Tensor:
     """``at.T @ W`` ``[m, T]`` for a C-contiguous ``at`` ``[p, m]`` and a mostly zero ``W``
     ``[p, T]``: torch's sparse CSR product ``(W' at)'``, which reads the rows of ``at`` at the
-    non-zeros of ``W`` (``nnz · m`` work instead of ``p · m · T``). Returned as a transposed view."""
+    non-zeros of ``W`` (``nnz · m`` work instead of ``p · m · T``), over blocks of rows of ``at``
+    of at most ``SPARSE_DENSE_LIMIT`` entries each. Returned as a transposed view."""
+    p, m = at.shape
+    step = max(1, SPARSE_DENSE_LIMIT // max(m, 1))
     with warnings.catch_warnings():  # "sparse CSR support is in beta": products are all this uses
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse.mm(W.T.to_sparse_csr(), at).T
+        if p <= step:
+            return torch.sparse.mm(W.T.to_sparse_csr(), at).T
+        out = None
+        for r0 in range(0, p, step):
+            Wb = W[r0 : r0 + step]
+            if not bool(Wb.any()):
+                continue
+            part = torch.sparse.mm(Wb.T.to_sparse_csr(), at[r0 : r0 + step])
+            out = part if out is None else out.add_(part)
+        return (out if out is not None else torch.zeros(W.shape[1], m, dtype=W.dtype, device=W.device)).T
 
 
 def mm_rows(at: Tensor, W: Tensor, *, symmetric: bool = False, rows: int = 1024) -> Tensor:

@@ -43,7 +43,9 @@ _UNITS = {"gram": "MAC/s", "colsum": "entries/s", "gemm": "FLOP/s"}
 # the cost models' constants: name -> default (seconds), used only when not measured
 CONSTANTS = {"sparse_s": 1.5e-10, "gather_s": 3e-9, "matvec_s": 1e-9}
 ENV = "DATAMODELS_KERNELS"
-_TRIAL_S = 0.3  # a kernel whose small trial predicts more than this at full size is not run at full size
+PROBE_VERSION = 2  # part of the cache key: rates measured by another probe are measured again
+_TRIAL_S = 2.0  # a kernel whose small trial predicts more than this (seconds) at full size is not run at full size
+_LOST = 20.0  # nor one whose trial is this many times slower than the best one's
 
 
 @dataclass(frozen=True)
@@ -167,22 +169,38 @@ def _best(fn: Callable[[], object], reps: int) -> float:
     return max(best, 1e-9)
 
 
-def _rate(make: Callable[[bool], tuple[Callable[[], object], float]], reps: int = 2) -> float:
-    """Work per second of a candidate: ``make(full)`` gives ``(run, work)``; a small trial first
-    (run twice: the first call sets up, e.g. a JIT-compiled kernel), then full size, unless the
-    trial predicts the full size to take more than ``_TRIAL_S`` (a kernel this slow has lost)."""
-    run, work = make(False)
-    try:
-        run()
-        t0 = time.perf_counter()
-        run()
-        trial = max(time.perf_counter() - t0, 1e-9)
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-        return 0.0  # this torch or this CPU has no such kernel
-    run_full, work_full = make(True)
-    if trial * work_full / work > _TRIAL_S:
-        return work / trial
-    return work_full / _best(run_full, reps)
+def _timed(run: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return max(time.perf_counter() - t0, 1e-9)
+
+
+def _measure(makes: dict[str, Callable[[bool], tuple[Callable[[], object], float]]], reps: int = 2) -> dict[str, float]:
+    """Work per second of each candidate: ``make(full)`` gives ``(run, work)``. A small trial of
+    each first (run twice: the first call sets up, e.g. a JIT-compiled kernel); the candidates
+    within ``_LOST`` of the best trial are then timed at full size in ``reps`` interleaved rounds
+    (best of each), so that a passing disturbance hits one round, not one candidate. A candidate
+    that raises rates 0 (this torch or this CPU has no such kernel)."""
+    trials: dict[str, float] = {}
+    for name, make in makes.items():
+        run, work = make(False)
+        try:
+            run()
+            trials[name] = work / _timed(run)
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+            trials[name] = 0.0
+    best = max(trials.values(), default=0.0)
+    full = {}
+    for name, make in makes.items():
+        run, work = make(True)
+        if trials[name] > 0 and trials[name] * _LOST >= best and work / trials[name] <= _TRIAL_S:
+            run()  # warm
+            full[name] = (run, work)
+    measured = dict.fromkeys(full, 0.0)
+    for _ in range(reps):
+        for name, (run, work) in full.items():
+            measured[name] = max(measured[name], work / _timed(run))
+    return {**trials, **measured}
 
 
 def _masks(rows: int, p: int, seed: int) -> torch.Tensor:
@@ -197,28 +215,28 @@ def probe(ops: tuple[str, ...] = tuple(OPS)) -> dict[str, float]:
     rates: dict[str, float] = {}
     if "gram" in ops:  # full: 512 rows of 2048 features (two column blocks), as the statistics pass
         x, G = _masks(512, 2048, 0), torch.zeros(2048, 2048)
-        for name, fn in IMPLS["gram"].items():
-            def make(full, fn=fn):
-                rows, p = (512, 2048) if full else (32, 512)
-                xs, Gs = x[:rows, :p], G[:p, :p].contiguous() if not full else G
-                return (lambda: fn(Gs, xs.contiguous())), rows * p * p / 2.0
-            rates[f"gram.{name}"] = _rate(make)
+        small, Gs = x[:32, :512].contiguous(), torch.zeros(512, 512)
+
+        def gram(fn):
+            return lambda full: ((lambda: fn(G, x)), 512 * 2048 * 2048 / 2.0) if full else \
+                ((lambda: fn(Gs, small)), 32 * 512 * 512 / 2.0)
+        rates.update({f"gram.{n}": r for n, r in _measure({n: gram(fn) for n, fn in IMPLS["gram"].items()}).items()})
     if "colsum" in ops:
-        x = _masks(1024, 2048, 1)
-        for name, fn in IMPLS["colsum"].items():
-            def make(full, fn=fn):
-                xs = x if full else x[:128]
-                return (lambda: fn(xs)), float(xs.numel())
-            rates[f"colsum.{name}"] = _rate(make)
+        xc = _masks(1024, 2048, 1)
+        xs = xc[:128].contiguous()
+
+        def colsum(fn):
+            return lambda full: ((lambda: fn(xc)), float(xc.numel())) if full else ((lambda: fn(xs)), float(xs.numel()))
+        rates.update({f"colsum.{n}": r for n, r in _measure({n: colsum(fn) for n, fn in IMPLS["colsum"].items()}).items()})
     if "gemm" in ops:
         g = torch.Generator().manual_seed(2)
         a, b = torch.randn(512, 512, generator=g), torch.randn(512, 1024, generator=g)
-        for name, fn in IMPLS["gemm"].items():
-            def make(full, fn=fn):
-                n = 512 if full else 128
-                aa, bb = a[:n, :n].contiguous(), b[:n, : 2 * n].contiguous()
-                return (lambda: fn(aa, bb)), 2.0 * n * n * 2 * n
-            rates[f"gemm.{name}"] = _rate(make)
+        a1, b1 = a[:128, :128].contiguous(), b[:128, :256].contiguous()
+
+        def gemm(fn):
+            return lambda full: ((lambda: fn(a, b)), 2.0 * 512 * 512 * 1024) if full else \
+                ((lambda: fn(a1, b1)), 2.0 * 128 * 128 * 256)
+        rates.update({f"gemm.{n}": r for n, r in _measure({n: gemm(fn) for n, fn in IMPLS["gemm"].items()}).items()})
     rates.update(_constants())
     return rates
 
