@@ -81,9 +81,15 @@ def run_ours(size, n_val, k, eps, method, device):
                method=method, refit=False, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    from contextlib import nullcontext
+
+    from datamodels_ml.cpus import threads_during, threads_now
+
     t0 = time.perf_counter()
-    res = lasso_path((Xt.to(dev), Yt.to(dev)), (Xv.to(dev), Yv.to(dev)), k=k, eps=eps, method=method,
-                     refit=False, device=dev)
+    # as the regress command: fewer threads while other processes keep CPUs busy
+    with threads_during(threads_now()) if dev.type == "cpu" else nullcontext():
+        res = lasso_path((Xt.to(dev), Yt.to(dev)), (Xv.to(dev), Yv.to(dev)), k=k, eps=eps, method=method,
+                         refit=False, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

@@ -18,7 +18,8 @@ import math
 import os
 import sys
 
-__all__ = ["affinity", "cgroup_quota", "allotment", "set_threads", "environment_defaults"]
+__all__ = ["affinity", "cgroup_quota", "allotment", "set_threads", "environment_defaults", "running_elsewhere",
+           "threads_now", "threads_during"]
 
 _POOLS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -90,12 +91,16 @@ def environment_defaults() -> None:
             os.environ.setdefault(var, str(n))
 
 
+_USER = [0]  # the threads= the user gave (0: none)
+
+
 def set_threads(threads: int = 0) -> int:
     """Size torch's and the BLAS libraries' pools to ``threads`` (0: the allotment), now and for
     child processes; returns the count. A negative count is refused."""
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0: every CPU allotted), got {threads}")
     n = threads or allotment()
+    _USER[0] = threads
     for var in _POOLS:
         os.environ[var] = str(n)
     if "torch" in sys.modules:
@@ -108,3 +113,85 @@ def set_threads(threads: int = 0) -> int:
         except Exception:  # noqa: BLE001 - no threadpoolctl: the environment holds for children
             pass
     return n
+
+
+def _running(path: str) -> int:
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _own_running() -> int:
+    n = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as fh:
+                    n += fh.read().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                pass
+    except OSError:
+        pass
+    return n
+
+
+def running_elsewhere(samples: int = 7, interval: float = 0.003, stat: str = "/proc/stat") -> int:
+    """Threads of other processes running or waiting for a CPU now: the median over ``samples`` of
+    the kernel's ``procs_running`` less this process's running threads (0 where unknown)."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        counts.append(max(0, _running(stat) - _own_running()))
+        if i + 1 < samples:
+            time.sleep(interval)
+    counts.sort()
+    return counts[len(counts) // 2]
+
+
+def threads_now(threads: int = 0, *, others: int | None = None) -> int:
+    """The threads for the next stretch of many short parallel operations (a lasso path): the
+    user's ``threads=`` if given, else the allotment less the CPUs that other processes keep busy,
+    at least one. On 2 cores shared with 2 busy processes, 2 threads made the digits-shaped path
+    4.5x slower than idle (each operation waits for a thread the kernel is not running), 1 thread
+    2.3x (``docs/benchmarks.md``)."""
+    if threads or _USER[0]:
+        return threads or _USER[0]
+    busy = running_elsewhere() if others is None else others
+    return max(1, allotment() - busy)
+
+
+class threads_during:
+    """Within the block, torch's and the BLAS pools hold ``n`` threads (this thread's OpenMP count,
+    MKL's and OpenBLAS's global ones); restored after."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> int:
+        import torch
+
+        self.before = torch.get_num_threads()
+        self.limits = None
+        if self.n != self.before:
+            try:  # first: it notes every pool's count (OpenMP's too) to restore them
+                from threadpoolctl import threadpool_limits
+
+                self.limits = threadpool_limits(self.n, user_api="blas")
+            except Exception:  # noqa: BLE001 - no threadpoolctl: torch's pool only
+                self.limits = None
+            torch.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.n != self.before:
+            if self.limits is not None:
+                self.limits.restore_original_limits()
+            torch.set_num_threads(self.before)

@@ -13,11 +13,13 @@ curve; ``regress(cfg)`` is the command.
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from datamodels_ml.cpus import allotment, threads_during, threads_now
 from datamodels_ml.errors import UserError
 from datamodels_ml.progress import PathBar
 from datamodels_ml.original_config import load_config, notes  # noqa: F401  (the CLI reads configs with load_config)
@@ -149,8 +151,6 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     from datamodels_ml.solvers.relax import PHIS
 
     cfg, c = p.cfg, p.cfg.cfg
-    from datamodels_ml.cpus import allotment
-
     cores = allotment()
     common = dict(batch_size=read_rows(c, p.info.n_features), num_workers=min(c.num_workers, cores) or cores,
                   target_start=p.target_start, target_end=p.target_end, info=p.info)
@@ -166,16 +166,19 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     in_call = c.refit_standardization if c.method == "fista" else "train"
     relax = c.relax and c.method == "fista"  # notes() says that saga does not relax
     start = time.perf_counter()
+    # the path's many short parallel operations: fewer threads while other processes keep CPUs busy
+    limit = threads_during(threads_now()) if p.device == "cpu" else nullcontext()
     try:
-        path = lasso_path(train, val, k=c.k, eps=c.eps, grid=c.grid, refit=c.refit and not restandardize, stats=stats,
-                          relax=PHIS if relax else (), refit_standardization=in_call if c.refit else "train",
-                          **solver)
-        refit, epochs = path, path.epochs
-        if restandardize:  # the original's refit: train+val rows standardized with their own mean/std
-            both = ChainedSource(train, BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=True,
-                                                     seed=p.cfg.data.seed + 1, **common), seed=p.cfg.data.seed)
-            refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, **solver)
-            epochs += refit.epochs
+        with limit:
+            path = lasso_path(train, val, k=c.k, eps=c.eps, grid=c.grid, refit=c.refit and not restandardize,
+                              stats=stats, relax=PHIS if relax else (),
+                              refit_standardization=in_call if c.refit else "train", **solver)
+            refit, epochs = path, path.epochs
+            if restandardize:  # the original's refit: train+val rows standardized with their own mean/std
+                both = ChainedSource(train, BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=True,
+                                                         seed=p.cfg.data.seed + 1, **common), seed=p.cfg.data.seed)
+                refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, **solver)
+                epochs += refit.epochs
     finally:
         bar.end_block()
     seconds = time.perf_counter() - start

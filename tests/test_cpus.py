@@ -82,3 +82,31 @@ def test_every_command_takes_threads(tmp_path):
     # the setting reaches the command (and its children): a store's status with one thread
     ok = run_cli("status", f"store={tmp_path / 's'}", "--threads", "1", cwd=tmp_path, check=False)
     assert "threads" not in ok.stderr  # taken by the CLI, not refused as an unknown key
+
+
+def test_the_path_takes_fewer_threads_while_other_processes_are_busy(tmp_path, monkeypatch):
+    # procs_running counts every runnable thread; ours are taken out
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
+    own = cpus._own_running()
+    assert cpus.running_elsewhere(samples=3, interval=0, stat=str(stat)) == max(0, 3 - own)
+    monkeypatch.setattr(cpus, "allotment", lambda: 4)
+    monkeypatch.setattr(cpus, "_USER", [0])
+    assert cpus.threads_now(others=0) == 4
+    assert cpus.threads_now(others=3) == 1
+    assert cpus.threads_now(others=9) == 1  # never below one
+    assert cpus.threads_now(2, others=3) == 2  # the user's threads= wins
+    monkeypatch.setattr(cpus, "_USER", [3])
+    assert cpus.threads_now(others=3) == 3
+
+
+def test_threads_during_restores_the_pools():
+    import torch
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    blas_before = blas()
+    with cpus.threads_during(1):
+        assert torch.get_num_threads() == 1 and all(n == 1 for n in blas())
+    assert torch.get_num_threads() == before and blas() == blas_before
