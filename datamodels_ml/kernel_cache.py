@@ -127,3 +127,15 @@ def load(*, forced: str = "", refresh: bool = False):
     chosen = kernels.choose(rates, force, source=source)
     kernels.use(chosen)
     return kernels.active()
+
+
+def use_kernels(forced: str = "", *, quiet: bool = False):
+    """:func:`load` (``forced``: ``cfg.kernels``), then the machine and the kernels with their rates
+    in two lines on stderr (``regress: ...``), unless ``quiet``."""
+    import sys
+
+    k = load(forced=forced)
+    if not quiet:
+        print(f"regress: {machine()}", file=sys.stderr)
+        print(f"regress: {k.describe()}", file=sys.stderr)
+    return k

@@ -21,6 +21,7 @@ import numpy as np
 
 from datamodels_ml.cpus import allotment, threads_during, threads_now
 from datamodels_ml.errors import UserError
+from datamodels_ml.kernel_cache import use_kernels
 from datamodels_ml.progress import PathBar
 from datamodels_ml.original_config import load_config, notes  # noqa: F401  (the CLI reads configs with load_config)
 from datamodels_ml.provenance import fingerprint_from_beton
@@ -204,25 +205,13 @@ def read_rows(c: Any, n_features: int) -> int:
     return max(c.batch_size, min(4096, _READ_BYTES // (4 * max(n_features, 1))))
 
 
-class _Stepped:
-    """A batch source that calls ``step()`` before each batch (``background.Pending.widen``)."""
-
-    def __init__(self, source: Any, step: Callable[[], None]) -> None:
-        self.source, self.step = source, step
-        self.n_rows, self.n_features, self.n_targets = source.n_rows, source.n_features, source.n_targets
-
-    def __iter__(self):
-        for batch in self.source:
-            self.step()
-            yield batch
-
-
 def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None) -> Any:
     """The solver's X-only statistics on ``device``, computed once for every block (with the Gram
     for fista; moments only for the streaming method, whose point is to never hold a p x p matrix).
     ``widen``: called between batches (the background start's move to every thread)."""
     from datamodels_ml.dataset import BetonBatches
     from datamodels_ml.solvers import feature_stats
+    from datamodels_ml.solvers.sources import Stepped
 
     c = p.cfg.cfg
     x_only = dict(batch_size=read_rows(c, p.info.n_features), target_start=p.target_start,
@@ -230,7 +219,7 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=False, **x_only)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)
     if widen is not None:
-        train, val = _Stepped(train, widen), _Stepped(val, widen)
+        train, val = Stepped(train, widen), Stepped(val, widen)
     return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
 
 
@@ -359,20 +348,8 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
     to it as metrics with step = ``path_step(λ/λ_max)``.
     """
     p = plan(cfg)
-    use_kernels(cfg, quiet=not progress)
+    use_kernels(cfg.cfg.kernels, quiet=not progress)
     return fit_plan(p, progress=progress, log=log)
-
-
-def use_kernels(cfg: RegressConfig, *, quiet: bool = False) -> Any:
-    """The CPU kernels for this machine (measured rates, cached per machine; ``cfg.kernels``
-    forces some), installed for this process and printed in one line with their rates."""
-    from datamodels_ml.kernel_cache import load, machine
-
-    k = load(forced=cfg.cfg.kernels)
-    if not quiet:
-        print(f"regress: {machine()}", file=sys.stderr)
-        print(f"regress: {k.describe()}", file=sys.stderr)
-    return k
 
 
 def regress(cfg: RegressConfig) -> int:
@@ -391,7 +368,7 @@ def regress(cfg: RegressConfig) -> int:
           f"{p.info.n_features} features, targets [{p.target_start}:{p.target_end}], {cfg.cfg.method} on "
           f"{', '.join(p.devices)}, k={cfg.cfg.k}", file=sys.stderr)
     print(p.memory.describe(), file=sys.stderr)
-    kernels = use_kernels(cfg)
+    kernels = use_kernels(cfg.cfg.kernels)
     store = BlockStore(out)
     store.open(fingerprint(cfg), force=cfg.cfg.force)
     # the statistics of the masks go first, in the background on one core while MLflow is imported

@@ -181,3 +181,24 @@ def test_run_spreads_blocks_over_devices_once_each():
     with pytest.raises(RuntimeError, match="^out of memory on block 9-12$"):
         run(todo, ["dev0", "dev1"], failing, lambda s, e, block: done.append((s, e)))
     assert (9, 12) not in done and len(done) < len(todo)
+
+
+def test_the_kernels_are_printed_logged_and_forced(beton, tmp_path):
+    from conftest import search_runs
+
+    proc = run_cli("regress", *_args(beton, f"cfg.out_dir={tmp_path / 'r'}", "cfg.kernels=gram=torch"), cwd=tmp_path,
+                   check=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("regress: ")]
+    assert any(re.match(r"regress: .*, torch CPU capability \w+, \d+ of \d+ cores allotted, \d+ threads", ln)
+               for ln in lines)
+    [line] = [ln for ln in lines if "kernels (" in ln]
+    assert re.search(r"gram=torch forced [0-9.e+]+ MAC/s \(int8 [0-9.e+]+, syrk [0-9.e+]+\); colsum=\w+ ", line)
+    [run] = search_runs(tmp_path)
+    assert run.data.params["kernel.gram"] == "torch (forced)"
+    assert run.data.params["kernel.source"] in ("measured", "cached")
+    assert float(run.data.params["kernel.gemm.rate"]) > 0
+    bad = run_cli("regress", *_args(beton, f"cfg.out_dir={tmp_path / 'bad'}", "cfg.kernels=gram=avx"), cwd=tmp_path,
+                  check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "error: cfg.kernels: unknown kernel 'avx' for gram: one of int8, syrk, torch"
+    assert not (tmp_path / "bad").exists()

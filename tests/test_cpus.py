@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from datamodels_ml import cpus
-from tests.conftest import ROOT, run_cli
+from conftest import ROOT, run_cli
 
 needs_two = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 CPUs in the affinity mask")
 

@@ -2,7 +2,8 @@
 
 A *BatchSource* is anything with ``n_rows``, ``n_features``, ``n_targets`` that iterates (again at
 every pass) into ``(X_b, Y_b, rows)`` batches. :class:`TensorBatches` wraps in-memory tensors,
-:class:`ChainedSource` reads two sources as one (train then val rows, for the streaming refit).
+:class:`ChainedSource` reads two sources as one (train then val rows, for the streaming refit),
+:class:`Stepped` calls a function before each batch of another source.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["BatchSource", "TensorBatches", "ChainedSource", "as_source"]
+__all__ = ["BatchSource", "TensorBatches", "ChainedSource", "Stepped", "as_source"]
 
 
 @runtime_checkable
@@ -131,3 +132,17 @@ def as_source(data: Any, name: str, batch_size: int, shuffle: bool, seed: int = 
         if not hasattr(data, attr):
             raise ValueError(f"{name} must be a BatchSource or a tuple (X, Y); it has no {attr!r}")
     return data
+
+
+class Stepped:
+    """``source`` calling ``step()`` before each of its batches (e.g. a background computation
+    moving to more threads once the caller waits for it)."""
+
+    def __init__(self, source: Any, step: Any) -> None:
+        self.source, self.step = source, step
+        self.n_rows, self.n_features, self.n_targets = source.n_rows, source.n_features, source.n_targets
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for batch in self.source:
+            self.step()
+            yield batch
