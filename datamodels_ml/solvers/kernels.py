@@ -159,20 +159,16 @@ IMPLS: dict[str, dict[str, Callable]] = {
 
 
 # -- the probe --------------------------------------------------------------------------------------
-def _best(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm: first-call set-up, page faults
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return max(best, 1e-9)
-
-
 def _timed(run: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     run()
     return max(time.perf_counter() - t0, 1e-9)
+
+
+def _best(run: Callable[[], object], reps: int) -> float:
+    """The shortest of ``reps`` timed calls, after one untimed (first-call set-up, page faults)."""
+    run()
+    return min(_timed(run) for _ in range(reps))
 
 
 def _measure(makes: dict[str, Callable[[bool], tuple[Callable[[], object], float]]], reps: int = 2) -> dict[str, float]:
