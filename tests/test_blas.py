@@ -10,7 +10,8 @@ from datamodels_ml.solvers.blas import enabled, mm, syrk_upper_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mm_and_syrk_match_torch(dtype):
+def test_mm_and_syrk_match_torch(monkeypatch, dtype):
+    monkeypatch.setenv("DATAMODELS_KERNELS", "gemm=openblas")  # the OpenBLAS branch, whatever the probe found
     g = torch.Generator().manual_seed(0)
     a = torch.randn(50, 40, generator=g, dtype=dtype)
     b = torch.randn(40, 7, generator=g, dtype=dtype)
@@ -26,6 +27,7 @@ def test_mm_and_syrk_match_torch(dtype):
 
 def test_torch_fallback_when_asked_or_not_applicable(monkeypatch):
     x = torch.ones(3, 3)
+    monkeypatch.setenv("DATAMODELS_KERNELS", "gemm=openblas")
     assert enabled(x) and not enabled(x.to(torch.int64)) and not enabled(x, x.double())
     monkeypatch.setenv("DATAMODELS_KERNELS", "gemm=torch")
     assert not enabled(x)
@@ -109,7 +111,8 @@ def test_int8_counts_give_the_same_gram_as_float_products(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparse_product_matches_the_dense_one_and_pays_only_when_sparse(dtype):
+def test_sparse_product_matches_the_dense_one_and_pays_only_when_sparse(monkeypatch, dtype):
+    from datamodels_ml.solvers import kernels
     from datamodels_ml.solvers.blas import mm_sparse, sparse_pays
 
     g = torch.Generator().manual_seed(2)
@@ -117,9 +120,18 @@ def test_sparse_product_matches_the_dense_one_and_pays_only_when_sparse(dtype):
     W = torch.randn(300, 9, generator=g, dtype=dtype) * (torch.rand(300, 9, generator=g) < 0.05)
     torch.testing.assert_close(mm_sparse(at, W), at.T @ W)
     torch.testing.assert_close(mm_sparse(at, torch.zeros(300, 9, dtype=dtype)), torch.zeros(120, 9, dtype=dtype))
-    # the 5k benchmark's shapes: 10 non-zeros per target pay, a dense W does not
+    # the 5k benchmark's shapes, at given rates (dense 4e11 FLOP/s, sparse 1.5e-10 s per non-zero
+    # and row): 10 non-zeros per target pay, 500 and a dense W do not; with 4x slower dense
+    # products 500 pay too
+    rates = {"gemm.openblas": 4e11, "gemm.torch": 1e11, "sparse_s": 1.5e-10}
+    monkeypatch.setattr(kernels, "_STATE", {"base": kernels.choose(rates), "env": None, "effective": None})
+    monkeypatch.delenv(kernels.ENV, raising=False)
     assert sparse_pays(200 * 10, 5000, 5000, 200)
+    assert not sparse_pays(200 * 500, 5000, 5000, 200)
     assert not sparse_pays(200 * 2500, 5000, 5000, 200)
+    monkeypatch.setattr(kernels, "_STATE", {"base": kernels.choose({**rates, "gemm.openblas": 1e11}), "env": None,
+                                            "effective": None})
+    assert sparse_pays(200 * 500, 5000, 5000, 200)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.2, 1.0])
