@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers import kernels
-from datamodels_ml.solvers.blas import mm, syrk_upper_
+from datamodels_ml.solvers.blas import mm
 from datamodels_ml.solvers.sources import BatchSource
 
 __all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "moments", "add_gram"]
@@ -155,17 +155,10 @@ def _is_binary(xb: Tensor) -> bool:
     return bool(((xb == 0) | (xb == 1)).all())
 
 
-def _accumulate(G: Tensor, x: Tensor, half: bool) -> None:
-    """``G += x'x`` on the upper-triangular column blocks of ``G`` (``x`` ``[b, p]``)."""
+def _accumulate_half(G: Tensor, x: Tensor) -> None:
+    """``G += x'x`` on the upper-triangular column blocks of the float32 ``G`` for float16 0/1 masks
+    ``x`` [b, p] (CUDA, UNTESTED): products of <= 2048 rows are exact integer counts in float16."""
     p = x.shape[1]
-    if not half:
-        if G.device.type == "cpu" and _float_gram_kernel() == "syrk" and syrk_upper_(G, x, force=True):
-            return  # BLAS syrk in place (half the flops of a general product)
-        for j0 in range(0, p, _BLOCK):
-            j1 = min(p, j0 + _BLOCK)
-            G[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
-        return
-    # CUDA, binary masks (UNTESTED): float16 products of <= 2048 rows are exact integer counts
     for r0 in range(0, x.shape[0], _F16_ROWS):
         xh = x[r0 : r0 + _F16_ROWS]
         for j0 in range(0, p, _BLOCK):
@@ -185,18 +178,17 @@ def add_gram(G: Tensor, xb: Tensor, *, binary: bool | None = None) -> None:
     """``G += x'x`` on the upper-triangular column blocks of ``G`` [p, p] (the lower triangle is
     filled by the final mirror), for a batch ``xb`` [b, p], by the fastest exact path: for 0/1 masks
     on the CPU the ``gram`` kernel picked by measured rate (``kernels``: int8 counts, ``syrk`` or
-    torch's product), as float16 on CUDA (float32 ``G``); otherwise in ``G``'s dtype (OpenBLAS
-    ``syrk`` on the CPU when it is the ``gemm`` kernel). ``binary``: whether ``xb`` holds only 0/1
-    (None: checked here)."""
+    torch's product), as float16 on CUDA (float32 ``G``); otherwise in ``G``'s dtype (on the CPU
+    the faster float ``gram`` kernel, elsewhere torch's product). ``binary``: whether ``xb`` holds
+    only 0/1 (None: checked here)."""
     binary = _is_binary(xb) if binary is None else binary
-    if binary and G.device.type == "cpu":
-        if kernels.pick("gram") != "int8" or not _int8_counts(G, xb):
-            kernels.IMPLS["gram"][_float_gram_kernel()](G, xb)
+    cpu = G.device.type == "cpu"
+    if binary and cpu and kernels.pick("gram") == "int8" and _int8_counts(G, xb):
         return
     if binary and G.device.type == "cuda" and G.dtype == torch.float32:
-        _accumulate(G, xb.to(torch.float16), half=True)
+        _accumulate_half(G, xb.to(torch.float16))
         return
-    _accumulate(G, xb.to(G.dtype), half=False)
+    kernels.IMPLS["gram"][_float_gram_kernel() if cpu else "torch"](G, xb)  # in G's dtype
 
 
 def _int8_counts(G: Tensor, xb: Tensor) -> bool:
