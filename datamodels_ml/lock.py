@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,21 +41,29 @@ def _holder(fd: int) -> str:
     return "another process (PID unknown)"
 
 
-@contextmanager
-def _flock(file: Path, store: Path, command: str, *, shared: bool, what: str) -> Iterator[None]:
+def _open(file: Path, store: Path, command: str) -> int:
     try:
-        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as for every file we write
+        return os.open(file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as for every file we write
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise UserError(f"store {store} is not writable ({exc.strerror}: {file}); "
                             f"{command} needs to write to it") from None
         raise UserError(f"cannot create the lock file {file}: {exc.strerror}") from None
+
+
+def _write_holder(fd: int, command: str) -> None:
+    os.pwrite(fd, f"{os.getpid()} {command}"[: _RECORD - 1].ljust(_RECORD - 1).encode() + b"\n", 0)
+
+
+@contextmanager
+def _flock(file: Path, store: Path, command: str, *, shared: bool, what: str) -> Iterator[None]:
+    fd = _open(file, store, command)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"{what} is in use by {_holder(fd)}; wait for it to finish or stop it") from None
-        os.pwrite(fd, f"{os.getpid()} {command}"[: _RECORD - 1].ljust(_RECORD - 1).encode() + b"\n", 0)
+        _write_holder(fd, command)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -80,3 +89,25 @@ def row_lock(store_path: str | Path, index: int, command: str):
     except OSError as exc:
         raise UserError(f"store {store} is not writable ({exc.strerror}: {folder}); {command} needs to write to it") from None
     return _flock(folder / LOCK_FILE, store, command, shared=False, what=f"model {index} of store {store}")
+
+
+@contextmanager
+def creation_lock(store_path: str | Path, command: str) -> Iterator[None]:
+    """Hold the store's lock while a new store is created, waiting for a creator that holds it.
+
+    Two commands that create one new store at once (two ``train spec=`` started together) take
+    turns: the second finds the first one's store complete instead of replacing its files under it.
+    The directory must exist. Only a creator waits; a ``train`` on an existing store is refused at once.
+    """
+    store = Path(store_path)
+    fd = _open(store / LOCK_FILE, store, command)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {_holder(fd)} to release store {store} ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_holder(fd, command)
+        yield
+    finally:
+        os.close(fd)

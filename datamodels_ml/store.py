@@ -18,9 +18,11 @@ import numpy as np
 
 from datamodels_ml.errors import UserError
 from datamodels_ml.files import atomic_write_text
+from datamodels_ml.lock import creation_lock
 from datamodels_ml.spec import Spec, load_spec, parse_spec
-from datamodels_ml.store_layout import (COMPLETED, SPEC_FILE, check_free_space, has_store_files, reserve,
-                                        spec_from_headers, store_bytes)
+from datamodels_ml.store_layout import (COMPLETED, SPEC_FILE, check_free_space, has_store_files, is_store,
+                                        reserve, spec_from_headers, store_bytes)
+
 FAILURES_FILE = "_failures.json"
 WORKERS_DIR = "workers"
 
@@ -45,19 +47,42 @@ def create_store(path: str | Path, spec: Spec, *, force: bool = False, write_spe
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"store path exists and is not a directory: {path}")
-    existing = _existing_spec(path, spec)
-    if existing is not None and not force:
-        if _same_spec(existing, spec):
-            if write_spec and not (path / SPEC_FILE).is_file():
-                atomic_write_text(path / SPEC_FILE, json.dumps(spec.to_json(), indent=2) + "\n")
-            return Store(path)
+    if is_store(path):  # complete, or in the original layout (half-made files are looked at under the lock)
+        existing = _existing_spec(path, spec)
+        if existing is not None:
+            if not force:
+                return _adopt(path, existing, spec, write_spec=write_spec)
+            return _create(path, spec, existing)  # the caller holds the store's lock
+    # A new store: one creator at a time, so that two commands started together on it never
+    # replace each other's files (the second one's flags would go to files the first one replaced)
+    check_free_space(path, spec)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the store directory {path}: {exc.strerror or exc}") from None
+    with creation_lock(path, "creating the store"):
+        existing = _existing_spec(path, spec)
+        if existing is not None:  # made meanwhile by another command: never replaced, even with force
+            return _adopt(path, existing, spec, write_spec=write_spec)
+        return _create(path, spec, None)
+
+
+def _adopt(path: Path, existing: Spec, spec: Spec, *, write_spec: bool) -> "Store":
+    """The store already at ``path``, when its spec is ``spec``."""
+    if not _same_spec(existing, spec):
         raise UserError(
             f"a store with a different spec already exists at {path} "
             f"({_spec_diff(existing, spec)}); use another store or force=true to replace it"
         )
+    if write_spec and not (path / SPEC_FILE).is_file():
+        atomic_write_text(path / SPEC_FILE, json.dumps(spec.to_json(), indent=2) + "\n")
+    return Store(path)
+
+
+def _create(path: Path, spec: Spec, existing: Spec | None) -> "Store":
+    """Write the arrays of ``spec`` at ``path`` (replacing those of ``existing``), then its spec file."""
     # checked before anything is removed: a store that cannot be created leaves the old one whole
     check_free_space(path, spec, reclaimed=store_bytes(existing) if existing is not None else 0)
-    path.mkdir(parents=True, exist_ok=True)
     if existing is not None:  # force: remove only the store's own files
         for key in list(existing.schema) + list(spec.schema) + [COMPLETED]:
             (path / f"{key}.npy").unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import cli_env, run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
-from datamodels_ml.lock import row_lock, store_lock
+from datamodels_ml.lock import creation_lock, row_lock, store_lock
 
 FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
 SPEC = {"num_models": 64, "schema": {"values": {"shape": [10], "dtype": "uint8"},
@@ -161,6 +161,46 @@ def test_second_writer_is_refused_and_sigterm_stops_cleanly(store, tmp_path):
     assert parent.info.status == "KILLED"  # not left RUNNING
     children = search_runs(tmp_path, f"tags.mlflow.parentRunId = '{parent.info.run_id}'", training=True)
     assert sorted(int(c.data.params["index"]) for c in children) == sorted(done)  # flushed before exiting
+
+
+def test_a_new_store_is_created_under_its_lock(tmp_path):
+    # while another command creates the store (here: this test holding the creation lock), a
+    # `train spec=` waits instead of writing the store's files under it, then trains into the store
+    (tmp_path / "spec.json").write_text(json.dumps(SPEC))
+    (tmp_path / "new").mkdir()
+    with creation_lock(tmp_path / "new", "test"):
+        driver = start(tmp_path, "train", "store=new", "spec=spec.json", f"main={FAULTS}", "n=6", "jobs=1",
+                       "progress=false")
+        time.sleep(3)
+        assert driver.poll() is None and sorted(p.name for p in (tmp_path / "new").iterdir()) == [".lock"]
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, err
+    assert f"waiting for PID {os.getpid()} (test) to release store new ..." in err
+    assert "train: 6 completed, 0 failed" in out
+    assert check_rows(tmp_path / "new", lambda i: 1)[0] == set(range(6))
+
+
+def test_two_drivers_on_a_new_store_never_lose_flags(tmp_path):
+    # started together with spec=: one creates the store and trains, the other trains too or is
+    # refused; whoever says "6/6 complete" is right, as status and the rows show
+    (tmp_path / "spec.json").write_text(json.dumps(SPEC))
+    for attempt in range(2):
+        name = f"new{attempt}"
+        args = ["train", f"store={name}", "spec=spec.json", f"main={FAULTS}", "n=6", "jobs=1", "progress=false"]
+        drivers = [start(tmp_path, *args) for _ in range(2)]
+        results = [(d.pid, d.returncode, *d.communicate(timeout=120)) for d in drivers]
+        results = [(pid, d.returncode, out, err) for d, (pid, _, out, err) in zip(drivers, results)]
+        ok = [r for r in results if r[1] == 0]
+        assert ok, results
+        for pid, rc, out, err in results:
+            assert "Traceback" not in err, err
+            if rc != 0:
+                other = next(p for p, *_ in results if p != pid)
+                assert rc == 2 and err.startswith(f"error: store {name} is in use by PID {other} "), err
+        done, _ = check_rows(tmp_path / name, lambda i: 1)
+        assert done == set(range(6)), results
+        status = run_cli("status", f"store={name}", cwd=tmp_path, check=True).stdout
+        assert "completed: 6/64" in status
 
 
 def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):
