@@ -38,7 +38,7 @@ def parent_run(tmp_path):
 def test_init_creates_store_and_rerun_is_noop(cli, tmp_path):
     out = cli("init", f"spec={SPEC}", "store=st", check=True)
     assert "created store st for 100 models" in out.stdout
-    assert sorted(os.listdir(tmp_path / "st")) == ["_completed.npy", "index.npy", "spec.json", "values.npy"]
+    assert sorted(os.listdir(tmp_path / "st")) == [".lock", "_completed.npy", "index.npy", "spec.json", "values.npy"]
     before = snapshot(tmp_path / "st")
     out = cli("init", f"spec={SPEC}", "store=st", check=True)
     assert "already exists with this spec: nothing to do" in out.stdout
