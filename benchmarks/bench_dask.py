@@ -76,6 +76,7 @@ def absorb_rate(folder: Path, n: int, public_api: bool = False) -> tuple[float, 
     import numpy as np
 
     from datamodels_ml import tracking
+    from datamodels_ml.child_runs import ChildRunWriter
     from datamodels_ml.fanout import _Recorder
     from datamodels_ml.spec import load_spec
     from datamodels_ml.store import create_store
@@ -95,7 +96,7 @@ def absorb_rate(folder: Path, n: int, public_api: bool = False) -> tuple[float, 
     outputs = {"masks": np.zeros(1000, dtype=bool), "margins": np.ones(797, dtype=np.float32), "accuracy": np.float32(1)}
     with tracking.run("absorb") as parent:
         t0 = time.perf_counter()
-        children = tracking.ChildRunWriter(parent.info.run_id)
+        children = ChildRunWriter(parent.info.run_id)
         assert children.mode == ("api" if public_api else "sql"), children.mode
         rec = _Recorder(store, children, NoBar(), n)
         for i in range(n):

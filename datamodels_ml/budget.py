@@ -84,7 +84,7 @@ def budget(cfg: BudgetConfig) -> int:
     """Fit the datamodels on growing numbers of models and score each on the same held-out models."""
     import dataclasses
 
-    from datamodels_ml import child_runs, tracking
+    from datamodels_ml import run_history, tracking
     from datamodels_ml.regress import fit
 
     fractions = sorted(set(float(f) for f in cfg.fractions))
@@ -107,7 +107,7 @@ def budget(cfg: BudgetConfig) -> int:
                                      for _, d in fits]))
     first = fits[-1][1]
     store = cfg.store or first.store or ""
-    durations, gpus = child_runs.model_durations(store) if store else ({}, 0)
+    durations, gpus = run_history.model_durations(store) if store else ({}, 0)
     unit = "GPU-seconds" if gpus else "core-seconds"
     rows: list[dict[str, Any]] = []
     held = None

@@ -18,8 +18,14 @@ rest. Two ways to write a batch:
   to the public API with a one-line note, as does an error on the fast path.
   ``DATAMODELS_CHILD_RUNS=api`` forces the public API.
 
-A tracking failure never loses training results: the store is written first; runs that could not be
-written are counted and reported in one line at ``close``.
+The train run's progress metrics go through the same queue (``add_metrics``): nothing that talks to
+MLflow runs on the driver's main thread between a row's data and its flag.
+
+A tracking failure never loses training results: the store is written first. A tracking server that
+goes away is one warning line; what could not be written stays queued, and the thread asks the
+server every ``RETRY_EVERY`` seconds whether it is back, then writes the backlog. ``close`` waits for
+an absent server at most ``DATAMODELS_TRACKING_WAIT`` seconds (default 30); runs that could not be
+written are counted and reported in one line.
 """
 
 from __future__ import annotations
@@ -33,15 +39,18 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from datamodels_ml import tracking
+from mlflow.tracking import MlflowClient
+
+from datamodels_ml import tracking, tracking_store
 
 API_THREADS = 8  # child runs written at once through the public API to a tracking server
 MODE_ENV = "DATAMODELS_CHILD_RUNS"  # "api": always the public API; default "auto"
-_TRANSIENT = ("locked", "temporarily", "unavailable", "timed out", "timeout", "connection", "max retries",
-              "too many requests", "503", "502", "504", "429")
+WAIT_ENV = "DATAMODELS_TRACKING_WAIT"  # seconds close waits for an absent tracking server (default 30)
+RETRY_EVERY = 2.0  # seconds between two questions to an absent server
+_TRANSIENT = ("locked", "too many requests", "429")  # retried here; MLflow's HTTP client retries the rest
+_DOWN = ("connection", "max retries", "timed out", "timeout", "unavailable", "temporarily", "503", "502", "504")
 
 
 @dataclass
@@ -54,6 +63,26 @@ class ChildRecord:
     end_ms: int
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""  # set once the run exists: a write that the server cut short resumes from there
+    steps_done: int = 0  # of create, log, terminate
+
+
+@dataclass
+class ParentMetrics:
+    """Metrics of the train run itself (its progress) at one step."""
+
+    metrics: dict[str, float]
+    step: int
+    time_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+
+class _Down(Exception):
+    """The tracking server did not answer: the record stays queued."""
+
+
+def _is_down(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _DOWN)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -75,12 +104,12 @@ def _retry(fn: Callable[[], Any], attempts: int = 6) -> Any:
 
 
 class ChildRunWriter:
-    """Writes child runs of ``parent_run_id`` from a background thread, in batches."""
+    """Writes child runs of ``parent_run_id`` (and its progress metrics) from a background thread, in batches."""
 
     def __init__(self, parent_run_id: str, *, flush_every: float = 0.5, max_batch: int = 500):
-        tracking.prepare()
+        tracking_store.prepare()
         self.parent_run_id = parent_run_id
-        self.client = tracking.MlflowClient()
+        self.client = MlflowClient()
         parent = _retry(lambda: self.client.get_run(parent_run_id))
         self.experiment_id = parent.info.experiment_id
         self.user = parent.info.user_id or tracking._user()
@@ -90,11 +119,15 @@ class ChildRunWriter:
         self.failed = 0
         self.lost = 0  # runs not written (failed or abandoned), known after close
         self.errors: list[str] = []
+        self.down_since: float | None = None  # monotonic time the server stopped answering; None: it answers
+        self.outages = 0
+        self._last_ask = 0.0
+        self._backlog: list[ChildRecord | ParentMetrics] = []  # taken from the queue, not written yet
         self._sql = _fast_sql_store(self.client)
         self.mode = "sql" if self._sql is not None else "api"
-        server = not tracking.tracking_uri().startswith("sqlite:")
+        server = not tracking_store.tracking_uri().startswith("sqlite:")
         self._pool = ThreadPoolExecutor(API_THREADS if server else 1, thread_name_prefix="mlflow-child")
-        self._queue: queue.Queue[ChildRecord | None] = queue.Queue()
+        self._queue: queue.Queue[ChildRecord | ParentMetrics | None] = queue.Queue()
         self._abandon = threading.Event()
         self._finished = threading.Event()  # set by the thread when its counts are final
         self._thread = threading.Thread(target=self._run, name="mlflow-child-runs", daemon=True)
@@ -104,17 +137,34 @@ class ChildRunWriter:
         """Queue one model's run; returns at once."""
         self._queue.put(record)
 
+    def add_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metrics of the parent run (train's progress); returns at once."""
+        self._queue.put(ParentMetrics({k: float(v) for k, v in metrics.items()}, step))
+
     def close(self) -> None:
-        """Write everything queued, then stop; a Ctrl-C while waiting gives up on the rest (counted)."""
+        """Write everything queued, then stop. An absent server is waited for at most
+        ``DATAMODELS_TRACKING_WAIT`` seconds; a Ctrl-C while waiting gives up on the rest (counted)."""
         self._queue.put(None)
-        pending = self._queue.qsize() - 1
+        pending = self._queue.qsize() - 1 + len(self._backlog)
         if pending > 200 and self.mode == "api":
             print(f"MLflow: writing {pending} queued child runs ...", file=sys.stderr, flush=True)
+        wait = float(os.environ.get(WAIT_ENV) or 30)
+        since = time.monotonic()
+        told = False
         # an Event, not Thread.join: a KeyboardInterrupt inside join can leave the thread reported
         # as ended while it still runs (and still counts)
         try:
             while not self._finished.wait(0.5):
-                pass
+                if self.down_since is None:
+                    continue
+                if not told:
+                    told = True
+                    print(f"MLflow: waiting up to {wait:.0f} s for the tracking server to return "
+                          f"({WAIT_ENV} sets how long; Ctrl-C gives up now)", file=sys.stderr, flush=True)
+                if time.monotonic() - max(since, self.down_since) > wait:
+                    self._abandon.set()
+                    self._finished.wait(30)
+                    break
         except BaseException:  # Ctrl-C (or a signal handler's SystemExit): give up on the rest
             self._abandon.set()
             self._finished.wait(30)
@@ -127,16 +177,17 @@ class ChildRunWriter:
             self._report()
 
     def _report(self) -> None:
-        left = 0
+        left = sum(isinstance(r, ChildRecord) for r in self._backlog)
         while True:
             try:
-                left += self._queue.get_nowait() is not None
+                left += isinstance(self._queue.get_nowait(), ChildRecord)
             except queue.Empty:
                 break
         self.lost = lost = self.failed + left
         if lost:
             first = f" (first error: {self.errors[0]})" if self.errors else ""
-            print(f"warning: {lost} MLflow child runs of {self.parent_run_id} were not written{first}; "
+            why = " (the tracking server did not return)" if self.down_since is not None else first
+            print(f"warning: {lost} MLflow child runs of {self.parent_run_id} were not written{why}; "
                   "the store is unaffected", file=sys.stderr, flush=True)
 
     def _run(self) -> None:
@@ -147,41 +198,114 @@ class ChildRunWriter:
 
     def _loop(self) -> None:
         done = False
-        while not done and not self._abandon.is_set():
-            pending: list[ChildRecord] = []
-            deadline = time.monotonic() + self.flush_every
-            while len(pending) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                    break
-                pending.append(item)
-            if pending:
-                self._write(pending)
+        while not self._abandon.is_set():
+            if not done:
+                deadline = time.monotonic() + self.flush_every
+                while len(self._backlog) < self.max_batch:
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        done = True
+                        break
+                    self._backlog.append(item)
+            if not self._backlog:
+                if done:
+                    return
+                continue
+            if self.down_since is not None and not self._server_back():
+                if done:
+                    self._abandon.wait(RETRY_EVERY)
+                continue
+            self._backlog = self._write(self._backlog)
 
-    def _write(self, records: list[ChildRecord]) -> None:
-        if self._sql is not None:
+    def _server_back(self) -> bool:
+        """Ask an absent server again, at most every ``RETRY_EVERY`` seconds."""
+        if time.monotonic() - self._last_ask < RETRY_EVERY:
+            return False
+        self._last_ask = time.monotonic()
+        if not tracking_store.answers(tracking_store.tracking_uri()):
+            return False
+        print(f"MLflow: the tracking server is back; writing the {len(self._backlog)}+ queued records",
+              file=sys.stderr, flush=True)
+        self.down_since = None
+        return True
+
+    def _went_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = self._last_ask = time.monotonic()
+            self.outages += 1
+            print(f"warning: the MLflow tracking server at {tracking_store.tracking_uri()} does not answer; training "
+                  "goes on, the store is unaffected, and its runs are written when it returns", file=sys.stderr,
+                  flush=True)
+
+    def _write(self, items: list[ChildRecord | ParentMetrics]) -> list[ChildRecord | ParentMetrics]:
+        """Write ``items``; return those left for later because the server does not answer."""
+        records = [r for r in items if isinstance(r, ChildRecord)]
+        later: list[ChildRecord | ParentMetrics] = []
+        for m in (r for r in items if isinstance(r, ParentMetrics)):
+            if not self._write_safely(self._write_metrics, m):
+                later.append(m)
+        if self._sql is not None and records:
             try:
                 _retry(lambda: self._write_sql(records))
                 self.written += len(records)
-                return
+                return later
             except Exception as exc:  # noqa: BLE001 - this batch and the next ones through the public API
                 self._sql, self.mode = None, "api"
                 print(f"MLflow: the fast path for child runs failed ({type(exc).__name__}: {exc}); "
                       "writing them through MLflow's public API", file=sys.stderr, flush=True)
-        done = 0
         try:
-            for ok in self._pool.map(self._write_api_safely, records):
-                done += 1
-                if ok:
+            for rec, ok in zip(records, self._pool.map(lambda r: self._write_safely(self._write_api, r), records)):
+                if ok is None:
+                    later.append(rec)
+                elif ok:
                     self.written += 1
                 else:
                     self.failed += 1
         except RuntimeError:  # the pool was shut down: close gave up waiting for this thread
-            self.failed += len(records) - done
+            later = records
+        return later
+
+    def _write_safely(self, write: Callable[[Any], None], item: Any) -> bool | None:
+        """True: written; False: failed for good (counted); None: the server does not answer (kept)."""
+        if self._abandon.is_set() or self.down_since is not None:
+            return None
+        try:
+            write(item)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if _is_down(exc):
+                self._went_down()
+                return None
+            if len(self.errors) < 5:
+                self.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+            return False
+
+    def _write_metrics(self, m: ParentMetrics) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, m.time_ms, m.step) for k, v in m.metrics.items()]
+        _retry(lambda: self.client.log_batch(self.parent_run_id, metrics=metrics))
+
+    def _write_api(self, rec: ChildRecord) -> None:
+        """create_run, log_batch, set_terminated; a record cut short by the server resumes where it stopped."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        tags = self._tags(rec)
+        first = {k: tags.pop(k) for k in ("mlflow.parentRunId", "mlflow.runName", "mlflow.user")}
+        if rec.steps_done < 1:
+            rec.run_id = _retry(lambda: self.client.create_run(self.experiment_id, start_time=rec.start_ms, tags=first,
+                                                               run_name=first["mlflow.runName"])).info.run_id
+            rec.steps_done = 1
+        if rec.steps_done < 2:
+            metrics = [Metric(k, float(v), rec.end_ms, 0) for k, v in rec.metrics.items()]
+            _retry(lambda: self.client.log_batch(rec.run_id, metrics=metrics, params=[Param("index", str(rec.index))],
+                                                 tags=[RunTag(k, v) for k, v in tags.items()]))
+            rec.steps_done = 2
+        _retry(lambda: self.client.set_terminated(rec.run_id, rec.status, end_time=rec.end_ms))
+        rec.steps_done = 3
 
     def _tags(self, rec: ChildRecord) -> dict[str, str]:
         """Tags of a child run: who and where (create_run) first, then what happened (log_batch)."""
@@ -192,30 +316,6 @@ class ChildRunWriter:
             "status": "completed" if rec.status == "FINISHED" else "failed",
             **{k: str(v)[:7900] for k, v in rec.tags.items()},
         }
-
-    def _write_api_safely(self, rec: ChildRecord) -> bool:
-        if self._abandon.is_set():
-            return False
-        try:
-            self._write_api(rec)
-            return True
-        except Exception as exc:  # noqa: BLE001
-            if len(self.errors) < 5:
-                self.errors.append(f"{type(exc).__name__}: {exc}"[:500])
-            return False
-
-    def _write_api(self, rec: ChildRecord) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        tags = self._tags(rec)
-        first = {k: tags.pop(k) for k in ("mlflow.parentRunId", "mlflow.runName", "mlflow.user")}
-        child = _retry(lambda: self.client.create_run(self.experiment_id, start_time=rec.start_ms, tags=first,
-                                                      run_name=first["mlflow.runName"]))
-        run_id = child.info.run_id
-        metrics = [Metric(k, float(v), rec.end_ms, 0) for k, v in rec.metrics.items()]
-        _retry(lambda: self.client.log_batch(run_id, metrics=metrics, params=[Param("index", str(rec.index))],
-                                             tags=[RunTag(k, v) for k, v in tags.items()]))
-        _retry(lambda: self.client.set_terminated(run_id, rec.status, end_time=rec.end_ms))
 
     def _write_sql(self, records: list[ChildRecord]) -> None:
         from sqlalchemy import insert
@@ -270,7 +370,7 @@ _COLUMNS = {
 def _fast_sql_store(client: Any) -> Any:
     """MLflow's SQLAlchemy store when the tracking store is a local SQLite file whose ORM tables are
     exactly what ``_write_sql`` writes; else None (with a one-line note when only the check failed)."""
-    if os.environ.get(MODE_ENV, "auto") == "api" or not tracking.tracking_uri().startswith("sqlite:"):
+    if os.environ.get(MODE_ENV, "auto") == "api" or not tracking_store.tracking_uri().startswith("sqlite:"):
         return None
     try:
         from mlflow.store.tracking import dbmodels
@@ -292,35 +392,4 @@ def _fast_sql_store(client: Any) -> Any:
         return None
 
 
-__all__ = ["ChildRecord", "ChildRunWriter", "API_THREADS", "MODE_ENV"]
-
-
-def model_durations(store: str | Path) -> tuple[dict[int, float], int]:
-    """Seconds each model of ``store`` ran in its slot (the ``duration`` metric of the FINISHED child
-    runs of every train run whose ``store`` param names it, relative paths taken from the working
-    directory; a later run wins) and the most GPUs those runs used (0: CPU slots). ``({}, 0)`` when
-    this tracking store holds no such run."""
-    client, target = tracking.MlflowClient(tracking.prepare()), Path(store).resolve()
-
-    def search(exps: list[str], query: str) -> Iterator[Any]:
-        token = None
-        while True:
-            page = tracking._retry(lambda: client.search_runs(exps, query, max_results=5000, page_token=token,
-                                                     order_by=["attributes.start_time ASC"]))
-            yield from page
-            if not (token := page.token):
-                return
-
-    exps = [e.experiment_id for e in tracking._retry(client.search_experiments)]
-    durations: dict[int, float] = {}
-    gpus = 0
-    for parent in search(exps, "params.store LIKE '%'"):
-        p = parent.data.params
-        if "main" not in p or "n" not in p or Path(p["store"]).resolve() != target:
-            continue  # not a train run on this store
-        gpus = max(gpus, int(p.get("gpus") or 0))
-        query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' AND attributes.status = 'FINISHED'"
-        for child in search([parent.info.experiment_id], query):
-            if "index" in child.data.params and "duration" in child.data.metrics:
-                durations[int(child.data.params["index"])] = float(child.data.metrics["duration"])
-    return durations, gpus
+__all__ = ["ChildRecord", "ChildRunWriter", "ParentMetrics", "API_THREADS", "MODE_ENV", "WAIT_ENV"]

@@ -151,13 +151,14 @@ class _Recorder:
             raise interrupted
 
     def _record(self, result: ModelResult, now: int, *, ok: bool) -> None:
-        from datamodels_ml import tracking
+        """Queue the model's child run and, every 2 s, the progress metrics: never waits on MLflow."""
+        from datamodels_ml.child_runs import ChildRecord
 
         tags = {"error": result.error[-7000:]} if result.error else {}
         if result.nonfinite:
             tags["nonfinite"] = ",".join(result.nonfinite)  # keys holding NaN/inf, visible in the UI
         metrics = {"duration": result.duration, **result.scalars}
-        self.children.add(tracking.ChildRecord(result.index, "FINISHED" if ok else "FAILED",
+        self.children.add(ChildRecord(result.index, "FINISHED" if ok else "FAILED",
                                                now - int(result.duration * 1000), now, metrics, tags))
         self.bar.set_postfix(completed=self.completed, failed=len(self.failures), refresh=False)
         self.bar.update(1)
@@ -166,11 +167,9 @@ class _Recorder:
             self._log_progress()
 
     def _log_progress(self) -> None:
-        from datamodels_ml import tracking
-
         done = self.completed + len(self.failures)
-        tracking.log_metrics({"progress": done / self.total, "completed": self.completed,
-                              "failed": len(self.failures)}, step=done)
+        self.children.add_metrics({"progress": done / self.total, "completed": self.completed,
+                                   "failed": len(self.failures)}, step=done)
 
     def close(self) -> None:
         """Commit what is written, write the failures file, flush the child runs (a second Ctrl-C
@@ -180,10 +179,8 @@ class _Recorder:
         finally:
             self.bar.close()
             self.store.write_failures(self.failures)
-            try:
-                self.children.close()
-            finally:
-                self._log_progress()
+            self._log_progress()
+            self.children.close()
 
 
 def _drain(fan: Backend, rec: _Recorder) -> None:
@@ -245,6 +242,7 @@ def _train(cfg: TrainConfig, store: Store) -> int:
 
 def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already: int) -> int:
     from datamodels_ml import progress, tracking
+    from datamodels_ml.child_runs import ChildRunWriter
 
     params = {"n": cfg.n, "gpus": cfg.gpus, "main": cfg.main, "store": cfg.store, **fan.params()}
     params.update({f"args.{k}": v for k, v in cfg.args.items()})
@@ -256,7 +254,7 @@ def _run(cfg: TrainConfig, store: Store, fan: Backend, todo: list[int], already:
     with tracking.run("train", name=f"train-{cfg.n}", params=params, tags=tags) as parent:
         tracking.log_dict(store.spec.to_json(), SPEC_FILE)
         bar = progress.bar("train", total=len(todo), unit="model", enabled=cfg.progress)
-        rec = _Recorder(store, tracking.ChildRunWriter(parent.info.run_id), bar, len(todo))
+        rec = _Recorder(store, ChildRunWriter(parent.info.run_id), bar, len(todo))
         thread = threading.Thread(target=fan.run, name="fanout", daemon=True)
         interrupted: KeyboardInterrupt | None = None
         try:

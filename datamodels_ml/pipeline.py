@@ -205,9 +205,9 @@ def stage_evaluate(cfg: DemoConfig):
 
 # -- the command -----------------------------------------------------------------------------------
 def _ui_hint() -> str:
-    from datamodels_ml import tracking
+    from datamodels_ml import tracking_store
 
-    uri = tracking.tracking_uri()
+    uri = tracking_store.tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if db.resolve() == (Path.cwd() / "mlflow.db").resolve():

@@ -1,12 +1,8 @@
 """Every MLflow call of the project lives here (and, for the child runs of ``train``, in ``child_runs``):
 experiments, runs, parameters, metrics, artifacts, models.
 
-Tracking goes to ``MLFLOW_TRACKING_URI`` when set, else to MLflow's default local SQLite store
-(``mlflow.db`` in the working directory). For SQLite, many processes share one file, so this module
-
-* creates the database under a file lock (MLflow's schema migration is not safe to run twice at once),
-* puts it in WAL mode with a long busy timeout, so concurrent writers wait instead of failing on
-  "database is locked", and retries the rare call that still hits a lock.
+Where tracking goes and how its store is made ready (the URI's check, SQLite's set-up, retries) is
+``tracking_store``'s.
 
 Runs go to two named experiments of MLflow's model-training kind (``_experiment_for``): one for
 regressions, evaluations and pipelines, one for training, whose thousands of model runs would
@@ -16,115 +12,52 @@ treat tracking errors as warnings (``safe``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import fcntl
 import getpass
 import os
-import threading
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-# a tracking server: no "View run ... at" lines per run, each costing a get_run round trip (set_terminated)
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# first: its environment defaults (progress bars, HTTP retries) are set before MLflow is imported
+from datamodels_ml.tracking_store import db_lock, prepare, retry, tracking_uri  # isort: skip
 
-import mlflow  # noqa: E402
-from mlflow.entities import RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import mlflow
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
 
-from datamodels_ml.errors import UserError  # noqa: E402
+from datamodels_ml.errors import UserError
 
-_PREPARED: set[str] = set()
-_LOCK = threading.Lock()
 MAX_PARAM_LEN = 6000
 STAGE_TAG = "datamodels.stage"  # the command that made a run (train, regress, ...), whatever its name
 
 
-# -- set-up ------------------------------------------------------------------------------------
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):])
-
-
-def _install_sqlite_pragmas() -> None:
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    if getattr(_install_sqlite_pragmas, "done", False):
-        return
-
-    @event.listens_for(Engine, "connect")
-    def _on_connect(dbapi_con, _record):  # pragma: no cover - exercised through MLflow
-        if type(dbapi_con).__module__.startswith("sqlite3"):
-            cur = dbapi_con.cursor()
-            cur.execute("PRAGMA busy_timeout=120000")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-    _install_sqlite_pragmas.done = True  # type: ignore[attr-defined]
-
-
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
-def prepare() -> str:
-    """Make the tracking store ready in this process (idempotent); return its URI."""
-    uri = tracking_uri()
-    with _LOCK:
-        if uri in _PREPARED:
-            return uri
-        db = _sqlite_path(uri)
-        if db is not None:
-            _install_sqlite_pragmas()
-            db.parent.mkdir(parents=True, exist_ok=True)
-            with _db_lock(uri):
-                _retry(lambda: MlflowClient(uri).search_experiments(max_results=1))
-        _PREPARED.add(uri)
-    return uri
-
-
-@contextlib.contextmanager
-def _db_lock(uri: str) -> Iterator[None]:
-    """Across processes, one at a time on a SQLite store (its schema migration, creating an
-    experiment: a read then a write, which SQLite refuses at once to a second such writer)."""
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    with open(str(db) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
-    """Call ``fn``, retrying with backoff when SQLite reports a lock."""
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - MLflow wraps sqlite errors in several types
-            if "locked" not in str(exc).lower() or attempt == attempts - 1:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+_FAILURES = [0]  # tracking calls that failed in this process: the first is told, the others counted
 
 
 def safe(fn: Callable[[], Any], what: str) -> Any:
-    """Run a tracking call; on failure warn (the data is already on disk) and return None."""
+    """Run a tracking call; on failure warn in one line (the data is already on disk) and return None.
+
+    Only the first failure of a process is printed; the count of the others comes in one line at exit
+    (a full database or an absent server fails every call alike)."""
     try:
-        return _retry(fn)
+        return retry(fn)
     except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"MLflow tracking failed ({what}): {exc}; results on disk are unaffected", stacklevel=2)
+        _FAILURES[0] += 1
+        if _FAILURES[0] == 1:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            print(f"warning: MLflow tracking failed ({what}): {first}; results on disk are unaffected",
+                  file=sys.stderr, flush=True)
+            atexit.register(_report_failures)
         return None
+
+
+def _report_failures() -> None:
+    if _FAILURES[0] > 1:
+        print(f"warning: {_FAILURES[0] - 1} more MLflow tracking calls failed; results on disk are unaffected",
+              file=sys.stderr, flush=True)
 
 
 def _as_param(value: Any) -> str:
@@ -160,15 +93,15 @@ def ensure_experiment(name: str) -> str:
     if key in _EXPERIMENTS:
         return _EXPERIMENTS[key]
     client = MlflowClient()
-    exp = _retry(lambda: client.get_experiment_by_name(name))
+    exp = retry(lambda: client.get_experiment_by_name(name))
     if exp is None:
-        with _db_lock(key[0]):
-            exp = _retry(lambda: client.get_experiment_by_name(name))  # made meanwhile by another process?
+        with db_lock(key[0]):
+            exp = retry(lambda: client.get_experiment_by_name(name))  # made meanwhile by another process?
             if exp is None:
                 try:
-                    exp = client.get_experiment(_retry(lambda: client.create_experiment(name, tags={KIND_TAG: KIND})))
+                    exp = client.get_experiment(retry(lambda: client.create_experiment(name, tags={KIND_TAG: KIND})))
                 except MlflowException:  # made meanwhile through a tracking server
-                    exp = _retry(lambda: client.get_experiment_by_name(name))
+                    exp = retry(lambda: client.get_experiment_by_name(name))
                     if exp is None:
                         raise
     exp_id = _check_experiment(exp)
@@ -200,7 +133,7 @@ def _experiment_for(stage: str, parent: Any) -> str:
         return main_id
     if main_id == DEFAULT_EXPERIMENT_ID:
         return ensure_experiment(experiment_name(training=True))
-    main = _retry(lambda: MlflowClient().get_experiment(main_id))
+    main = retry(lambda: MlflowClient().get_experiment(main_id))
     return main_id if main.name.endswith(TRAIN_SUFFIX) else ensure_experiment(_training_name(main.name))
 
 
@@ -230,14 +163,14 @@ def run(stage: str, *, name: str | None = None, params: Mapping[str, Any] | None
     run_tags = {STAGE_TAG: stage, **{k: str(v) for k, v in (tags or {}).items()}}
     parent = mlflow.active_run()
     if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, renamed
-        active = _retry(lambda: mlflow.start_run(run_name=name, tags=run_tags))
-        _check_experiment(_retry(lambda: MlflowClient().get_experiment(active.info.experiment_id)))
+        active = retry(lambda: mlflow.start_run(run_name=name, tags=run_tags))
+        _check_experiment(retry(lambda: MlflowClient().get_experiment(active.info.experiment_id)))
     else:
         exp_id = _experiment_for(stage, parent)
         if parent is not None and exp_id != parent.info.experiment_id:
             active = _start_linked(exp_id, name, run_tags, parent, stage)
         else:
-            active = _retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=name, tags=run_tags,
+            active = retry(lambda: mlflow.start_run(experiment_id=exp_id, run_name=name, tags=run_tags,
                                                      nested=parent is not None))
     status = "FINISHED"
     try:
@@ -265,9 +198,9 @@ def _start_linked(exp_id: str, name: str, tags: dict[str, str], parent: Any, sta
     with contextlib.suppress(Exception):  # source, user, git commit, as mlflow.start_run records them
         tags = registry.resolve_tags(tags)
     client = MlflowClient()
-    created = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name))
+    created = retry(lambda: client.create_run(exp_id, tags=tags, run_name=name))
     safe(lambda: client.set_tag(parent.info.run_id, f"pipeline.{stage}_run_id", created.info.run_id), "link run")
-    return _retry(lambda: mlflow.start_run(run_id=created.info.run_id, nested=True))
+    return retry(lambda: mlflow.start_run(run_id=created.info.run_id, nested=True))
 
 
 def finish_attached(run_id: str, stage: str, exit_code: int) -> None:
@@ -296,7 +229,7 @@ def log_params(params: Mapping[str, Any]) -> None:
     active = mlflow.active_run()
     if active is None:
         return
-    existing = _retry(lambda: MlflowClient().get_run(active.info.run_id)).data.params
+    existing = retry(lambda: MlflowClient().get_run(active.info.run_id)).data.params
     fresh = {k: _as_param(v) for k, v in params.items() if k not in existing}
     if fresh:
         safe(lambda: mlflow.log_params(fresh), "log params")
@@ -359,15 +292,6 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # noqa: BLE001
         return "unknown"
-
-
-def __getattr__(name: str) -> Any:
-    """``tracking.ChildRunWriter``/``ChildRecord``: the child-run writer is a concept of its own (``child_runs``)."""
-    if name in ("ChildRunWriter", "ChildRecord"):
-        from datamodels_ml import child_runs
-
-        return getattr(child_runs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -95,6 +95,62 @@ def search_runs(cwd: Path, filter_string: str = "", *, training: bool | None = N
     return client.search_runs(ids, filter_string, **kw) if ids else []
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` with its SQLite store in ``folder``; ``kill``
+    stops it at once (its whole process group: the web server runs in a child process), ``start``
+    brings it back on the same port and store."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder, self.port = Path(folder), port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        import time
+
+        from mlflow.tracking import MlflowClient
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--default-artifact-root", str(self.folder / "server-artifacts"), "--workers", "1"],
+            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        client, deadline = MlflowClient(tracking_uri=self.uri), time.time() + timeout
+        while True:
+            try:
+                client.search_experiments()
+                return self
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.kill()
+                    raise
+                time.sleep(0.5)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
 @pytest.fixture
 def cli(tmp_path):
     """``cli(*args, check=...)`` runs the CLI with cwd=tmp_path."""

@@ -1,17 +1,13 @@
 """GPU slots and tracking servers, exercised without a GPU: each slot process must see only its own
 GPU through CUDA_VISIBLE_DEVICES, and train must log its child runs to an MLflow tracking server."""
 
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, cli_env, run_cli
+from conftest import CONFIGS, MlflowServer, cli_env, run_cli
 from datamodels_ml.errors import UserError
 from datamodels_ml.fanout import LocalSlots, slot_environments
 from datamodels_ml.spec import load_spec
@@ -103,32 +99,10 @@ def test_train_on_gpu_slots(tmp_path):
     assert set(np.load(tmp_path / "st" / "index.npy")[:8].tolist()) == {0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_train_logs_to_a_tracking_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--default-artifact-root", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = MlflowServer(tmp_path).start()
     try:
-        uri = f"http://127.0.0.1:{port}"
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        deadline = time.time() + 120
-        while True:
-            try:
-                client.search_experiments()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
+        uri, client = server.uri, server.client()
         out = run_cli("train", "store=st", f"spec={SPEC}", "main=datamodels_ml.examples.minimal", "n=6", "jobs=2",
                       "args.multiple=4", "progress=false", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, check=True)
         assert "train: 6 completed, 0 failed" in out.stdout
@@ -139,5 +113,4 @@ def test_train_logs_to_a_tracking_server(tmp_path):
         assert all(c.info.status == "FINISHED" and c.data.metrics["index"] == float(c.data.params["index"])
                    for c in children)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.kill()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, run_cli, search_runs, tracking_client
+from conftest import MlflowServer, cli_env, run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
 from datamodels_ml.lock import creation_lock, row_lock, store_lock
 
@@ -201,6 +201,95 @@ def test_two_drivers_on_a_new_store_never_lose_flags(tmp_path):
         assert done == set(range(6)), results
         status = run_cli("status", f"store={name}", cwd=tmp_path, check=True).stdout
         assert "completed: 6/64" in status
+
+
+# -- the tracking server goes away ------------------------------------------------------------------
+def _completed(store):
+    return int(np.load(store / "_completed.npy").sum())
+
+
+def _start_logged(tmp_path, uri, *args, env=None):
+    """A train driver whose stderr goes to a file the test reads while it runs."""
+    err = open(tmp_path / "driver.err", "w+")
+    env = {"MLFLOW_TRACKING_URI": uri, **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "datamodels_ml", *train_args(*args)], cwd=tmp_path,
+                            env=cli_env(tmp_path, env), stdout=subprocess.PIPE, stderr=err, text=True)
+    return proc, lambda: (tmp_path / "driver.err").read_text()
+
+
+DOWN = "does not answer; training goes on, the store is unaffected"
+
+
+def test_a_tracking_server_killed_mid_train_loses_nothing_and_gets_its_runs_when_back(store, tmp_path):
+    server = MlflowServer(tmp_path).start()
+    try:
+        driver, err = _start_logged(tmp_path, server.uri, 64, "args.sleep=0.3",
+                                    env={"DATAMODELS_TRACKING_WAIT": "180"})
+        wait_for(lambda: _completed(store) >= 6, "six committed rows", 120)
+        server.kill()
+        wait_for(lambda: DOWN in err(), "the one-line warning", 120)
+        at_warning = _completed(store)
+        wait_for(lambda: _completed(store) >= min(64, at_warning + 6), "training to go on without the server", 60)
+        server.start()
+        out, _ = driver.communicate(timeout=300)
+        stderr = err()
+        assert driver.returncode == 0, stderr
+        assert "Traceback" not in stderr and stderr.count(DOWN) == 1, stderr
+        assert "MLflow: the tracking server is back" in stderr and "were not written" not in stderr
+        assert "train: 64 completed, 0 failed" in out
+        done, _ = check_rows(store, lambda i: 1)
+        assert done == set(range(64)) and sorted(calls(store)) == list(range(64))  # none trained twice
+        client = server.client()
+        exp = client.get_experiment_by_name("datamodels-train").experiment_id
+        [parent] = client.search_runs([exp], "tags.`datamodels.stage` = 'train'")
+        children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
+        assert sorted(int(c.data.params["index"]) for c in children) == list(range(64))  # each exactly once
+        assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+        assert parent.data.metrics["progress"] == 1.0 and parent.data.metrics["completed"] == 64
+    finally:
+        server.kill()
+
+
+def test_sigterm_stops_a_train_whose_tracking_server_is_gone_and_counts_the_runs_not_written(store, tmp_path):
+    server = MlflowServer(tmp_path).start()
+    try:
+        driver, err = _start_logged(tmp_path, server.uri, 64, "args.sleep=0.3", env={"DATAMODELS_TRACKING_WAIT": "5"})
+        wait_for(lambda: _completed(store) >= 4, "four committed rows", 120)
+        server.kill()
+        wait_for(lambda: DOWN in err(), "the one-line warning", 120)
+        at_warning = _completed(store)
+        wait_for(lambda: _completed(store) >= at_warning + 4, "training to go on without the server", 60)
+        t0 = time.time()
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+        stopped_in, stderr = time.time() - t0, err()
+        assert driver.returncode == 143, stderr
+        assert stopped_in < 60, stopped_in  # the close waits 5 s for the server, MLflow's own retries ~7 s
+        assert "Traceback" not in stderr and stderr.count(DOWN) == 1, stderr
+        done, _ = check_rows(store, lambda i: 1)
+        assert len(set(calls(store)) - done) <= 2  # only the models in flight when it stopped are lost
+        assert f"train: {len(done)} completed, 0 failed" in out
+        # the runs queued since the server went away are counted (all but those written before)
+        lost = [line for line in stderr.splitlines() if "MLflow child runs of" in line]
+        assert len(lost) == 1 and "were not written (the tracking server did not return); the store is " \
+            "unaffected" in lost[0], stderr
+        assert 0 < int(lost[0].split()[1]) <= len(done)
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("http://127.0.0.1:1", "error: the MLflow tracking server at http://127.0.0.1:1 does not answer: start it "
+                           "(make server) or set MLFLOW_TRACKING_URI to a reachable server"),
+    ("bogus://nowhere", "error: MLFLOW_TRACKING_URI=bogus://nowhere: MLflow has no tracking store for 'bogus://' "
+                        "URIs; use http(s)://HOST:PORT"),
+])
+def test_a_tracking_uri_that_cannot_work_is_one_line_within_seconds(store, tmp_path, uri, message):
+    t0 = time.time()
+    out = run_cli(*train_args(8), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert time.time() - t0 < 60  # MLflow's own retries took 249 s
+    assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+    assert calls(store) == [] and _completed(store) == 0
 
 
 def test_sigterm_stops_a_worker_without_writing_its_row(store, tmp_path):

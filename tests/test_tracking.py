@@ -17,9 +17,9 @@ def own_store(tmp_path, monkeypatch):
     for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
-    from datamodels_ml import tracking
+    from datamodels_ml import tracking_store
 
-    tracking.prepare()  # SQLite in WAL mode with a busy timeout, as every command has it
+    tracking_store.prepare()  # SQLite in WAL mode with a busy timeout, as every command has it
     return tracking_client(tmp_path)
 
 
