@@ -151,7 +151,9 @@ def _problem(block: Any, targets: int, n_features: int, n_lambdas: int, digest: 
 
     if not isinstance(block, dict):
         return f"holds a {type(block).__name__}, not a block"
-    if block.get(DIGEST_KEY) != digest:
+    if DIGEST_KEY not in block:
+        return "has no record of the inputs it was fitted with"
+    if block[DIGEST_KEY] != digest:
         return "was fitted with other inputs"
     shapes = {key: ((n_lambdas, targets) if dim else (targets,)) for key, dim in PER_TARGET.items()}
     shapes.update(weight=(n_features, targets), mean=(n_features,), std=(n_features,), active=(n_lambdas,),

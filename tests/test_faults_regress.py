@@ -235,6 +235,38 @@ def test_full_disk_while_writing_results_is_one_line_and_replaces_nothing(beton,
     assert torch.load(out / "datamodels.pt", weights_only=True)["config"]["cfg"]["eps"] == 0.001
 
 
+def test_full_disk_while_saving_a_block_is_one_line_and_keeps_the_saved_ones(tmp_path, small_fs):
+    from datamodels_ml.blocks import BlockStore
+
+    store = BlockStore(small_fs / "out")
+    store.open({"config": {"cfg.eps": 0.01}}, force=False)
+    block = {"weight": torch.zeros(P, 7), "bias": torch.zeros(7)}
+    store.save(0, 7, block)
+    _fill(small_fs)
+    with pytest.raises(UserError, match="^" + re.escape(
+            f"cannot save the target block {store.path(7, 14)}: No space left on device; the blocks saved before are "
+            "kept: rerun the same command to resume from them") + "$"):
+        store.save(7, 14, {"weight": torch.zeros(P, 2**16)})
+    assert store.saved() == [(0, 7)] and sorted(p.name for p in store.dir.iterdir()) == ["0-7.pt", "blocks.json"]
+    torch.testing.assert_close(torch.load(store.path(0, 7), weights_only=True)["weight"], block["weight"])
+
+
+def test_the_lock_file_of_a_regress_makes_a_directory_ours_and_no_other_file_does(beton, tmp_path):
+    from datamodels_ml.lock import out_dir_lock
+    from datamodels_ml.results import check_out_dir
+
+    out = tmp_path / "out"
+    with out_dir_lock(out, "regress"):
+        pass  # a regress that stopped after it took the directory (an error, kill -9)
+    cfg = load(RegressConfig, _args(beton, out), config_key="config")
+    assert check_out_dir(cfg) == out
+    (out / ".lock").write_text("the user's own lock file\n")
+    with pytest.raises(UserError, match=f"^cfg.out_dir {re.escape(str(out))} is not empty and holds no regression "
+                                        "of ours"):
+        check_out_dir(cfg)
+    assert (out / ".lock").read_text() == "the user's own lock file\n"
+
+
 # -- 4. NaN/inf targets in a .beton that write_dataset did not write ------------------------------
 def _foreign_beton(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """A .beton with our fields, written by FFCV's own writer (as another tool would), NaN rows kept."""
