@@ -2,9 +2,12 @@
 
 A regression solves its targets in blocks (``memory`` sizes them). Each finished block is saved as
 ``out_dir/.blocks/<start>-<end>.pt`` (tensors only, loadable with ``torch.load(weights_only=True)``)
-beside ``blocks.json``, the fingerprint of the inputs (``results.fingerprint``). A run that was
-killed resumes with the blocks already there, provided the fingerprint is the same; blocks of a
-different config are never mixed in (refused, or discarded with ``cfg.force=true``). Blocks need not
+beside ``blocks.json``, the fingerprint of the inputs (``results.fingerprint``); each block also
+holds that fingerprint's digest. A run that was killed resumes with the blocks already there,
+provided the fingerprint is the same; blocks of a different config are never mixed in (refused, or
+discarded with ``cfg.force=true``), and a block file that does not load as tensors, is not of these
+inputs or has the wrong shapes (damaged, crafted) is named in a warning and fitted again. ``regress``
+holds the output directory's lock while it uses the blocks, so two runs never share them. Blocks need not
 have one size: a resumed run fills the gaps between saved blocks with blocks of its own size.
 With several devices, one thread per device takes the next block from a shared queue.
 
@@ -14,10 +17,12 @@ saved its N-th block, as a crash or an out-of-memory kill would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +32,7 @@ from datamodels_ml.errors import UserError
 BLOCKS_DIR = ".blocks"
 MARK_FILE = "blocks.json"
 MARK_KEY = "datamodels_ml_blocks"
+DIGEST_KEY = "inputs_sha256"  # in each block: the digest of the inputs it was fitted with
 KILL_AFTER_ENV = "DATAMODELS_ML_KILL_AFTER_BLOCKS"
 _NAME = re.compile(r"^(\d+)-(\d+)\.pt$")
 # keys of a block that hold one value per target (dim 0 for [T], dim 1 for [k, T] and [p, T])
@@ -40,6 +46,7 @@ class BlockStore:
 
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir) / BLOCKS_DIR
+        self.digest: str | None = None  # of the inputs given to open
 
     def _mark(self) -> dict | None:
         try:
@@ -57,6 +64,7 @@ class BlockStore:
         Blocks of other inputs raise a ``UserError`` naming ``cfg.force``, or are discarded with
         ``force`` (a run of other inputs that saved no block is simply replaced).
         """
+        self.digest = _digest(inputs)
         mark = self._mark()
         if mark is not None and mark.get("inputs") != inputs:
             if not force and self.saved():
@@ -84,20 +92,41 @@ class BlockStore:
         return self.dir / f"{start}-{end}.pt"
 
     def save(self, start: int, end: int, block: dict[str, Any]) -> None:
-        import torch
+        """Save a finished block with the digest of the inputs ``open`` was given; a failed write (a
+        full disk) is a ``UserError``: the blocks saved before are kept for the rerun."""
+        from datamodels_ml.results import torch_save
 
         final = self.path(start, end)
         tmp = self.dir / f".{final.stem}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
-            torch.save(block, tmp)
+            torch_save({**block, DIGEST_KEY: self.digest}, tmp)
             os.replace(tmp, final)
+        except OSError as exc:
+            raise UserError(f"cannot save the target block {final}: {exc.strerror or exc}; the blocks saved before "
+                            "are kept: rerun the same command to resume from them") from None
         finally:
             tmp.unlink(missing_ok=True)
 
-    def load(self, start: int, end: int) -> dict[str, Any]:
+    def usable(self, start: int, end: int, n_features: int, n_lambdas: int) -> dict[tuple[int, int], dict[str, Any]]:
+        """The saved blocks inside ``[start, end)`` that load as tensors only and hold what a block of
+        these inputs holds (``n_features`` weights and ``n_lambdas`` λ per target); any other saved
+        block (damaged, crafted, of other inputs) is named in a warning and fitted again."""
         import torch
 
-        return torch.load(self.path(start, end), weights_only=True)
+        found = {}
+        for s, e in self.saved():
+            if s < start or e > end:
+                continue
+            try:
+                block = torch.load(self.path(s, e), weights_only=True)  # loads no code, whatever the file holds
+                problem = _problem(block, e - s, n_features, n_lambdas, self.digest)
+            except Exception as exc:  # noqa: BLE001 - any file torch cannot read is a block not saved
+                problem = f"unreadable ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]})"
+            if problem:
+                print(f"warning: {self.path(s, e)}: {problem}; fitting targets [{s}:{e}] again", file=sys.stderr)
+            else:
+                found[(s, e)] = block
+        return found
 
     def clear(self) -> None:
         """Remove what we wrote here (our marker, our block files), then the directory if it is empty."""
@@ -110,6 +139,32 @@ class BlockStore:
             self.dir.rmdir()
         except OSError:
             pass  # something else is in there: leave it
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _problem(block: Any, targets: int, n_features: int, n_lambdas: int, digest: str) -> str | None:
+    """What is wrong with a loaded block of ``targets`` targets (None: nothing)."""
+    import torch
+
+    if not isinstance(block, dict):
+        return f"holds a {type(block).__name__}, not a block"
+    if DIGEST_KEY not in block:
+        return "has no record of the inputs it was fitted with"
+    if block[DIGEST_KEY] != digest:
+        return "was fitted with other inputs"
+    shapes = {key: ((n_lambdas, targets) if dim else (targets,)) for key, dim in PER_TARGET.items()}
+    shapes.update(weight=(n_features, targets), mean=(n_features,), std=(n_features,), active=(n_lambdas,),
+                  epochs=(), seconds=())
+    for key, shape in shapes.items():
+        value = block.get(key)
+        if not isinstance(value, torch.Tensor):
+            return f"has no tensor '{key}'"
+        if tuple(value.shape) != shape:
+            return f"'{key}' has shape {list(value.shape)}, expected {list(shape)}"
+    return None
 
 
 def remaining(start: int, end: int, block: int, saved: list[tuple[int, int]]) -> tuple[list, list]:

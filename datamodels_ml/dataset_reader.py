@@ -3,7 +3,9 @@
 Everything goes through ``beton.BetonFile`` (FFCV's file format read directly, so FFCV itself is
 never imported): ``BetonBatches`` is a solver batch source over a subset of the rows and a slice of
 the target columns, ``read_beton`` reads rows into numpy, ``beton_info`` and ``read_manifest``
-describe a file (the manifest is the sidecar ``out + ".json"`` that ``write_dataset`` writes).
+describe a file (the manifest is the sidecar ``out + ".json"`` that ``write_dataset`` writes), and
+``finite_rows`` finds the rows whose targets hold NaN or inf (which ``write_dataset`` never writes,
+but a ``.beton`` written by other tools may hold).
 """
 
 from __future__ import annotations
@@ -91,6 +93,24 @@ def _target_range(info: BetonInfo, start: int, end: int | None) -> tuple[int, in
     if not 0 <= start <= end <= info.n_targets:
         raise UserError(f"target range [{start}, {end}) is not inside the {info.n_targets} targets of {info.path}")
     return start, end
+
+
+_SCAN_BYTES = 2**26  # targets read at a time by finite_rows: 64 MB
+
+
+def finite_rows(path: str | Path, start: int = 0, end: int | None = None) -> np.ndarray:
+    """Boolean ``[num_rows]``: True where the targets ``[start:end)`` of the row are all finite."""
+    file = open_beton(path)
+    field = file.fields["targets"]
+    start, end = _target_range(_info(file), start, end)
+    finite = np.ones(file.num_rows, dtype=bool)
+    if field.dtype.kind not in "fc" or end == start:  # integers are always finite
+        return finite
+    step = max(1, _SCAN_BYTES // ((end - start) * field.dtype.itemsize))
+    for at in range(0, file.num_rows, step):
+        rows = np.arange(at, min(at + step, file.num_rows))
+        finite[rows] = np.isfinite(file.read("targets", rows, start, end)).all(axis=1)
+    return finite
 
 
 class BetonBatches:

@@ -1,10 +1,12 @@
-"""Who may write a store: advisory locks (``fcntl.flock``) on ``<store>/.lock`` and on each row.
+"""Who may write a store or an output directory: advisory locks (``fcntl.flock``) on ``<store>/.lock``,
+on each row, and on ``<out_dir>/.lock``.
 
 ``store_lock(path, command)`` is exclusive: ``train`` and ``init force=true`` hold it for their
 whole run, so a second writer fails at once with the first one's PID instead of training the same
 rows again. ``store_lock(path, command, shared=True)`` is what ``worker`` holds: any number of
 workers may write one store together (one row each, as on a SLURM array), but not beside a ``train``.
-``row_lock(path, index, command)`` keeps two workers off the same row.
+``row_lock(path, index, command)`` keeps two workers off the same row. ``out_dir_lock(path, command)``
+is ``regress``'s: one regression at a time writes an output directory (its target blocks, its results).
 
 The holder writes its PID and command into the lock file so that the refusal can name it. The
 kernel drops a lock when its holder exits, however it exits (kill -9 included), so a stale lock
@@ -41,12 +43,12 @@ def _holder(fd: int) -> str:
     return "another process (PID unknown)"
 
 
-def _open(file: Path, store: Path, command: str) -> int:
+def _open(file: Path, store: Path, command: str, owner: str = "store") -> int:
     try:
         return os.open(file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as for every file we write
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UserError(f"store {store} is not writable ({exc.strerror}: {file}); "
+            raise UserError(f"{owner} {store} is not writable ({exc.strerror}: {file}); "
                             f"{command} needs to write to it") from None
         raise UserError(f"cannot create the lock file {file}: {exc.strerror}") from None
 
@@ -56,8 +58,8 @@ def _write_holder(fd: int, command: str) -> None:
 
 
 @contextmanager
-def _flock(file: Path, store: Path, command: str, *, shared: bool, what: str) -> Iterator[None]:
-    fd = _open(file, store, command)
+def _flock(file: Path, store: Path, command: str, *, shared: bool, what: str, owner: str = "store") -> Iterator[None]:
+    fd = _open(file, store, command, owner)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -111,3 +113,30 @@ def creation_lock(store_path: str | Path, command: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def recorded_command(file: str | Path) -> str | None:
+    """The command recorded in ``file`` when it is a lock file that this module wrote (held or not),
+    else None: tells our lock file from someone else's file of the same name."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        record = os.pread(fd, _RECORD + 1, 0)
+    finally:
+        os.close(fd)
+    pid, _, command = record.decode(errors="replace").partition(" ")
+    ours = len(record) == _RECORD and record.endswith(b"\n") and pid.isdigit() and command.strip()
+    return command.strip() if ours else None
+
+
+def out_dir_lock(out_dir: str | Path, command: str):
+    """Hold ``<out_dir>/.lock`` (the directory is created) for a ``with`` block; refused at once if taken:
+    "cfg.out_dir <path> is in use by PID <pid> (<command>); wait for it to finish or stop it"."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create cfg.out_dir {out}: {exc.strerror}") from None
+    return _flock(out / LOCK_FILE, out, command, shared=False, what=f"cfg.out_dir {out}", owner="cfg.out_dir")

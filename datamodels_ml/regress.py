@@ -2,10 +2,11 @@
 
 It owns the validation of a config (``regress_config``; files written for the original are read
 by ``original_config``) against its dataset, the train/val split of the beton's rows (random, or
-ordered as the original's), the batch sources handed to the solver
-(``solvers``), the loop over target blocks (sized by ``memory``, saved and resumed by ``blocks``,
-spread over ``gpus`` devices) and the MLflow record (one run; the path as metrics with
-``step`` = 100·log10(λ_max/λ), see ``path_step``). The output directory is ``results``.
+ordered as the original's; models whose targets hold NaN or inf are left out, with a count), the
+batch sources handed to the solver (``solvers``), the loop over target blocks (sized by ``memory``,
+saved and resumed by ``blocks``, spread over ``gpus`` devices) and the MLflow record (one run; the
+path as metrics with ``step`` = 100·log10(λ_max/λ), see ``path_step``). The output directory is
+``results``; ``regress`` holds its lock (``lock.out_dir_lock``) from its blocks to its results.
 
 ``fit(cfg)`` is the same fit without files or a run of its own, for callers such as the model-budget
 curve; ``regress(cfg)`` is the command.
@@ -26,7 +27,7 @@ from datamodels_ml.progress import PathBar
 from datamodels_ml.original_config import load_config, notes  # noqa: F401  (the CLI reads configs with load_config)
 from datamodels_ml.provenance import fingerprint_from_beton
 from datamodels_ml.regress_config import (DataConfig, EarlyStoppingConfig, RegressConfig, SolverConfig,  # noqa: F401
-                                          check)
+                                          check, regress_devices)
 from datamodels_ml.results import (FORMAT_VERSION, MANIFEST_FILE, RESULTS_FILE, config_dict, fingerprint,  # noqa: F401
                                    is_up_to_date, path_curves, summary, write_results)
 
@@ -47,39 +48,6 @@ class Plan:
     target_end: int
     devices: tuple[str, ...] = ()  # where the target blocks run (device, or gpus CUDA devices)
     memory: Any = None  # memory.MemoryPlan
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"cfg.device={name} but no CUDA device is available (use cfg.device=cpu or auto)")
-        if name.startswith("cuda:"):
-            index = name[5:]
-            if not index.isdigit() or int(index) >= torch.cuda.device_count():
-                raise UserError(f"cfg.device={name}: there are {torch.cuda.device_count()} CUDA devices")
-        return name
-    raise UserError(f"cfg.device must be auto, cpu, cuda or cuda:N, got '{name}'")
-
-
-def _devices(cfg: RegressConfig) -> tuple[str, ...]:
-    """``cfg.device`` alone, or the first ``gpus`` CUDA devices."""
-    if cfg.gpus == 0:
-        return (_device(cfg.cfg.device),)
-    import torch
-
-    if cfg.cfg.device not in ("auto", "cuda"):
-        raise UserError(f"gpus={cfg.gpus} spreads the blocks over CUDA devices: leave cfg.device auto or cuda, "
-                        f"not '{cfg.cfg.device}'")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cfg.gpus > count:
-        raise UserError(f"gpus={cfg.gpus} but {count} CUDA devices are available")
-    return tuple(f"cuda:{i}" for i in range(cfg.gpus))
 
 
 def plan(cfg: RegressConfig) -> Plan:
@@ -104,7 +72,8 @@ def plan(cfg: RegressConfig) -> Plan:
         order = np.arange(info.num_rows)
     else:
         order = np.random.default_rng(d.seed).permutation(info.num_rows)
-    devices = _devices(cfg)
+    order = order[_finite_targets(d.data_path, start, end, total)[order]]
+    devices = regress_devices(cfg)
     c = cfg.cfg
     memory = plan_memory(n_features=info.n_features, n_targets=end - start, n_train=d.num_train, n_val=d.num_val,
                          batch_size=read_rows(c, info.n_features), method=c.method, dtype=c.dtype, devices=list(devices),
@@ -112,6 +81,22 @@ def plan(cfg: RegressConfig) -> Plan:
     return Plan(cfg, info, read_manifest(d.data_path), devices[0],
                 torch.float64 if cfg.cfg.dtype == "float64" else torch.float32,
                 np.sort(order[:d.num_train]), np.sort(order[d.num_train:total]), start, end, devices, memory)
+
+
+def _finite_targets(path: str, start: int, end: int, needed: int) -> np.ndarray:
+    """The rows whose targets ``[start:end)`` are finite; the others are left out with a warning, as
+    ``write_dataset`` leaves them out (a ``.beton`` written by another tool may hold them)."""
+    from datamodels_ml.dataset_reader import finite_rows
+
+    finite = finite_rows(path, start, end)
+    kept = int(finite.sum())
+    if kept < finite.size:
+        print(f"warning: left out {finite.size - kept} of {finite.size} models of {path} whose targets "
+              f"[{start}:{end}] hold NaN or inf", file=sys.stderr)
+        if needed > kept:
+            raise UserError(f"data.num_train + data.num_val = {needed} exceeds the {kept} models with finite targets "
+                            f"[{start}:{end}] in {path}")
+    return finite
 
 
 # -- the fit -------------------------------------------------------------------------------------
@@ -230,12 +215,14 @@ def _fit_blocks(p: Plan, bar: PathBar, store: Any = None, started: Callable[[], 
 
     from datamodels_ml import blocks
 
-    saved = store.saved() if store is not None else []
-    reused, todo = blocks.remaining(p.target_start, p.target_end, p.memory.target_block, saved)
+    c = p.cfg.cfg
+    saved = store.usable(p.target_start, p.target_end, p.info.n_features,
+                         c.k + (c.grid == "fast_l1")) if store is not None else {}
+    reused, todo = blocks.remaining(p.target_start, p.target_end, p.memory.target_block, list(saved))
     if reused:
         print(f"regress: resuming: {sum(e - s for s, e in reused)} targets in {len(reused)} saved block(s), "
               f"{len(todo)} block(s) to fit", file=sys.stderr)
-    results = {b: store.load(*b) for b in reused}
+    results = {b: saved[b] for b in reused}
     stats: dict[str, Any] = {}  # per device; each device has one thread (blocks.run)
 
     def fit_one(s: int, e: int, device: str) -> dict[str, Any]:
@@ -354,9 +341,7 @@ def fit(cfg: RegressConfig, *, progress: bool = True, log: bool = True) -> dict[
 
 def regress(cfg: RegressConfig) -> int:
     """Fit one lasso path per target on the beton and write datamodels.pt (+ MLflow run)."""
-    from datamodels_ml import background
-    from datamodels_ml.blocks import BlockStore, remaining
-    from datamodels_ml.config import to_flat_dict
+    from datamodels_ml.lock import out_dir_lock
     from datamodels_ml.results import check_out_dir
 
     check(cfg)
@@ -369,6 +354,17 @@ def regress(cfg: RegressConfig) -> int:
           f"{', '.join(p.devices)}, k={cfg.cfg.k}", file=sys.stderr)
     print(p.memory.describe(), file=sys.stderr)
     kernels = use_kernels(cfg.cfg.kernels)
+    with out_dir_lock(out, "regress"):  # one regression at a time in out (its blocks, its results)
+        check_out_dir(cfg)  # again, now that it is ours: another regress may have written it meanwhile
+        return _fit_and_write(cfg, p, out, kernels)
+
+
+def _fit_and_write(cfg: RegressConfig, p: Plan, out: Any, kernels: Any) -> int:
+    """``regress`` with the output directory locked: fit (resuming from saved blocks), write, log."""
+    from datamodels_ml import background
+    from datamodels_ml.blocks import BlockStore, remaining
+    from datamodels_ml.config import to_flat_dict
+
     store = BlockStore(out)
     store.open(fingerprint(cfg), force=cfg.cfg.force)
     # the statistics of the masks go first, in the background on one core while MLflow is imported

@@ -2,7 +2,8 @@
 
 A superset of the original ``regression_config.yaml`` (sections ``data``, ``cfg``,
 ``early_stopping``), merged as schema <- YAML <- command line by ``config.load``; unknown or missing
-keys are refused with the key's name there. ``check`` refuses out-of-range values with one line.
+keys are refused with the key's name there. ``check`` refuses out-of-range values with one line;
+``regress_devices`` checks ``cfg.device`` and ``gpus`` against the CUDA devices of this machine.
 A key spelled as in the original means what it means there; where we differ, the behaviour has a
 key of its own (``data.split``, ``cfg.grid``, ``cfg.refit_standardization``, ``cfg.tol``,
 ``cfg.relax``), and
@@ -113,3 +114,37 @@ def check(cfg: RegressConfig) -> None:
         raise UserError(f"cfg.target_block must be >= 0 (0: automatic), got {c.target_block}")
     if cfg.gpus < 0:
         raise UserError(f"gpus must be >= 0, got {cfg.gpus}")
+
+
+# -- the devices: checks against this machine -----------------------------------------------------
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"cfg.device={name} but no CUDA device is available (use cfg.device=cpu or auto)")
+        if name.startswith("cuda:"):
+            index = name[5:]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise UserError(f"cfg.device={name}: there are {torch.cuda.device_count()} CUDA devices")
+        return name
+    raise UserError(f"cfg.device must be auto, cpu, cuda or cuda:N, got '{name}'")
+
+
+def regress_devices(cfg: RegressConfig) -> tuple[str, ...]:
+    """``cfg.device`` alone, or the first ``gpus`` CUDA devices."""
+    if cfg.gpus == 0:
+        return (_device(cfg.cfg.device),)
+    import torch
+
+    if cfg.cfg.device not in ("auto", "cuda"):
+        raise UserError(f"gpus={cfg.gpus} spreads the blocks over CUDA devices: leave cfg.device auto or cuda, "
+                        f"not '{cfg.cfg.device}'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.gpus > count:
+        raise UserError(f"gpus={cfg.gpus} but {count} CUDA devices are available")
+    return tuple(f"cuda:{i}" for i in range(cfg.gpus))

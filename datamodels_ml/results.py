@@ -1,11 +1,14 @@
 """The ``regress`` output directory: what it holds, when it is ours, when it is current, and writing it.
 
 ``cfg.out_dir`` holds ``datamodels.pt``, ``config.yaml``, ``path.png``, ``targets.csv`` and
-``manifest.json`` (written last: the fingerprint of the inputs, the summary, the split), plus, while
-a fit is under way, ``.blocks/`` (finished target blocks, see ``blocks``). A directory is *ours*
-when it holds a regression manifest or a block directory of ours. ``cfg.force=true`` replaces only
-these files, each atomically; anything else in the directory is never touched, and a non-empty
-directory that is not ours is refused even with force.
+``manifest.json`` (the fingerprint of the inputs, the summary, the split), plus, while a fit is under
+way, ``.blocks/`` (finished target blocks, see ``blocks``), and ``.lock``, held by ``regress`` for its
+whole run (``lock.out_dir_lock``). A directory is *ours* when it holds a regression manifest, a block
+directory of ours, or the lock file of a regress (taken only in an empty directory or one of ours).
+``cfg.force=true`` replaces only these files: each is written to a temporary file first, then all
+are renamed into place, the manifest last, so a failed write (a full disk) replaces none. Anything
+else in the directory is never touched, and a non-empty directory that is not ours is refused even
+with force.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.lock import LOCK_FILE, recorded_command
 
 FORMAT_VERSION = 1
 RESULTS_FILE = "datamodels.pt"
@@ -89,10 +93,12 @@ def is_up_to_date(cfg) -> bool:
 
 
 def is_ours(out: Path) -> bool:
-    """True when ``out`` holds a regression written by this tool (its manifest, or its blocks)."""
+    """True when ``out`` holds a regression written by this tool (its manifest, or its blocks), or
+    is one that a regress has locked (the lock file that regress writes, however far it got)."""
     from datamodels_ml.blocks import BlockStore
 
-    return read_regress_manifest(out) is not None or BlockStore(out).is_ours()
+    return (read_regress_manifest(out) is not None or BlockStore(out).is_ours()
+            or recorded_command(out / LOCK_FILE) == "regress")
 
 
 def check_out_dir(cfg) -> Path:
@@ -111,14 +117,39 @@ def check_out_dir(cfg) -> Path:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file beside it (same suffix), then rename it into place."""
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, where a failed write (a full disk) raises the ``OSError`` that caused
+    it: torch reports it as a ``RuntimeError`` without the reason."""
+    import torch
+
+    failed: list[OSError] = []
+
+    class Writer:  # the file as torch writes it, keeping the error of a failed write
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data) -> int:
+            try:
+                return self.file.write(data)
+            except OSError as exc:
+                failed.append(exc)
+                raise
+
+        def flush(self) -> None:
+            self.file.flush()
+
+    with open(path, "wb") as file:
+        try:
+            torch.save(obj, Writer(file))
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise
+
+
+def _temporary(path: Path) -> Path:
+    """The temporary file beside ``path`` (same suffix) that is renamed into place."""
+    return path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
 
 
 def targets_csv(result: dict[str, Any]) -> str:
@@ -144,25 +175,41 @@ def path_curves(result: dict[str, Any]) -> tuple[np.ndarray, ...]:
 
 
 def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None = None) -> None:
-    """Replace our output files in ``out`` one by one (each atomically), the manifest last."""
-    import torch
+    """Write our output files into ``out``: each to a temporary file first, then all renamed into
+    place, the manifest last. A failed write (a full disk) replaces nothing: ``UserError``."""
     from omegaconf import OmegaConf
 
     from datamodels_ml.plots import path_figure, save_figure
 
-    out.mkdir(parents=True, exist_ok=True)
-    _replace(out / RESULTS_FILE, lambda tmp: torch.save(result, tmp))
-    _replace(out / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
-    _replace(out / "targets.csv", lambda tmp: tmp.write_text(targets_csv(result)))
     fig = path_figure(*path_curves(result), title=f"{result['y_name'] or 'targets'} "
                       f"[{result['target_start']}:{result['target_end']}], {cfg.cfg.method}")
-    _replace(out / "path.png", lambda tmp: save_figure(fig, str(tmp)))
     manifest = {"format_version": FORMAT_VERSION, "inputs": fingerprint(cfg), "config": config_dict(cfg),
                 "summary": summary(result), "train_indices": result["train_indices"].tolist(),
                 "val_indices": result["val_indices"].tolist(), "mlflow_run_id": run_id,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _replace(out / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n"))
+    writers: dict[str, Callable[[Path], Any]] = {
+        RESULTS_FILE: lambda tmp: torch_save(result, tmp),
+        "config.yaml": lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))),
+        "targets.csv": lambda tmp: tmp.write_text(targets_csv(result)),
+        "path.png": lambda tmp: save_figure(fig, str(tmp)),
+        MANIFEST_FILE: lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    staged = [(_temporary(out / name), out / name) for name in writers]
+    try:
+        for (tmp, final), write in zip(staged, writers.values()):
+            try:
+                write(tmp)
+            except OSError as exc:
+                raise UserError(f"cannot write {final}: {exc.strerror or exc}; nothing in {out} was replaced (its "
+                                f"fitted target blocks are kept: rerun to write the results without fitting "
+                                f"again)") from None
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 __all__ = ["FORMAT_VERSION", "RESULTS_FILE", "MANIFEST_FILE", "OUTPUT_FILES", "fingerprint", "is_up_to_date",
-           "is_ours", "check_out_dir", "write_results", "summary", "config_dict", "path_curves"]
+           "is_ours", "check_out_dir", "write_results", "torch_save", "summary", "config_dict", "path_curves"]

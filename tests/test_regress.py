@@ -49,8 +49,8 @@ def test_regress_end_to_end(digits, tmp_path):
     out = tmp_path / "results"
     run_cli("regress", f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}",
             f"cfg.min_lambdas={K}", cwd=tmp_path, check=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "datamodels.pt", "manifest.json", "path.png",
-                                                     "targets.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "datamodels.pt", "manifest.json",
+                                                     "path.png", "targets.csv"]  # .lock: regress holds it while it runs
     dm = torch.load(out / "datamodels.pt", weights_only=False)
     p = 1000
     shapes = {"weight": (p, T), "bias": (T,), "lam": (T,), "mean": (p,), "std": (p,), "lam_path": (K, T),
@@ -265,7 +265,7 @@ def test_force_replaces_only_our_files(digits, tmp_path):
     assert (out / "notes.txt").read_text() == "the user's" and (out / "mine" / "data.csv").read_text() == "1,2\n"
     second = torch.load(out / "datamodels.pt", weights_only=True)
     assert first["lam_path"].shape[0] == K and second["lam_path"].shape[0] == 4
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "datamodels.pt", "manifest.json", "mine",
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "datamodels.pt", "manifest.json", "mine",
                                                      "notes.txt", "path.png", "targets.csv"]
 
 
