@@ -169,7 +169,7 @@ def test_driver_killed_mid_run_then_rerun_trains_the_missing_indices_only(dask_c
 def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
     bad = run_cli("train", "store=st", f"main={FAULTS}", "n=4", "scheduler=nowhere", cwd=tmp_path, check=False)
     assert bad.returncode == 2
-    assert "scheduler='nowhere': expected an address such as tcp://HOST:8786 or a scheduler JSON file" in bad.stderr
+    assert "scheduler='nowhere': expected an address such as tcp://HOST:8786 (tls://HOST:8786) or a scheduler JSON file" in bad.stderr
     both = run_cli(*train_args(4, dask_cluster.address, "cluster=x.yaml"), cwd=tmp_path, check=False)
     assert "give scheduler=ADDRESS (a running Dask cluster) or cluster=CONFIG.yaml (start one), not both" in both.stderr
     gpu = run_cli(*train_args(4, dask_cluster.address, "gpus=1"), cwd=tmp_path, check=False)
