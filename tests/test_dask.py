@@ -169,7 +169,8 @@ def test_driver_killed_mid_run_then_rerun_trains_the_missing_indices_only(dask_c
 def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
     bad = run_cli("train", "store=st", f"main={FAULTS}", "n=4", "scheduler=nowhere", cwd=tmp_path, check=False)
     assert bad.returncode == 2
-    assert "scheduler='nowhere': expected an address such as tcp://HOST:8786 (tls://HOST:8786) or a scheduler JSON file" in bad.stderr
+    assert ("scheduler='nowhere': expected an address such as tcp://HOST:8786 (tls://HOST:8786) or a scheduler "
+            "JSON file") in bad.stderr
     both = run_cli(*train_args(4, dask_cluster.address, "cluster=x.yaml"), cwd=tmp_path, check=False)
     assert "give scheduler=ADDRESS (a running Dask cluster) or cluster=CONFIG.yaml (start one), not both" in both.stderr
     gpu = run_cli(*train_args(4, dask_cluster.address, "gpus=1"), cwd=tmp_path, check=False)
@@ -220,7 +221,8 @@ def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
      ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--host", "127.0.0.1"]),
     ("type: pbs\ndashboard: true\n", {"dashboard": True, "dashboard_address": "127.0.0.1:8787"},
      ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]),
-    ("type: slurm\ndashboard: ':8787'\noptions: {scheduler_options: {port: 8786}, worker_extra_args: [--lifetime, 1h]}\n",
+    ("type: slurm\ndashboard: ':8787'\n"
+     "options: {scheduler_options: {port: 8786}, worker_extra_args: [--lifetime, 1h]}\n",
      {"dashboard": True, "dashboard_address": ":8787", "port": 8786},
      ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--lifetime", "1h"]),
 ])
