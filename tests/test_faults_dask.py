@@ -67,9 +67,11 @@ def test_the_cluster_scheduler_refuses_outsiders_and_listens_on_loopback(tmp_pat
     run_cli("init", "spec=spec.json", "store=st", cwd=tmp_path, check=True)
     (tmp_path / "cluster.yaml").write_text(LOCAL)
     n = 16
+    tmp = tmp_path / "tmp"  # the driver's temporary directory: type: local writes its TLS credentials there
+    tmp.mkdir()
     driver = subprocess.Popen([sys.executable, "-m", "datamodels_ml", "train", "store=st", f"main={FAULTS}", f"n={n}",
                                "cluster=cluster.yaml", "progress=false", "args.sleep=0.4"],
-                              cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=tmp_path, env=cli_env(tmp_path, {"TMPDIR": str(tmp)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
         line = driver.stdout.readline()  # "training 16 models ... on the Dask cluster at ADDRESS (...)"
@@ -81,6 +83,7 @@ def test_the_cluster_scheduler_refuses_outsiders_and_listens_on_loopback(tmp_pat
         while not (tmp_path / "st" / "calls.log").exists():  # the workers run models
             assert time.time() < deadline and driver.poll() is None, "no model started"
             time.sleep(0.1)
+        assert len(list(tmp.glob(".datamodels-dask-tls-*/key.pem"))) == 1
         ports = listeners(driver.pid)
         assert int(port) in {p for _, p in ports}
         assert len(ports) >= 5  # the scheduler, its HTTP endpoints, nannies and workers: all counted
@@ -105,4 +108,4 @@ def test_the_cluster_scheduler_refuses_outsiders_and_listens_on_loopback(tmp_pat
     assert (np.load(tmp_path / "st" / "values.npy")[:n] == np.arange(n)[:, None]).all()
     calls = [int(x) for x in (tmp_path / "st" / "calls.log").read_text().split()]
     assert sorted(calls) == list(range(n))  # each model trained once
-    assert not list(tmp_path.glob(".datamodels-dask-tls-*"))  # the credentials left with the cluster
+    assert not list(tmp.glob(".datamodels-dask-tls-*"))  # the credentials left with the cluster
