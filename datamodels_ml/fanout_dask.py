@@ -25,6 +25,10 @@ failed; since a thread cannot be killed, the driver then restarts that worker pr
 nanny (``Client.restart_workers``), which stops the hung main and frees its CPU or GPU (Dask
 reschedules the worker's other tasks). A worker started without a nanny cannot be restarted: the
 model's error says so and the hung main runs on.
+
+Security (``dask_tls``): a ``cluster=`` cluster speaks mutual TLS with temporary credentials, so only
+this driver and its workers reach its scheduler; ``scheduler=tls://...`` connects with the user's
+certificates from the Dask config.
 """
 
 from __future__ import annotations
@@ -183,10 +187,15 @@ class DaskFanout:
             per_job, max_jobs = ccfg["gpus_per_job"] or 1, ccfg["jobs"]
             self.where = f"{type(self.cluster).__name__} from {cluster}"
             address: Any = self.cluster
+            security = None  # the cluster's own temporary credentials (dask_tls)
         else:
+            from datamodels_ml.dask_tls import client_security
+
             address = _scheduler_address(scheduler)
+            security = client_security(address)
         try:
-            self.client = distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+            self.client = distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False,
+                                             security=security)
         except (OSError, TimeoutError) as exc:
             self.close()
             raise UserError(f"cannot reach the Dask scheduler at {scheduler or cluster}: {exc}") from None
@@ -327,11 +336,14 @@ class DaskFanout:
         if client is not None:
             client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            from datamodels_ml.dask_cluster import close_cluster
+
+            close_cluster(self.cluster)
 
 
 def _scheduler_address(scheduler: str) -> Any:
-    """``tcp://HOST:PORT`` (any Dask protocol) as it is; a scheduler JSON file becomes its address."""
+    """``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (any Dask protocol) as it is; a scheduler JSON file
+    becomes its address."""
     if "://" in scheduler:
         return scheduler
     if os.path.isfile(scheduler):
@@ -342,5 +354,6 @@ def _scheduler_address(scheduler: str) -> Any:
         except (ValueError, KeyError):
             raise UserError(f"scheduler file {scheduler}: expected the JSON a Dask scheduler writes "
                             "(dask scheduler --scheduler-file), with an 'address' key") from None
-    raise UserError(f"scheduler={scheduler!r}: expected an address such as tcp://HOST:8786 or a scheduler JSON file")
+    raise UserError(f"scheduler={scheduler!r}: expected an address such as tcp://HOST:8786 (tls://HOST:8786) "
+                    "or a scheduler JSON file")
 

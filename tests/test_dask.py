@@ -2,7 +2,8 @@
 processes on 127.0.0.1 (ephemeral ports, one thread each, no dashboard), the CLI as a subprocess.
 Faults: a worker killed with kill -9 mid-run (its model runs again elsewhere, no row lost or
 written twice) and the driver killed then rerun (only the missing indices run). SLURM: the job
-script dask-jobqueue generates from configs/cluster/slurm.yaml (no SLURM here)."""
+script dask-jobqueue generates from configs/cluster/slurm.yaml (no SLURM here), with the cluster's
+TLS credentials. ``scheduler=tls://`` with the user's certificates (a TLS scheduler and worker)."""
 
 import json
 import os
@@ -38,12 +39,14 @@ def wait_for(predicate, what, timeout=60.0):
 class LocalDask:
     """A scheduler and named single-threaded workers (no nanny: kill -9 of a worker loses it)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, tls: tuple[str, ...] = ()):
         self.folder = folder
         self.file = folder / "scheduler.json"
+        self.tls = tls  # --tls-ca-file CA --tls-cert CERT --tls-key KEY: the scheduler and its workers speak TLS
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         self.scheduler = self._spawn("scheduler", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                                     "--no-dashboard", "--scheduler-file", str(self.file))
+                                     "--no-dashboard", "--scheduler-file", str(self.file),
+                                     *(("--protocol", "tls", *tls) if tls else ()))
         wait_for(lambda: self.file.exists() and "address" in self.file.read_text(), "the scheduler")
         self.address = json.loads(self.file.read_text())["address"]
         self.workers: dict[str, subprocess.Popen] = {}
@@ -58,7 +61,8 @@ class LocalDask:
             if name not in self.workers or self.workers[name].poll() is not None:
                 (self.folder / f"{name}.log").unlink(missing_ok=True)
                 self.workers[name] = self._spawn(name, "distributed.cli.dask_worker", self.address, "--name", name,
-                                                 "--nworkers", "1", "--nthreads", "1", "--no-nanny", "--no-dashboard")
+                                                 "--nworkers", "1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                                                 *self.tls)
         for name in names:
             wait_for(lambda: "Registered to" in (self.folder / f"{name}.log").read_text(), f"worker {name}")
 
@@ -165,7 +169,8 @@ def test_driver_killed_mid_run_then_rerun_trains_the_missing_indices_only(dask_c
 def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
     bad = run_cli("train", "store=st", f"main={FAULTS}", "n=4", "scheduler=nowhere", cwd=tmp_path, check=False)
     assert bad.returncode == 2
-    assert "scheduler='nowhere': expected an address such as tcp://HOST:8786 or a scheduler JSON file" in bad.stderr
+    assert ("scheduler='nowhere': expected an address such as tcp://HOST:8786 (tls://HOST:8786) or a scheduler "
+            "JSON file") in bad.stderr
     both = run_cli(*train_args(4, dask_cluster.address, "cluster=x.yaml"), cwd=tmp_path, check=False)
     assert "give scheduler=ADDRESS (a running Dask cluster) or cluster=CONFIG.yaml (start one), not both" in both.stderr
     gpu = run_cli(*train_args(4, dask_cluster.address, "gpus=1"), cwd=tmp_path, check=False)
@@ -177,23 +182,77 @@ def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
 
 
 # -- SLURM through dask-jobqueue (the job script only: no SLURM here) ----------------------------------
-@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
-    from datamodels_ml.dask_cluster import make_cluster
+    from distributed.comm import get_tcp_server_addresses
 
-    monkeypatch.chdir(tmp_path)  # the jobs' log directory is created here
+    from datamodels_ml.dask_cluster import close_cluster, make_cluster
+
+    monkeypatch.chdir(tmp_path)  # the jobs' log directory is created here, and the TLS credentials
     cluster, cfg = make_cluster(CONFIGS / "cluster" / "slurm.yaml")  # builds the scheduler; submits nothing
     try:
         script = cluster.job_script()
+        address = cluster.scheduler.address
+        http = {host for host, _ in get_tcp_server_addresses(cluster.scheduler.http_server)}
+        worker = script.strip().splitlines()[-1].split()
+        # the workers reach the scheduler over TLS with the files of a folder of the shared directory
+        paths = {flag: Path(worker[worker.index(flag) + 1]) for flag in ("--tls-ca-file", "--tls-cert", "--tls-key")}
+        folder = paths["--tls-key"].parent
+        assert folder.parent == tmp_path and folder.name.startswith(".datamodels-dask-tls-")
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert all(path.is_file() and path.stat().st_mode & 0o777 == 0o600 for path in paths.values())
+        assert "PRIVATE KEY" in paths["--tls-key"].read_text()
     finally:
-        cluster.close()
+        close_cluster(cluster)
+    assert not folder.exists()  # removed with the cluster
+    assert address.startswith("tls://") and worker[worker.index("--protocol") + 1] == "tls://"
+    assert http == {"127.0.0.1"}  # the scheduler's HTTP routes: no dashboard, on loopback only
+    assert "--no-dashboard" in worker and worker[worker.index("--dashboard-address") + 1] == "127.0.0.1:0"
     for line in ["#SBATCH -p gpu", "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:4", "#SBATCH --cpus-per-task=32",
                  "module load cuda/12.4", "source $HOME/datamodels_ml/.venv/bin/activate"]:
         assert line in script.splitlines(), line
-    worker = script.strip().splitlines()[-1]
+    worker = " ".join(worker)
     assert "distributed.cli.dask_worker" in worker and "--nworkers 4" in worker and "--resources GPU=1" in worker
     assert "--nthreads 8" in worker  # 32 cores shared by 4 worker processes
     assert cfg["jobs"] == 8
+
+
+@pytest.mark.parametrize("yaml, scheduler, workers", [
+    ("type: local\n", {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"},
+     ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--host", "127.0.0.1"]),
+    ("type: pbs\ndashboard: true\n", {"dashboard": True, "dashboard_address": "127.0.0.1:8787"},
+     ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]),
+    ("type: slurm\ndashboard: ':8787'\n"
+     "options: {scheduler_options: {port: 8786}, worker_extra_args: [--lifetime, 1h]}\n",
+     {"dashboard": True, "dashboard_address": ":8787", "port": 8786},
+     ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--lifetime", "1h"]),
+])
+def test_loopback_and_the_dashboard_only_when_asked(tmp_path, yaml, scheduler, workers):
+    from datamodels_ml.dask_cluster import cluster_kwargs, load_cluster_config
+
+    (tmp_path / "c.yaml").write_text(yaml)
+    kwargs = cluster_kwargs(load_cluster_config(tmp_path / "c.yaml"))
+    assert kwargs["scheduler_options"] == scheduler
+    assert kwargs["worker_extra_args"] == workers
+    assert "security" not in kwargs  # make_cluster adds the cluster's own credentials
+
+
+def test_shared_directory_holds_the_credentials(tmp_path, monkeypatch):
+    from datamodels_ml.dask_cluster import close_cluster, make_cluster
+
+    monkeypatch.setenv("SHARED", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "c.yaml").write_text("type: slurm\nshared_directory: $SHARED\n")
+    cluster, _ = make_cluster(tmp_path / "c.yaml")
+    try:
+        assert list((tmp_path / "scratch").glob(".datamodels-dask-tls-*/key.pem"))
+        assert f"--tls-key {tmp_path / 'scratch'}/.datamodels-dask-tls-" in cluster.job_script()
+    finally:
+        close_cluster(cluster)
+    assert list((tmp_path / "scratch").iterdir()) == []
+    (tmp_path / "c.yaml").write_text(f"type: slurm\nshared_directory: {tmp_path / 'nowhere'}\n")
+    with pytest.raises(UserError, match=f"cannot write the cluster's TLS credentials in {tmp_path / 'nowhere'}: "
+                                        "No such file or directory"):
+        make_cluster(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -202,6 +261,11 @@ def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
     ("jobs: 0\n", "jobs must be an integer >= 1, got 0"),
     ("setup: module load cuda\n", "setup must be a list of strings"),
     ("type: local\nsetup: [module load cuda]\n", "setup lines run in batch job scripts only"),
+    ("type: local\ninterface: eth0\n", "type: local listens on 127.0.0.1 only; interface: is for batch clusters"),
+    ("options: {security: false}\n", "options: security is set by datamodels_ml \\(every cluster it starts uses TLS"),
+    ("options: {protocol: tcp://}\n", "options: protocol is set by datamodels_ml"),
+    ("dashboard: 8787\n", "dashboard must be true, false or an address such as 127.0.0.1:8787, got 8787"),
+    ("shared_directory: /my scratch\n", "shared_directory must be a directory path without spaces"),
 ])
 def test_cluster_yaml_errors_name_the_key(tmp_path, text, message):
     from datamodels_ml.dask_cluster import load_cluster_config
@@ -274,3 +338,65 @@ def test_a_model_past_its_timeout_gets_its_worker_restarted_by_the_nanny(store, 
         assert done[[0, 1, 3]].all() and not done[2]
     finally:
         cluster.close()
+
+
+# -- scheduler=tls:// with the user's certificates (Dask's config) --------------------------------------
+def write_certificates(folder: Path) -> dict[str, str]:
+    """A CA-signed (self-signed) certificate and its key, as a user's TLS set-up has them; the Dask
+    config, as environment variables, that names them for the client."""
+    from distributed.security import Security
+
+    temporary = Security.temporary()
+    (folder / "cert.pem").write_text(temporary.tls_ca_file)
+    (folder / "key.pem").write_text(temporary.tls_client_key)
+    return {"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(folder / "cert.pem"),
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(folder / "cert.pem"),
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(folder / "key.pem")}
+
+
+def test_train_on_a_tls_scheduler_with_the_users_certificates(store, tmp_path):
+    (tmp_path / "tls").mkdir()
+    config = write_certificates(tmp_path / "tls")
+    tls = ("--tls-ca-file", config["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"],
+           "--tls-cert", config["DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"],
+           "--tls-key", config["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"])
+    cluster = LocalDask(tmp_path / "tls", tls=tls)
+    try:
+        assert cluster.address.startswith("tls://127.0.0.1:")
+        cluster.ensure_workers(("w0",))
+        without = run_cli(*train_args(4, cluster.address), cwd=tmp_path, check=False)
+        assert without.returncode == 2 and without.stderr.strip().splitlines() == [
+            f"error: scheduler={cluster.address} needs your TLS certificates: set distributed.comm.tls.ca-file and "
+            "distributed.comm.tls.client.cert in the Dask config (or DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT; a key file apart from the certificate: "
+            "distributed.comm.tls.client.key)"]
+        proc = run_cli(*train_args(4, cluster.address), cwd=tmp_path, env=config, check=True)
+        assert f"on the Dask cluster at {cluster.address} (1 workers, 1 threads)" in proc.stdout
+        check_rows(store, 4)
+    finally:
+        cluster.close()
+
+
+def test_tls_certificates_that_cannot_be_used_are_named(tmp_path):
+    import dask
+
+    from datamodels_ml.dask_tls import client_security
+
+    assert client_security("tcp://127.0.0.1:8786") is None  # plain TCP: Dask's defaults, as before
+    config = write_certificates(tmp_path)
+    keys = {"ca_file": "distributed.comm.tls.ca-file", "cert": "distributed.comm.tls.client.cert",
+            "key": "distributed.comm.tls.client.key"}
+    files = {"ca_file": config["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"],
+             "cert": config["DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"],
+             "key": config["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"]}
+    with dask.config.set({keys[k]: v for k, v in files.items()}):
+        assert client_security("tls://10.0.0.1:8786").tls_client_key == files["key"]
+    with dask.config.set({keys["ca_file"]: files["ca_file"], keys["cert"]: str(tmp_path / "no.pem")}):
+        with pytest.raises(UserError, match=f"^scheduler=tls://h:1: {tmp_path / 'no.pem'} "
+                                            r"\(distributed.comm.tls.client.cert\) is not a file$"):
+            client_security("tls://h:1")
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    with dask.config.set({keys["ca_file"]: files["ca_file"], keys["cert"]: str(tmp_path / "bad.pem")}):
+        with pytest.raises(UserError, match="^scheduler=tls://h:1: cannot use the TLS certificates of the Dask "
+                                            f"config \\({files['ca_file']}, {tmp_path / 'bad.pem'}\\): "):
+            client_security("tls://h:1")
