@@ -146,7 +146,7 @@ def map_array(store: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, *,
             raise UserError(f"{file}: the spec gives key '{key}' dtype {_name(dtype)} but the file holds "
                             f"{_name(found_dtype)}; the spec and the store disagree")
         if found_shape != shape:
-            raise UserError(f"{file}: shape {list(found_shape)} does not match the spec's {list(shape)}")
+            raise UserError(f"{file}: shape {found_shape} does not match the spec's {shape}")
         expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         size = os.fstat(fd).st_size
         if size < expected:
