@@ -47,7 +47,8 @@ def _holder(fd: int) -> str:
 def _flock(file: Path, store: Path, command: str, *, shared: bool, what: str) -> Iterator[None]:
     try:
         # the umask applies, as for every file we write; a link there is refused, never followed
-        fd = open_in_store(store, file.relative_to(store), os.O_RDWR | os.O_CREAT, 0o666)
+        base = store if store in file.parents else file.parent  # every folder below base is walked link-free
+        fd = open_in_store(base, file.relative_to(base), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise UserError(f"store {store} is not writable ({exc.strerror}: {file}); "

@@ -213,9 +213,6 @@ class Store:
     def missing_indices(self) -> np.ndarray:
         return np.flatnonzero(~self.completed)
 
-    def logdir(self, index: int) -> Path:
-        return self.path / WORKERS_DIR / str(index)
-
     def make_logdir(self, index: int) -> Path:
         """Create ``workers/<index>`` as a real folder of the store (a link on the way is a
         ``UserError`` naming it) and return it."""

@@ -32,8 +32,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 def _link_error(path: Path) -> UserError:
-    return UserError(f"{path} is a symbolic link: refusing to write through it (a store's files and "
-                     "folders must be its own; remove the link)")
+    return UserError(f"{path} is a symbolic link: refusing to write through it (remove the link: the "
+                     "tool never writes through one)")
 
 
 def _is_link(name: str, dir_fd: int) -> bool:
