@@ -161,7 +161,7 @@ class Store:
         if writable:
             check_not_links(self.path, [f"{k}.npy" for k in keys] + [LOCK_FILE, WORKERS_DIR])
             self._check_writable()
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, np.memmap] = {}
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # key -> (its map, header length), to flush rows
         for key in keys:
             shape = (self.num_models,) + (() if key == COMPLETED else self.spec.schema[key].shape)
@@ -191,7 +191,7 @@ class Store:
     def num_models(self) -> int:
         return self.spec.num_models
 
-    def array(self, key: str) -> np.ndarray:
+    def array(self, key: str) -> np.memmap:
         """The memory-mapped array of ``key`` (shape ``(num_models, *shape)``)."""
         if key not in self._arrays:
             raise UserError(f"key '{key}' is not in the store at {self.path} (keys: {', '.join(self.spec.schema)})")

@@ -119,7 +119,7 @@ def check_not_links(store: Path, names: list[str]) -> None:
 
 
 def map_array(store: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, *,
-              writable: bool) -> tuple[np.ndarray, mmap.mmap, int]:
+              writable: bool) -> tuple[np.memmap, mmap.mmap, int]:
     """Map ``store/<key>.npy`` after checking it against ``shape`` and ``dtype`` (the spec's) and its
     size against its header; return the array, its map and the header's length.
 
@@ -159,7 +159,10 @@ def map_array(store: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, *,
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
     finally:
         os.close(fd)
-    return np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset), mm, offset
+    # a numpy memmap over this map, as np.memmap builds one (flush, filename, offset and mode work)
+    arr = np.ndarray.__new__(np.memmap, shape, dtype=dtype, buffer=mm, offset=offset, order="C")
+    arr._mmap, arr.offset, arr.mode, arr.filename = mm, offset, "r+" if writable else "r", os.path.abspath(file)
+    return arr, mm, offset
 
 
 def _name(dtype: np.dtype) -> str:
