@@ -12,7 +12,9 @@ The holder writes its PID and command into the lock file so that the refusal can
 kernel drops a lock when its holder exits, however it exits (kill -9 included), so a stale lock
 file never blocks anyone; the file itself is left in place (removing it would race with a taker).
 The lock file descriptors are not inherited by child processes (Python's default), so a runner
-outliving its parent cannot keep a store locked.
+outliving its parent cannot keep a store locked. Lock files and row folders are opened without
+following links (``store_files``): a link planted at ``.lock`` or ``workers/<i>`` is refused, its
+target never written.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.store_files import make_store_dir, open_in_store
 
 LOCK_FILE = ".lock"
 _RECORD = 96  # bytes: "<pid> <command>" padded, written with one pwrite so readers never see half of it
@@ -45,7 +48,9 @@ def _holder(fd: int) -> str:
 
 def _open(file: Path, store: Path, command: str, owner: str = "store") -> int:
     try:
-        return os.open(file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as for every file we write
+        # the umask applies, as for every file we write; a link there is refused, never followed
+        base = store if store in file.parents else file.parent  # every folder below base is walked link-free
+        return open_in_store(base, file.relative_to(base), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise UserError(f"{owner} {store} is not writable ({exc.strerror}: {file}); "
@@ -87,7 +92,7 @@ def row_lock(store_path: str | Path, index: int, command: str):
     store = Path(store_path)
     folder = store / "workers" / str(index)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_store_dir(store, folder.relative_to(store))  # a link on the way is refused
     except OSError as exc:
         raise UserError(f"store {store} is not writable ({exc.strerror}: {folder}); {command} needs to write to it") from None
     return _flock(folder / LOCK_FILE, store, command, shared=False, what=f"model {index} of store {store}")

@@ -6,7 +6,8 @@ shows it to every local user), then one index per line. The runner answers on th
 ``--reply-fd`` with one JSON line per message: first ``{"ready": true}`` (or ``{"fatal": "..."}``
 when main cannot be imported), then one ``ModelResult`` per index ("completed" there means the
 row is written; the parent then marks it complete in a group commit). Each model's stdout and
-stderr go to ``<store>/workers/<index>/output.log`` so user prints never corrupt the protocol.
+stderr go to ``<store>/workers/<index>/output.log`` so user prints never corrupt the protocol; that
+file and its folder are opened without following links (a link there fails the model, in one line).
 
 A row already complete (another writer got there first) is not trained: the runner checks
 ``_completed[index]`` before calling main and again before writing, and answers "skipped".
@@ -40,10 +41,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def _redirect_output(path: str) -> tuple[int, int]:
+def _redirect_output(store, index: int) -> tuple[int, int]:
+    """Point stdout and stderr at ``workers/<index>/output.log``, opened without following links."""
+    from datamodels_ml.store_files import open_in_store
+
+    log = store.make_logdir(index)
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies
+    fd = open_in_store(store.path, log.relative_to(store.path) / "output.log",
+                       os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies
     saved = (os.dup(1), os.dup(2))
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -62,12 +68,13 @@ def _restore_output(saved: tuple[int, int]) -> None:
 
 def _run_one(store, index: int, fn, job: dict, wanted):
     """Train ``index`` with its output in its log; whatever main does, return a ``ModelResult``."""
+    from datamodels_ml.errors import UserError
     from datamodels_ml.worker import ModelResult, run_model
 
     try:
-        log = store.logdir(index)
-        log.mkdir(parents=True, exist_ok=True)
-        saved = _redirect_output(str(log / "output.log"))
+        saved = _redirect_output(store, index)
+    except UserError as exc:  # a link at workers/<index> or its output.log: nothing written through it
+        return ModelResult(index, "failed", error=str(exc))
     except OSError:
         return ModelResult(index, "failed", error=traceback.format_exc())
     try:

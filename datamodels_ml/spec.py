@@ -16,7 +16,8 @@ import numpy as np
 
 from datamodels_ml.errors import UserError
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # whole key (fullmatch: '$' would let a final newline in)
+_KEY_MAX = 200  # characters: '<key>.npy' and its temporary name stay within a file name's 255 bytes
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,12 @@ def check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise UserError(f"spec key {key!r}: keys must be non-empty strings")
     if key.startswith("_"):
-        raise UserError(f"spec key '{key}': a leading underscore is reserved for internal arrays such as _completed")
-    if "/" in key or "\\" in key or ".." in key or not _KEY_RE.match(key):
-        raise UserError(f"spec key '{key}': use letters, digits, '_', '-' and '.' only (no path separators, no '..')")
+        raise UserError(f"spec key {key!r}: a leading underscore is reserved for internal arrays such as _completed")
+    if ".." in key or not _KEY_RE.fullmatch(key):  # repr: a newline or control character shows, on one line
+        raise UserError(f"spec key {key!r}: use letters, digits, '_', '-' and '.' only (no path separators, "
+                        "no '..', no spaces or control characters)")
+    if len(key) > _KEY_MAX:
+        raise UserError(f"spec key '{key[:20]}...': {len(key)} characters, at most {_KEY_MAX} (it names a file)")
     return key
 
 
@@ -112,9 +116,18 @@ def load_spec(path: str | Path) -> Spec:
     if not path.is_file():
         raise UserError(f"spec file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the spec file {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "a spec is a JSON file in UTF-8") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON for a spec (nested too deeply)") from None
     try:
         return parse_spec(data, source=str(path))
     except UserError as exc:  # name the file in every message

@@ -20,11 +20,14 @@ from datamodels_ml.errors import UserError
 from datamodels_ml.files import atomic_write_text
 from datamodels_ml.lock import creation_lock
 from datamodels_ml.spec import Spec, load_spec, parse_spec
+from datamodels_ml.store_files import (check_not_links, create_array, fdatasync, flush_rows, make_store_dir,
+                                       map_array, open_in_store)
 from datamodels_ml.store_layout import (COMPLETED, SPEC_FILE, check_free_space, has_store_files, is_store,
-                                        reserve, spec_from_headers, store_bytes)
+                                        reserve_fd, spec_from_headers, store_bytes)
 
 FAILURES_FILE = "_failures.json"
 WORKERS_DIR = "workers"
+LOCK_FILE = ".lock"  # lock.py's; the store refuses it as a link before any lock is taken
 
 
 class RowError(ValueError):
@@ -97,9 +100,7 @@ def _create(path: Path, spec: Spec, existing: Spec | None) -> "Store":
         for key, shape in arrays.items():
             tmp = path / f".{key}.npy.tmp-{os.getpid()}"
             try:
-                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtypes[key], shape=shape)
-                del arr
-                reserve(tmp)
+                create_array(path, tmp.name, shape, dtypes[key])  # never through a link planted there
                 os.replace(tmp, path / f"{key}.npy")
                 created.append(path / f"{key}.npy")
             except (OSError, ValueError) as exc:
@@ -163,31 +164,13 @@ def _fits(arr: np.ndarray, dtype: np.dtype) -> bool:
         return bool(np.array_equal(cast.astype(arr.dtype), arr))
 
 
-def _fdatasync(file: Path) -> None:
-    fd = os.open(file, os.O_RDWR)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _flush_rows(arr: np.memmap, index: int) -> None:
-    """msync only the pages that hold row ``index`` of a memmapped array."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is None:
-        return
-    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
-    if row_bytes == 0:
-        return
-    page = mmap.ALLOCATIONGRANULARITY
-    # numpy maps the file from the page boundary below the header's end: positions are relative to it.
-    start = arr.offset % page + index * row_bytes
-    aligned = (start // page) * page
-    mm.flush(aligned, start + row_bytes - aligned)
-
-
 class Store:
-    """An existing store directory; arrays are opened lazily as memmaps."""
+    """An existing store directory, its arrays mapped once checked (``store_files.map_array``).
+
+    Every array's header must match the spec (shape, dtype) and its size must be exactly what its
+    header says: a truncated file is refused in one line, never zero-extended. A writable store
+    holding a symbolic link where the tool writes (an array, ``.lock``, ``workers``) is refused.
+    """
 
     def __init__(self, path: str | Path, *, writable: bool = True):
         self.path = Path(path)
@@ -199,9 +182,17 @@ class Store:
             self.spec = spec_from_headers(self.path)
             self.original_layout = True
         self.writable = writable
+        keys = [*self.spec.schema, COMPLETED]
         if writable:
+            check_not_links(self.path, [f"{k}.npy" for k in keys] + [LOCK_FILE, WORKERS_DIR])
             self._check_writable()
         self._arrays: dict[str, np.memmap] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # key -> (its map, header length), to flush rows
+        for key in keys:
+            shape = (self.num_models,) + (() if key == COMPLETED else self.spec.schema[key].shape)
+            dtype = np.dtype(bool) if key == COMPLETED else self.spec.schema[key].dtype
+            arr, mm, offset = map_array(self.path, key, shape, dtype, writable=writable)
+            self._arrays[key], self._maps[key] = arr, (mm, offset)
 
     def _check_writable(self) -> None:
         """access(2) answers for permissions and for a read-only file system alike, root included."""
@@ -214,7 +205,11 @@ class Store:
     def reserve_space(self) -> None:
         """Allocate every array file's blocks now (see ``store_layout.reserve``); contents unchanged."""
         for key in [*self.spec.schema, COMPLETED]:
-            reserve(self.path / f"{key}.npy")
+            fd = open_in_store(self.path, f"{key}.npy", os.O_RDWR)
+            try:
+                reserve_fd(fd, self.path / f"{key}.npy")
+            finally:
+                os.close(fd)
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -222,19 +217,15 @@ class Store:
         return self.spec.num_models
 
     def array(self, key: str) -> np.memmap:
-        """The memmapped array of ``key`` (shape ``(num_models, *shape)``)."""
-        if key != COMPLETED and key not in self.spec.schema:
-            raise UserError(f"key '{key}' is not in the store at {self.path} (keys: {', '.join(self.spec.schema)})")
+        """The memory-mapped array of ``key`` (shape ``(num_models, *shape)``)."""
         if key not in self._arrays:
-            file = self.path / f"{key}.npy"
-            if not file.is_file():
-                raise UserError(f"store at {self.path} is missing {file.name}")
-            arr = np.load(file, mmap_mode="r+" if self.writable else "r")
-            expected = (self.num_models,) + (() if key == COMPLETED else self.spec.schema[key].shape)
-            if arr.shape != expected:
-                raise UserError(f"{file}: shape {arr.shape} does not match the spec's {expected}")
-            self._arrays[key] = arr
+            raise UserError(f"key '{key}' is not in the store at {self.path} (keys: {', '.join(self.spec.schema)})")
         return self._arrays[key]
+
+    def _flush(self, key: str, index: int) -> None:
+        mm, offset = self._maps[key]
+        arr = self._arrays[key]
+        flush_rows(mm, offset, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize, index)
 
     @property
     def completed(self) -> np.ndarray:
@@ -247,8 +238,10 @@ class Store:
     def missing_indices(self) -> np.ndarray:
         return np.flatnonzero(~self.completed)
 
-    def logdir(self, index: int) -> Path:
-        return self.path / WORKERS_DIR / str(index)
+    def make_logdir(self, index: int) -> Path:
+        """Create ``workers/<index>`` as a real folder of the store (a link on the way is a
+        ``UserError`` naming it) and return it."""
+        return make_store_dir(self.path, Path(WORKERS_DIR) / str(index))
 
     # -- writing -------------------------------------------------------------------------------
     def check_index(self, index: int) -> int:
@@ -290,10 +283,9 @@ class Store:
         index = self.check_index(index)
         rows = self.write_data(index, outputs)
         for key in rows:
-            _flush_rows(self.array(key), index)
-        done = self.array(COMPLETED)
-        done[index] = True
-        _flush_rows(done, index)
+            self._flush(key, index)
+        self.array(COMPLETED)[index] = True
+        self._flush(COMPLETED, index)
         return rows
 
     def write_data(self, index: int, outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -314,11 +306,11 @@ class Store:
         if not indices:
             return
         for key in self.spec.schema:
-            _fdatasync(self.path / f"{key}.npy")
+            fdatasync(self.path, f"{key}.npy")
         done = self.array(COMPLETED)
         for index in indices:
             done[self.check_index(index)] = True
-        _fdatasync(self.path / f"{COMPLETED}.npy")
+        fdatasync(self.path, f"{COMPLETED}.npy")
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def write_failures(self, failures: dict[int, str]) -> None:

@@ -5,7 +5,7 @@
   ``<key>.npy`` a key with its per-model shape and dtype), so such a store opens as it is.
 * ``store_bytes`` / ``check_free_space``: a store is sized before it is created, and refused with
   one line when the file system cannot hold it.
-* ``reserve``: the arrays are memmapped, and a write into a sparse file on a full disk kills the
+* ``reserve_fd``: the arrays are memmapped, and a write into a sparse file on a full disk kills the
   writer with SIGBUS instead of raising; ``posix_fallocate`` gives every file its blocks up front
   (contents unchanged, so it is safe on a store that already holds rows).
 """
@@ -32,18 +32,25 @@ def read_header(file: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a ``.npy`` file from its header alone (nothing else is read)."""
     try:
         with open(file, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:  # 2.0 and 3.0 share the 4-byte header length
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            shape, dtype, _ = read_header_from(fh, file)
     except OSError as exc:
         raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
+    return shape, dtype
+
+
+def read_header_from(fh, file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and header length (where the data starts) of the ``.npy`` file open as ``fh``."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:  # 2.0 and 3.0 share the 4-byte header length
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
     except (ValueError, SyntaxError, TypeError) as exc:
         raise UserError(f"{file}: not a numpy .npy file ({exc})") from None
     if fortran:
         raise UserError(f"{file}: Fortran-ordered arrays are not supported in a store")
-    return tuple(int(d) for d in shape), np.dtype(dtype)
+    return tuple(int(d) for d in shape), np.dtype(dtype), fh.tell()
 
 
 def has_store_files(path: Path, keys: list[str] | None = None) -> list[Path]:
@@ -124,23 +131,20 @@ def check_free_space(path: Path, spec: Spec, *, reclaimed: int = 0) -> int:
     return need
 
 
-def reserve(file: Path) -> None:
-    """Give ``file`` all of its blocks now (``posix_fallocate``), so later memmap writes cannot
-    hit a full disk. Raises ``UserError`` when the space is not there; the file is unchanged."""
+def reserve_fd(fd: int, file: Path) -> None:
+    """Give the file open as ``fd`` all of its blocks now (``posix_fallocate``), so later memmap
+    writes cannot hit a full disk. Raises ``UserError`` naming ``file`` when the space is not
+    there; the file's size and contents are unchanged."""
     if not hasattr(os, "posix_fallocate"):
         return
-    fd = os.open(file, os.O_RDWR)
+    size = os.fstat(fd).st_size
     try:
-        size = os.fstat(fd).st_size
         if size:
             os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: a file system without fallocate
             return
-        raise UserError(f"cannot reserve {human_bytes(os.fstat(fd).st_size)} for {file}: "
-                        f"{exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+        raise UserError(f"cannot reserve {human_bytes(size)} for {file}: {exc.strerror or exc}") from None
 
 
 def is_store(path: str | os.PathLike) -> bool:

@@ -128,9 +128,11 @@ def run_model(store: Store, index: int, main: Callable[..., Any], args: dict[str
     asked after main returns, right before writing: False (another writer completed the row, or
     the parent that asked for it is gone) gives a "skipped" result and writes nothing.
     """
-    logdir = store.logdir(index)
-    logdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    try:
+        logdir = store.make_logdir(index)  # a real folder of the store: a link there is refused
+    except UserError as exc:
+        return ModelResult(index, "failed", error=str(exc))
     try:
         outputs = main(index=index, logdir=str(logdir), **args)
     except Exception:  # noqa: BLE001 - a failing main is recorded, never fatal to the fan-out

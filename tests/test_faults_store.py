@@ -286,3 +286,87 @@ def test_init_force_is_refused_while_the_store_is_in_use(tmp_path):
     _one_error_line(proc, rf"store .*s is in use by PID {os.getpid()} \(train\)")
     assert {k: v for k, v in _snapshot(tmp_path / "s").items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
+
+
+# -- issue 24, item 4: a truncated array is refused by every command, never zero-extended --------------
+MINIMAL = {"num_models": 2000, "schema": {"values": {"shape": [10], "dtype": "uint8"},
+                                          "index": {"shape": [], "dtype": "int64"}}}
+
+
+def _full_minimal_store(path: Path) -> None:
+    """Every row complete, as the minimal example with args.multiple=3 writes it."""
+    store = create_store(path, parse_spec(MINIMAL))
+    store.array("values")[:] = 3
+    store.array("index")[:] = np.arange(2000)
+    store.commit(list(range(2000)))
+    del store
+
+
+def test_truncated_array_is_refused_by_every_command_and_never_grown(tmp_path):
+    _full_minimal_store(tmp_path / "st")
+    os.truncate(tmp_path / "st" / "values.npy", 10000)  # what `truncate -s 10000` does: rows 987.. are gone
+    before = _snapshot(tmp_path / "st")
+    message = r"st/values\.npy is truncated: 10000 bytes, but its header \(\[2000, 10\] uint8\) needs 20128"
+    for args in (["status", "store=st"],
+                 ["train", "store=st", "main=datamodels_ml.examples.minimal", "n=2000", "jobs=1", "progress=false"],
+                 ["worker", "store=st", "index=1500", "main=datamodels_ml.examples.minimal"],
+                 ["write_dataset", "store=st", "out=d.beton", "x_name=values", "y_name=index", "progress=false"]):
+        _one_error_line(run_cli(*args, cwd=tmp_path, timeout=120), message)
+        assert (tmp_path / "st" / "values.npy").stat().st_size == 10000, args[0]
+        assert _snapshot(tmp_path / "st") == before, args[0]  # no flag set, no row changed
+    assert not list(tmp_path.glob("d.beton*"))
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("_completed.npy", 1000, r"_completed\.npy is truncated: 1000 bytes, but its header \(\[2000\] bool\) needs 2128"),
+    ("index.npy", 128, r"index\.npy is truncated: 128 bytes, but its header \(\[2000\] int64\) needs 16128"),
+    ("values.npy", 20129, r"values\.npy has 20129 bytes, but its header \(\[2000, 10\] uint8\) needs 20128"),
+])
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_wrong_size_array_is_refused_on_open(tmp_path, name, size, message, writable):
+    _full_minimal_store(tmp_path / "st")
+    os.truncate(tmp_path / "st" / name, size)
+    before = _snapshot(tmp_path / "st")
+    with pytest.raises(UserError, match=message):
+        Store(tmp_path / "st", writable=writable)
+    assert _snapshot(tmp_path / "st") == before
+
+
+def test_a_dtype_that_disagrees_with_the_header_is_refused_in_one_line(tmp_path):
+    store = create_store(tmp_path / "st", parse_spec({"num_models": 6, "schema": {
+        "margins": {"shape": [3], "dtype": "float32"}}}))
+    store.write_row(2, {"margins": np.array([1.5, 2.5, 3.5], np.float32)})
+    del store
+    spec = json.loads((tmp_path / "st" / "spec.json").read_text())
+    spec["schema"]["margins"]["dtype"] = "float16"  # the same bytes would read as other numbers
+    (tmp_path / "st" / "spec.json").write_text(json.dumps(spec))
+    before = _snapshot(tmp_path / "st")
+    message = r"margins\.npy: the spec gives key 'margins' dtype float16 but the file holds float32"
+    for args in (["status", "store=st"], ["write_dataset", "store=st", "out=d.beton", "x_name=margins",
+                                          "y_name=margins", "progress=false"]):
+        _one_error_line(run_cli(*args, cwd=tmp_path), message)
+    assert _snapshot(tmp_path / "st") == before and not list(tmp_path.glob("d.beton*"))
+
+
+# -- issue 24, items 9 and 10: a spec that is not UTF-8, a key that is not a plain file name -------------
+@pytest.mark.parametrize("text, message", [
+    (b'{"num_models": 4, "schema": {"m\xe9": {"shape": [1], "dtype": "uint8"}}}',
+     r"spec\.json: not UTF-8 text \(byte 0xe9 at offset 31\)"),
+    (b'{"num_models": 4, "schema": {"abc\\n": {"shape": [1], "dtype": "uint8"}}}',
+     r"spec key 'abc\\n': use letters, digits"),
+])
+def test_init_refuses_a_bad_spec_in_one_line_and_creates_nothing(tmp_path, text, message):
+    (tmp_path / "spec.json").write_bytes(text)
+    _one_error_line(run_cli("init", "spec=spec.json", "store=st", cwd=tmp_path), message)
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_store_whose_spec_is_not_utf8_is_one_line(tmp_path):
+    store = create_store(tmp_path / "st", parse_spec(SPEC))
+    store.write_row(1, {"masks": np.ones(5, bool), "margins": np.ones(3, np.float16)})
+    del store
+    (tmp_path / "st" / "spec.json").write_bytes((tmp_path / "st" / "spec.json").read_bytes() + b"\xff")
+    before = _snapshot(tmp_path / "st")
+    for args in (["status", "store=st"], ["worker", "store=st", "index=0", "main=datamodels_ml.examples.minimal"]):
+        _one_error_line(run_cli(*args, cwd=tmp_path), r"st/spec\.json: not UTF-8 text \(byte 0xff at offset \d+\)")
+    assert _snapshot(tmp_path / "st") == before

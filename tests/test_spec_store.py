@@ -47,6 +47,9 @@ def test_good_spec_roundtrip():
     ({"num_models": 2, "schema": {"a/b": {"shape": [1], "dtype": "uint8"}}}, r"spec key 'a/b': use letters"),
     ({"num_models": 2, "schema": {"a..b": {"shape": [1], "dtype": "uint8"}}}, r"spec key 'a\.\.b': use letters"),
     ({"num_models": 2, "schema": {"_completed": {"shape": [1], "dtype": "uint8"}}}, r"leading underscore is reserved"),
+    ({"num_models": 2, "schema": {"abc\n": {"shape": [1], "dtype": "uint8"}}}, r"spec key 'abc\\n': use letters"),
+    ({"num_models": 2, "schema": {"a b": {"shape": [1], "dtype": "uint8"}}}, r"spec key 'a b': use letters"),
+    ({"num_models": 2, "schema": {"x" * 201: {"shape": [1], "dtype": "uint8"}}}, r"201 characters, at most 200"),
     (spec_with(schema__masks__dtype="floaty"), r"spec key 'masks': dtype 'floaty' is not a numpy dtype name"),
     (spec_with(schema__masks__dtype="object"), r"spec key 'masks': dtype 'object' is not a fixed-size numeric"),
     (spec_with(schema__masks__shape=[-1]), r"spec key 'masks': shape must be a list of non-negative integers, got \[-1\]"),
@@ -65,6 +68,12 @@ def test_load_spec_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match=r"bad\.json: not valid JSON"):
+        load_spec(bad)
+    bad.write_bytes(b'{"num_models": 2, "schema": {"m\xe9": {"shape": [1], "dtype": "uint8"}}}')  # Latin-1
+    with pytest.raises(UserError, match=r"bad\.json: not UTF-8 text \(byte 0xe9 at offset 31\)"):
+        load_spec(bad)
+    bad.write_text("[" * 100000)
+    with pytest.raises(UserError, match=r"bad\.json: not valid JSON for a spec \(nested too deeply\)"):
         load_spec(bad)
 
 
