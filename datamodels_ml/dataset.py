@@ -30,6 +30,7 @@ from datamodels_ml.errors import UserError
 from datamodels_ml.dataset_reader import (FIELDS, MANIFEST_SUFFIX, BetonBatches, BetonInfo, beton_info,  # noqa: F401
                                           manifest_path, open_beton, read_beton, read_manifest)
 from datamodels_ml.files import atomic_write_text
+from datamodels_ml.store_layout import read_header
 
 FORMAT_VERSION = 1
 
@@ -83,6 +84,13 @@ def _check_out(out: Path, force: bool) -> None:
         raise UserError(f"out {out} is a directory; give a file path such as {out / 'reg_data.beton'}")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; use force=true to overwrite it")
+    manifest = manifest_path(out)
+    if manifest.is_dir():
+        raise UserError(f"{manifest} (the manifest write_dataset writes beside {out.name}) is a directory; "
+                        "choose another out")
+    if manifest.exists() and not force:
+        raise UserError(f"{manifest} (the manifest write_dataset writes beside {out.name}) already exists; "
+                        "use force=true to overwrite it")
 
 
 def _per_model(name: str, role: str, arr: np.ndarray) -> int:
@@ -159,10 +167,14 @@ def _rows_to_write(store: Any, completed_name: str, ignore_completed: bool) -> n
     if not completed_name or "/" in completed_name or os.sep in completed_name or not file.is_file():
         raise UserError(f"completed_name '{completed_name}': no file {file} (give the name of a per-model "
                         "array of the store, without .npy)")
-    flags = np.load(file, mmap_mode="r")
-    if flags.shape != (store.num_models,) or flags.dtype.kind not in "biu":
+    shape, dtype = read_header(file)  # the header alone first: an object array is never unpickled
+    if shape != (store.num_models,) or dtype.kind not in "biu":
         raise UserError(f"completed_name '{completed_name}': {file} must hold one boolean or 0/1 flag per model "
-                        f"(shape [{store.num_models}]), found shape {list(flags.shape)} {flags.dtype}")
+                        f"(shape [{store.num_models}]), found shape {list(shape)} {dtype}")
+    try:
+        flags = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"completed_name '{completed_name}': cannot read {file} ({exc})") from None
     rows = np.flatnonzero(flags)
     if rows.size == 0:
         raise UserError(f"completed_name '{completed_name}': no model is flagged in {file}")
