@@ -34,6 +34,7 @@ from datamodels_ml.errors import UserError
 PAGE = 8 << 20  # FFCV's default page size (4 * ffcv.writer.MIN_PAGE_SIZE): each writer fills whole pages
 _POLL = 0.1  # seconds between the parent's looks at its writers
 _PARENT_CHECK = 0.5  # seconds between a writer's looks at its parent
+_NEW = 10.0  # seconds during which an unlocked temporary file of a live process may be one just created
 
 
 # -- sizes -----------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def bytes_needed(rows: int, row_bytes: int, meta_bytes: int, workers: int) -> in
     (a row never straddles two), one part-filled page per writer, and the allocation table."""
     page = page_size(row_bytes)
     per_page = max(1, page // max(1, row_bytes))
-    head = -(-(4096 + rows * meta_bytes) // page) * page
+    head = -(-(8192 + rows * meta_bytes) // page) * page  # header and field descriptors: about 3 KB
     return head + (-(-rows // per_page) + workers) * page + rows * 64
 
 
@@ -78,9 +79,9 @@ def _alive(pid: int) -> bool:
 def remove_stale(out: Path) -> list[Path]:
     """Remove the temporary files of ``out`` left by writes that died; return what was removed.
 
-    A file is left alone while another process holds its lock or while the process its name
-    carries is alive (a write that is just starting)."""
-    removed = []
+    A file is left alone while a process holds its lock, and while it is new (``_NEW`` seconds) and
+    the process its name carries is alive: a write that has created it and is about to lock it."""
+    removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
     prefix = f".{out.name}.tmp-"
@@ -88,7 +89,11 @@ def remove_stale(out: Path) -> list[Path]:
         pid = tmp.name[len(prefix):]
         if not tmp.name.startswith(prefix) or not pid.isdigit():
             continue
-        if int(pid) != os.getpid() and _alive(int(pid)):
+        try:
+            new = time.time() - tmp.lstat().st_mtime < _NEW
+        except OSError:
+            continue
+        if new and int(pid) != os.getpid() and _alive(int(pid)):
             continue
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -109,8 +114,12 @@ def remove_stale(out: Path) -> list[Path]:
 def claim_temp(out: Path) -> tuple[Path, int]:
     """Create this process's temporary file for ``out`` and lock it; return it and the lock's fd."""
     tmp = temp_name(out)
-    tmp.unlink(missing_ok=True)  # our own PID: a file from a dead process that had it before us
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # our own PID: a file from a dead process that had it before us
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc} ({exc.filename or tmp})") from None
     fcntl.flock(fd, fcntl.LOCK_EX)
     return tmp, fd
 
@@ -215,16 +224,20 @@ class _Supervisor:
                 how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"ended with status {p.exitcode}"
                 raise WriteFailed(0, f"an FFCV writer process was {how}")
 
-    def stop(self) -> None:
-        """Stop every writer still running and let the parent exit without flushing the queues."""
+    def stop(self, *, finished: bool) -> None:
+        """Let writers that ``finished`` exit, stop any other, and let the parent exit without
+        flushing the queues (nobody reads them any more)."""
         for q in (self.work, self.results):
             q.cancel_join_thread()
-        for p in self.procs:
+        started = [p for p in self.procs if p.pid is not None]
+        if finished:
+            deadline = time.monotonic() + 5
+            for p in started:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in started:
             if p.is_alive():
                 p.kill()
-        for p in self.procs:
-            if p.pid is not None:
-                p.join(timeout=5)
+            p.join(timeout=5)
 
 
 def _expected_size(supervisor: _Supervisor, allocations: list) -> int:
@@ -255,11 +268,12 @@ def write_rows(out: Path, tmp: Path, fields: dict[str, Any], dataset: Sequence, 
 
     writer = DatasetWriter(str(tmp), fields, page_size=page_size(row_bytes), num_workers=workers)
     writer.num_samples = len(dataset)
-    supervisor = None
+    supervisor, finished = None, False
     try:
         writer.prepare()  # the header, the field descriptors, the metadata's shared memory
         supervisor = _Supervisor(writer, dataset, workers, chunksize=max(1, min(100, len(dataset) // workers)))
         allocations = supervisor.run(shown)
+        finished = True
         writer.finalize(allocations)
         size, expected = os.path.getsize(tmp), _expected_size(supervisor, allocations)
     except WriteFailed as exc:
@@ -268,7 +282,7 @@ def write_rows(out: Path, tmp: Path, fields: dict[str, Any], dataset: Sequence, 
         raise _failure(out, exc.errno or 0, exc.strerror or str(exc)) from None
     finally:
         if supervisor is not None:
-            supervisor.stop()
+            supervisor.stop(finished=finished)
         sm = getattr(writer, "metadata_sm", None)
         if sm is not None and not isinstance(sm, int):
             sm.close()

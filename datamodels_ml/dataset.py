@@ -5,10 +5,12 @@ flattened to one dimension), ``targets`` (the y key as float32, flattened) and `
 index in the store). Only completed models are written (or the models flagged in another per-model
 array, ``completed_name``, or every model, ``ignore_completed``); rows whose targets hold NaN or inf
 are left out with a warning. ``y_slice`` keeps one index of a y with more than one dimension per
-model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``ALIASES``). The file
-is written next to ``out`` under a temporary name and moved into place at the end, so a failed write
-never destroys an existing file; a sidecar ``out + ".json"`` manifest records what went in (store,
-keys, written indices, the selection) so a pipeline can skip a stage that already ran.
+model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``ALIASES``). A sidecar
+``out + ".json"`` manifest records what went in (store, keys, written indices, the selection) so a
+pipeline can skip a stage that already ran; an existing ``out`` or manifest is replaced only with
+``force``. Both are written next to ``out`` under temporary names and moved into place together once
+complete, so a failed write never destroys an existing file; FFCV's writer processes, their failures
+and the temporary files of writes that died are ``beton_writer``'s.
 
 Reading is ``dataset_reader`` (``BetonBatches``, ``read_beton``, ``beton_info``, ``read_manifest``,
 re-exported here).
@@ -276,7 +278,6 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
         "idx": IntField(),
     }
     workers = beton_writer.writer_count(num_workers, keep.size, allotment())
-    out.parent.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(out, inputs, keep, dropped, x_name, y_name, select)
     tmp, lock = beton_writer.claim_temp(out)
     tmp_manifest = beton_writer.temp_name(manifest_path(out))

@@ -176,16 +176,31 @@ def test_kill_9_leaves_no_writer_and_the_next_run_removes_its_file(tmp_path, cap
     assert _snapshot(store.path) == before
 
 
-def test_a_live_writers_temporary_file_is_kept(tmp_path):
-    """Only files of writes that died are removed: one held by a running process stays."""
+def test_only_the_files_of_dead_writes_are_removed(tmp_path, capsys):
+    """A temporary file is removed when no process holds its lock, unless it is new and named after a
+    live process (a write that has just created it and is about to lock it)."""
     store = _store(tmp_path / "store", n=70)
-    out = tmp_path / "d.beton"
-    holder = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    pids = {"dead": gone.pid, "new": live[0].pid, "old": live[1].pid, "locked": gone.pid * 10 + 1}
+    files = {case: tmp_path / f".d.beton.tmp-{pid}" for case, pid in pids.items()}
+    for case, f in files.items():
+        f.write_bytes(b"rows")
+        if case in ("old", "locked"):
+            os.utime(f, (time.time() - 60,) * 2)
+    locker = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(files["locked"])], stdout=subprocess.PIPE, text=True)
     try:
-        live = tmp_path / f".d.beton.tmp-{holder.pid}"
-        live.write_bytes(b"being written")
-        write_beton(store.path, out, progress=False)
-        assert live.read_bytes() == b"being written"
+        assert locker.stdout.readline() == "locked\n"
+        write_beton(store.path, tmp_path / "d.beton", progress=False)
     finally:
-        holder.kill()
-        holder.wait()
+        for proc in (*live, locker):
+            proc.kill()
+            proc.wait()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".d.beton")) == sorted(
+        files[case].name for case in ("new", "locked"))
+    err = capsys.readouterr().err
+    for case in ("dead", "old"):
+        assert f"note: removed {files[case]}, left by a write_dataset that did not finish" in err
