@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from datamodels_ml.errors import UserError
 PAGE = 8 << 20  # FFCV's default page size (4 * ffcv.writer.MIN_PAGE_SIZE): each writer fills whole pages
 _POLL = 0.1  # seconds between the parent's looks at its writers
 _PARENT_CHECK = 0.5  # seconds between a writer's looks at its parent
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _NEW = 10.0  # seconds during which an unlocked temporary file of a live process may be one just created
 
 
@@ -152,6 +154,9 @@ def _reason(exc: BaseException) -> tuple[int, str]:
 def _writer(parent: int, failures: Any, job: Callable[..., None], args: tuple) -> None:
     """One writer process: FFCV's job; a failure goes to the parent as ``_reason``, no traceback."""
     _tie_to_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops its writers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         job(*args)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
@@ -198,8 +203,14 @@ class _Supervisor:
 
     def run(self, shown: Any) -> list:
         """Start the writers, follow them to the end; their allocations, or ``WriteFailed``."""
-        for p in self.procs:
-            p.start()
+        # Ctrl-C or SIGTERM during a fork would land in an at-fork hook, where Python drops the
+        # exception: held back until every writer has started, then the parent stops them all.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         allocations: list = []
         finished, reported = 0, 0
         while finished < len(self.procs):
