@@ -5,10 +5,12 @@ flattened to one dimension), ``targets`` (the y key as float32, flattened) and `
 index in the store). Only completed models are written (or the models flagged in another per-model
 array, ``completed_name``, or every model, ``ignore_completed``); rows whose targets hold NaN or inf
 are left out with a warning. ``y_slice`` keeps one index of a y with more than one dimension per
-model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``ALIASES``). The file
-is written next to ``out`` under a temporary name and moved into place at the end, so a failed write
-never destroys an existing file; a sidecar ``out + ".json"`` manifest records what went in (store,
-keys, written indices, the selection) so a pipeline can skip a stage that already ran.
+model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``ALIASES``). A sidecar
+``out + ".json"`` manifest records what went in (store, keys, written indices, the selection) so a
+pipeline can skip a stage that already ran; an existing ``out`` or manifest is replaced only with
+``force``. Both are written next to ``out`` under temporary names and moved into place together once
+complete, so a failed write never destroys an existing file; FFCV's writer processes, their failures
+and the temporary files of writes that died are ``beton_writer``'s.
 
 Reading is ``dataset_reader`` (``BetonBatches``, ``read_beton``, ``beton_info``, ``read_manifest``,
 re-exported here).
@@ -24,12 +26,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from datamodels_ml import beton_writer
 from datamodels_ml.config import MISSING
 from datamodels_ml.cpus import allotment
 from datamodels_ml.errors import UserError
 from datamodels_ml.dataset_reader import (FIELDS, MANIFEST_SUFFIX, BetonBatches, BetonInfo, beton_info,  # noqa: F401
                                           manifest_path, open_beton, read_beton, read_manifest)
-from datamodels_ml.files import atomic_write_text
+from datamodels_ml.store_layout import read_header
 
 FORMAT_VERSION = 1
 
@@ -83,6 +86,13 @@ def _check_out(out: Path, force: bool) -> None:
         raise UserError(f"out {out} is a directory; give a file path such as {out / 'reg_data.beton'}")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; use force=true to overwrite it")
+    manifest = manifest_path(out)
+    if manifest.is_dir():
+        raise UserError(f"{manifest} (the manifest write_dataset writes beside {out.name}) is a directory; "
+                        "choose another out")
+    if manifest.exists() and not force:
+        raise UserError(f"{manifest} (the manifest write_dataset writes beside {out.name}) already exists; "
+                        "use force=true to overwrite it")
 
 
 def _per_model(name: str, role: str, arr: np.ndarray) -> int:
@@ -159,10 +169,14 @@ def _rows_to_write(store: Any, completed_name: str, ignore_completed: bool) -> n
     if not completed_name or "/" in completed_name or os.sep in completed_name or not file.is_file():
         raise UserError(f"completed_name '{completed_name}': no file {file} (give the name of a per-model "
                         "array of the store, without .npy)")
-    flags = np.load(file, mmap_mode="r")
-    if flags.shape != (store.num_models,) or flags.dtype.kind not in "biu":
+    shape, dtype = read_header(file)  # the header alone first: an object array is never unpickled
+    if shape != (store.num_models,) or dtype.kind not in "biu":
         raise UserError(f"completed_name '{completed_name}': {file} must hold one boolean or 0/1 flag per model "
-                        f"(shape [{store.num_models}]), found shape {list(flags.shape)} {flags.dtype}")
+                        f"(shape [{store.num_models}]), found shape {list(shape)} {dtype}")
+    try:
+        flags = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"completed_name '{completed_name}': cannot read {file} ({exc})") from None
     rows = np.flatnonzero(flags)
     if rows.size == 0:
         raise UserError(f"completed_name '{completed_name}': no model is flagged in {file}")
@@ -204,7 +218,7 @@ def _select_rows(inputs: _Inputs, x_name: str, y_name: str, chunk: int,
 
 
 def _prepare(store_path: str | Path, out: str | Path, x_name: str, y_name: str, force: bool, chunk: int,
-             progress: bool, **select: Any) -> tuple[Path, _Inputs, np.ndarray, np.ndarray]:
+             progress: bool, num_workers: int, **select: Any) -> tuple[Path, _Inputs, np.ndarray, np.ndarray]:
     """Every check and the one pass over the rows, before anything is written.
 
     ``select``: ``completed_name``, ``ignore_completed``, ``y_slice`` (see ``WriteDatasetConfig``).
@@ -213,21 +227,26 @@ def _prepare(store_path: str | Path, out: str | Path, x_name: str, y_name: str, 
     _check_out(out, force)
     inputs = _open_inputs(store_path, x_name, y_name, **select)
     keep, dropped = _select_rows(inputs, x_name, y_name, chunk, progress)
-    _check_space(out, inputs, keep.size)
+    for name in (out, manifest_path(out)):  # what a killed write left behind frees its space first
+        for tmp in beton_writer.remove_stale(name):
+            print(f"note: removed {tmp}, left by a write_dataset that did not finish", file=sys.stderr)
+    _check_space(out, inputs, keep.size, num_workers)
     return out, inputs, keep, dropped
 
 
-_FFCV_PAGE = 4 << 20  # FFCV's DatasetWriter page size: each writer process fills whole pages
+def _row_bytes(inputs: _Inputs) -> int:
+    """Bytes of one row's arrays in the file (``mask`` and ``targets``; ``idx`` is in the metadata)."""
+    return inputs.n_features * np.dtype(inputs.x.dtype).itemsize + 4 * inputs.n_targets
 
 
-def _check_space(out: Path, inputs: _Inputs, rows: int) -> None:
-    """A full disk mid-write crashes FFCV's writer processes (the command would hang): check first."""
+def _check_space(out: Path, inputs: _Inputs, rows: int, num_workers: int) -> None:
+    """Refuse up front a write the disk cannot hold (the old file stays until the new one is complete,
+    so its space is not counted as free)."""
     from datamodels_ml.store_layout import require_free_space
 
-    row = inputs.n_features * np.dtype(inputs.x.dtype).itemsize + 4 * inputs.n_targets + 8 + 32
-    need = rows * row + 6 * _FFCV_PAGE
+    workers = beton_writer.writer_count(num_workers, rows, allotment())
+    need = beton_writer.bytes_needed(rows, _row_bytes(inputs), 32, workers)
     require_free_space(out.parent, need, what=f"writing {rows} models to {out}",
-                       reclaimed=out.stat().st_size if out.is_file() else 0,
                        hint="free space or write the .beton to another disk (out=...)")
 
 
@@ -240,37 +259,51 @@ def write_beton(store_path: str | Path, out: str | Path, *, x_name: str = "masks
     No MLflow here (``write_dataset`` adds it), so other stages and tests can call it directly.
     """
     select = {"completed_name": completed_name, "ignore_completed": ignore_completed, "y_slice": y_slice}
-    out, inputs, keep, dropped = _prepare(store_path, out, x_name, y_name, force, chunk, progress, **select)
+    out, inputs, keep, dropped = _prepare(store_path, out, x_name, y_name, force, chunk, progress, num_workers,
+                                          **select)
     return _write(out, inputs, keep, dropped, x_name, y_name, num_workers, select, progress=progress)
 
 
 def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_name: str, y_name: str,
            num_workers: int, select: dict[str, Any], *, progress: bool) -> dict[str, Any]:
-    store, x, y, completed = inputs.store, inputs.x, inputs.y, inputs.completed
-    n_features, n_targets = inputs.n_features, inputs.n_targets
+    """The .beton and its manifest, each written under a temporary name and moved into place together
+    once both are complete (a failure replaces neither)."""
     from ffcv.fields import IntField, NDArrayField
-    from ffcv.writer import DatasetWriter
 
-    from datamodels_ml.progress import ffcv_writer_bar
+    from datamodels_ml.progress import bar
 
-    workers = num_workers if num_workers > 0 else max(1, min(4, allotment()))
-    workers = min(workers, max(1, keep.size // 64))
     fields = {
-        "mask": NDArrayField(dtype=np.dtype(x.dtype), shape=(n_features,)),
-        "targets": NDArrayField(dtype=np.dtype(np.float32), shape=(n_targets,)),
+        "mask": NDArrayField(dtype=np.dtype(inputs.x.dtype), shape=(inputs.n_features,)),
+        "targets": NDArrayField(dtype=np.dtype(np.float32), shape=(inputs.n_targets,)),
         "idx": IntField(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    workers = beton_writer.writer_count(num_workers, keep.size, allotment())
+    manifest = _manifest(out, inputs, keep, dropped, x_name, y_name, select)
+    tmp, lock = beton_writer.claim_temp(out)
+    tmp_manifest = beton_writer.temp_name(manifest_path(out))
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        with ffcv_writer_bar("write_dataset: writing rows", enabled=progress):
-            writer.from_indexed_dataset(_Rows(x, y, keep), chunksize=max(1, min(100, keep.size // workers)))
+        with bar("write_dataset: writing rows", total=keep.size, unit="row", enabled=progress) as shown:
+            beton_writer.write_rows(out, tmp, fields, _Rows(inputs.x, inputs.y, keep), workers=workers,
+                                    row_bytes=_row_bytes(inputs), shown=shown)
+        try:
+            tmp_manifest.write_text(json.dumps(manifest) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write {manifest_path(out)}: {exc.strerror or exc}; nothing was replaced") from None
         os.replace(tmp, out)
+        os.replace(tmp_manifest, manifest_path(out))
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
+        os.close(lock)
+    return manifest
 
-    manifest = {
+
+def _manifest(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_name: str, y_name: str,
+              select: dict[str, Any]) -> dict[str, Any]:
+    """What went into the .beton (written beside it as ``out + ".json"``)."""
+    store, x, y, completed = inputs.store, inputs.x, inputs.y, inputs.completed
+    n_features, n_targets = inputs.n_features, inputs.n_targets
+    return {
         "format_version": FORMAT_VERSION,
         "beton": str(out.resolve()),
         "store": str(store.path.resolve()),
@@ -289,8 +322,6 @@ def _write(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray, x_
         "indices": [int(i) for i in keep],
         "dropped": [int(i) for i in dropped],
     }
-    atomic_write_text(manifest_path(out), json.dumps(manifest) + "\n")
-    return manifest
 
 
 def write_dataset(cfg: WriteDatasetConfig) -> int:
@@ -298,7 +329,7 @@ def write_dataset(cfg: WriteDatasetConfig) -> int:
     # Every cheap check before MLflow starts: a refused command is quick and leaves no run behind.
     select = {"completed_name": cfg.completed_name, "ignore_completed": cfg.ignore_completed, "y_slice": cfg.y_slice}
     out, inputs, keep, dropped = _prepare(cfg.store, cfg.out, cfg.x_name, cfg.y_name, cfg.force, cfg.chunk,
-                                          cfg.progress, **select)
+                                          cfg.progress, cfg.num_workers, **select)
     from datamodels_ml import tracking
 
     params = {"store": cfg.store, "out": cfg.out, "x_name": cfg.x_name, "y_name": cfg.y_name, "force": cfg.force,

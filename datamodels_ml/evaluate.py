@@ -11,6 +11,7 @@ The metrics themselves (LDS and the rest, with their conventions) are in ``metri
 import csv
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,23 @@ def _check_arrays(store, dm: Datamodels, x_name: str, y_name: str, source: str):
     return x, y
 
 
+def _check_targets(dm: Datamodels, source: str) -> None:
+    """The fitted slice of targets must be a real one: at least one target, starting at 0 or later."""
+    if dm.n_targets == 0:
+        raise UserError(f"{source} holds no targets ('weight' has shape [{dm.n_features}, 0]): nothing to evaluate")
+    if dm.target_start < 0:
+        raise UserError(f"{source} records target_start={dm.target_start}, below 0: the fitted targets must be "
+                        f"a slice of the store's outputs starting at 0 or later")
+
+
+def _warn_unchecked_masks(st, dm: Datamodels, source: str) -> None:
+    """One warning line when ``dm`` carries no fingerprint, so ``check_store`` could not check the masks."""
+    if not dm.meta.get("store_fingerprint"):
+        print(f"warning: {source} records no store fingerprint (fitted before fingerprints were recorded, or by "
+              f"the original tools): the store at {st.path} is checked by its sizes and completed models only, "
+              f"not by its masks; make sure it is the store the datamodels were fitted on", file=sys.stderr)
+
+
 def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name: str = "", y_name: str = "",
                  source: str = "the datamodels", exclude: np.ndarray | None = None) -> HeldOut:
     """Masks and actual outputs of the held-out models (see the module docstring for which models).
@@ -73,6 +91,7 @@ def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name:
     ``exclude`` adds store indices to leave out besides the datamodels' own train/val indices
     (``budget`` passes the union over all its fits).
     """
+    _check_targets(dm, source)
     x_name = x_name or dm.x_name or "masks"
     y_name = y_name or dm.y_name or "margins"
     if heldout_store:
@@ -106,6 +125,8 @@ def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name:
         if idx.size < MIN_HELDOUT:
             raise UserError(f"only {idx.size} held-out models with finite outputs; at least {MIN_HELDOUT} are needed")
     masks = np.asarray(x[idx])
+    if not heldout_store:  # said once every refusal is past, so a refused command prints one line
+        _warn_unchecked_masks(st, dm, source)
     return HeldOut(str(st.path), idx, masks, actual, x_name, y_name, tuple(y.shape[1:]))
 
 

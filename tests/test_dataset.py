@@ -225,6 +225,22 @@ def test_write_dataset_cli_end_to_end(small_store, tmp_path):
     assert proc.returncode == 2 and _digest(out) == before
 
 
+def test_an_existing_manifest_needs_force(small_store, tmp_path):
+    """``out + ".json"`` is the manifest's name: a file there is kept unless force=true, as ``out`` is."""
+    store = small_store[0]
+    out = tmp_path / "reg.beton"
+    manifest = tmp_path / "reg.beton.json"
+    manifest.write_text("the user's own notes\n")
+    message = (f"error: {manifest} (the manifest write_dataset writes beside reg.beton) already exists; "
+               "use force=true to overwrite it")
+    proc = run_cli("write_dataset", f"store={store.path}", f"out={out}", "progress=false", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr
+    assert manifest.read_text() == "the user's own notes\n" and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".reg.beton")]
+    write_beton(store.path, out, force=True, progress=False)
+    assert read_manifest(out)["num_rows"] == len(_expected_indices())
+
+
 # -- the original write_dataset's options: completed_name, ignore_completed, y_slice, --cfg.* -------------
 def _stored(store, key):
     return np.load(store.path / f"{key}.npy")
@@ -270,10 +286,14 @@ def test_row_and_target_selection(tmp_path, options, indices, y_of):
     ({"completed_name": "grid"}, "completed_name 'grid': {store}/grid.npy must hold one boolean or 0/1 flag per "
                                  "model (shape [12]), found shape [12, 2, 3] float32"),
     ({"completed_name": "_none"}, "completed_name '_none': no model is flagged in {store}/_none.npy"),
+    # an array of Python objects is refused from its header: nothing in it is unpickled
+    ({"completed_name": "_objects"}, "completed_name '_objects': {store}/_objects.npy must hold one boolean or 0/1 "
+                                     "flag per model (shape [12]), found shape [12] object"),
 ])
 def test_selection_errors(small_store, tmp_path, options, message):
     store = small_store[0]
     np.save(store.path / "_none.npy", np.zeros(N_MODELS, dtype=bool))
+    np.save(store.path / "_objects.npy", np.array([True] * N_MODELS, dtype=object), allow_pickle=True)
     with pytest.raises(UserError, match="^" + __import__("re").escape(message.format(store=store.path))):
         write_beton(store.path, tmp_path / "reg.beton", progress=False, **options)
     assert not (tmp_path / "reg.beton").exists()

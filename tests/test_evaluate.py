@@ -180,6 +180,11 @@ def test_evaluate_cli_prints_and_logs(synthetic):
     write_datamodels(store, tmp_path / "dm.pt")
     own_mlflow_db(tmp_path)
     proc = run_cli("evaluate", "datamodels=dm.pt", "out=eval", cwd=tmp_path, check=True)
+    # write_datamodels records no store fingerprint: evaluate says, in one line, what it could not check
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")] == [
+        "warning: dm.pt records no store fingerprint (fitted before fingerprints were recorded, "
+        f"or by the original tools): the store at {store.path} is checked by its sizes and completed models "
+        f"only, not by its masks; make sure it is the store the datamodels were fitted on"]
     value = float(re.search(r"LDS \(mean Spearman\): (-?[0-9.]+)", proc.stdout).group(1))
     assert value > 0.8
     runs = search_runs(tmp_path, "tags.`datamodels.stage` = 'evaluate'", training=False)
@@ -197,6 +202,9 @@ def test_evaluate_cli_prints_and_logs(synthetic):
     ("targets", r"dm\.pt covers targets 4\.\.7 but 'margins' in the store at .*store has 6 targets per model"),
     ("missing", r"datamodels file not found: .*nope\.pt"),
     ("not_datamodels", r"dm\.pt: not a datamodels file \(missing key 'mean'; expected weight, bias, mean, std\)"),
+    ("negative_start", r"dm\.pt records target_start=-2, below 0: the fitted targets must be a slice of the "
+                       r"store's outputs starting at 0 or later$"),
+    ("no_targets", r"dm\.pt holds no targets \('weight' has shape \[30, 0\]\): nothing to evaluate$"),
 ])
 def test_bad_inputs_fail_with_one_clear_message(tmp_path, case, message):
     complete = range(120) if case == "no_heldout" else None
@@ -209,6 +217,12 @@ def test_bad_inputs_fail_with_one_clear_message(tmp_path, case, message):
         data = torch.load(path)
         data.update(weight=torch.zeros(P, 4), bias=torch.zeros(4), target_start=4, target_end=8)
         torch.save(data, path)
+    elif case in ("negative_start", "no_targets"):
+        write_datamodels(store, path)
+        data = torch.load(path)
+        t = 2 if case == "negative_start" else 0
+        data.update(weight=torch.zeros(P, t), bias=torch.zeros(t), target_start=-t, target_end=0)
+        torch.save(data, path)
     elif case == "not_datamodels":
         torch.save({"weight": torch.zeros(3, 2), "bias": torch.zeros(2), "std": torch.ones(3)}, path)
     else:
@@ -216,7 +230,7 @@ def test_bad_inputs_fail_with_one_clear_message(tmp_path, case, message):
     target = "nope.pt" if case == "missing" else "dm.pt"
     with pytest.raises(UserError, match=message):
         run_evaluation(EvaluateConfig(datamodels=str(tmp_path / target), log_model=False), quiet=True)
-    if case not in ("features", "no_heldout"):  # the CLI path is the same for all: check two in a subprocess
+    if case not in ("features", "no_heldout", "negative_start"):  # the CLI path is the same for all: a few
         return
     before = path.read_bytes()
     own_mlflow_db(tmp_path)
@@ -245,3 +259,16 @@ def test_heldout_models_with_nan_outputs_are_left_out(synthetic, capsys):
     held = np.setdiff1d(np.arange(120, N), [130])
     np.testing.assert_array_equal(res.heldout.indices, held)
     assert np.isfinite(res.scores.lds) and res.scores.n_models == N - 121
+
+
+def test_no_warning_when_the_store_fingerprint_is_checked(synthetic, capsys):
+    from datamodels_ml.provenance import fingerprint, fingerprint_rows
+
+    tmp_path, store = synthetic
+    write_datamodels(store, tmp_path / "dm.pt")
+    data = torch.load(tmp_path / "dm.pt")
+    rows = fingerprint_rows(TRAIN)
+    data["store_fingerprint"] = fingerprint(rows, np.asarray(store.array("masks"))[rows])
+    torch.save(data, tmp_path / "dm.pt")
+    run_evaluation(EvaluateConfig(datamodels=str(tmp_path / "dm.pt"), log_model=False, figure=False), quiet=True)
+    assert "warning" not in capsys.readouterr().err
