@@ -47,7 +47,7 @@ class TrainConfig:
         "help": "the script's sys.argv after its name, e.g. '[--training.lr=0.5]' (for scripts that read options)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     scheduler: str | None = field(default="", metadata={
-        "help": "run on the Dask cluster at this scheduler address (tcp://HOST:PORT) or scheduler JSON file"})
+        "help": "run on the Dask cluster at this scheduler address (tcp://HOST:PORT, or tls://HOST:PORT with the certificates of your Dask config) or scheduler JSON file"})
     cluster: str | None = field(default="", metadata={
         "help": "start a Dask cluster through dask-jobqueue from this YAML file (configs/cluster/slurm.yaml)"})
 

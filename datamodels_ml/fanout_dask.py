@@ -47,7 +47,8 @@ from typing import Any, Callable
 from distributed import WorkerPlugin, get_worker
 
 from datamodels_ml.errors import UserError
-from datamodels_ml.store import RowError, Store
+from datamodels_ml.store import WORKERS_DIR, RowError, Store
+from datamodels_ml.store_files import make_store_dir
 from datamodels_ml.worker import ModelResult, load_main, nonfinite_keys, scalar_outputs
 
 CONNECT_TIMEOUT = 30.0  # seconds to reach the scheduler
@@ -117,7 +118,10 @@ def train_task(job: dict[str, Any], index: int, timeout: float | None = None) ->
     logdir = _logdir(job["store"], index)
     start = time.perf_counter()
     try:
-        logdir.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(job["store"]):  # never through a link planted in the store
+            make_store_dir(job["store"], Path(WORKERS_DIR) / str(index))
+        else:
+            logdir.mkdir(parents=True, exist_ok=True)
         outputs = _to_numpy(_call(fn, dict(job["args"], index=index, logdir=str(logdir)), timeout))
     except TimeoutError as exc:
         try:

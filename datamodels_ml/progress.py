@@ -4,18 +4,14 @@ On a terminal a bar is tqdm's, labelled with the stage it counts ("train", "regr
 stream is not a terminal (a piped log, CI, ``mlflow run`` output) carriage-return refreshes would
 pile up as thousands of lines in one, so the bar prints a plain labelled line instead, each time
 another tenth of the total is done or ``LineBar.INTERVAL`` seconds have passed since the last one,
-and a last line when it closes. FFCV's writer makes its own tqdm bar; ``ffcv_writer_bar`` swaps it
-for one of ours while a .beton is written (labelled, and silent with ``progress=false``).
-``PathBar`` is the regression's bar, fed by the solver's callback.
+and a last line when it closes. ``PathBar`` is the regression's bar, fed by the solver's callback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
 import time
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 
 def _interactive(file: TextIO) -> bool:
@@ -96,23 +92,6 @@ class LineBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_FFCV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def ffcv_writer_bar(label: str, *, enabled: bool = True) -> Iterator[None]:
-    """While FFCV's ``DatasetWriter`` writes, its bar (``tqdm(total=rows)`` in ``ffcv.writer``) is ours."""
-    import ffcv.writer
-
-    with _FFCV_LOCK:
-        original = ffcv.writer.tqdm
-        ffcv.writer.tqdm = lambda total=None, **_: bar(label, total=total, unit="row", enabled=enabled)
-        try:
-            yield
-        finally:
-            ffcv.writer.tqdm = original
 
 
 class PathBar:

@@ -159,4 +159,4 @@ def test_create_store_never_writes_through_a_link_at_a_temporary_name(tmp_path, 
         (path / name).symlink_to(victim.file)
     store = create_store(path, parse_spec(MINIMAL))
     assert victim() and store.missing_indices().tolist() == list(range(6))
-    assert sorted(p.name for p in path.iterdir()) == ["_completed.npy", "index.npy", "spec.json", "values.npy"]
+    assert sorted(p.name for p in path.iterdir()) == [".lock", "_completed.npy", "index.npy", "spec.json", "values.npy"]
