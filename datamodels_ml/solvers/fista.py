@@ -33,6 +33,16 @@ def gram_product(G: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(G, y.T.unsqueeze(2)).squeeze(2).T
 
 
+def _batched_product(G: Tensor, rows: Tensor | None, y: Tensor) -> Tensor:
+    """``gram_product`` of the sub-Grams ``G[rows]`` (all when None) without copying them: the
+    products of the finished columns are computed on zeros and dropped."""
+    if rows is None:
+        return gram_product(G, y)
+    full = torch.zeros(y.shape[0], G.shape[0], dtype=y.dtype, device=y.device)
+    full[:, rows] = y
+    return gram_product(G, full)[:, rows]
+
+
 def fista(
     G: Tensor,
     c: Tensor,
@@ -100,6 +110,7 @@ def fista(
     if allowed is not None:
         W.masked_fill_(~allowed, 0)
     x = W.clone()
+    rows = None  # with one sub-Gram per column: those of the live columns (None: all of G, in order)
     Gx = gram_product(G, x)
     y, Gy = x, Gx
     t = torch.ones(Ta, dtype=c.dtype, device=c.device)
@@ -116,7 +127,7 @@ def fista(
         x_new = u - torch.maximum(torch.minimum(u, thr), -thr)  # soft-threshold
         if out is not None:
             x_new.masked_fill_(out, 0)
-        Gx_new = gram_product(G, x_new)
+        Gx_new = _batched_product(G, rows, x_new)
         # the step's sufficient-decrease test, e'Ge <= L e'e with e = x_new - y, from the two
         # products at hand (G y is a combination of earlier ones): a column that fails it had too
         # small an L; it goes back to x and grows L (never by more than the curvature it met)
@@ -150,7 +161,8 @@ def fista(
             done = ((gap < tol * nd) | ((d * d * var).amax(0) / nd < stall)) & ~bad
             xf, Gf = x, Gx  # the iterate returned for a finished column, and its product
             if newton_after and it >= newton_after and it & (it - 1) == 0 and not bool(done.all()):
-                acc, xc, Gc = support_newton(G, x, cl, laml, nd, out, tol=tol, cap=newton_cap, skip=done)
+                acc, xc, Gc = support_newton(G, x, cl, laml, nd, out, tol=tol, cap=newton_cap, skip=done,
+                                             rows=rows)
                 if acc is not None:
                     xf, Gf = torch.where(acc, xc, x), torch.where(acc, Gc, Gx)
                     done = done | acc
@@ -165,8 +177,10 @@ def fista(
                 cl, laml = cl[:, keep], laml[keep]
                 if out is not None:
                     out = out[:, keep]
-                if isinstance(G, Tensor) and G.ndim == 3:
-                    G = G[keep]
+                if isinstance(G, Tensor) and G.ndim == 3:  # one sub-Gram per column: copy the live ones
+                    rows = keep.nonzero().squeeze(1) if rows is None else rows[keep]
+                    if 2 * rows.numel() <= G.shape[0]:  # only once half are done: copies stay below G's size
+                        G, rows = G[rows], None
                 if var.shape[1] > 1:
                     var = var[:, keep]
     if live.numel() > 0:
@@ -178,7 +192,8 @@ def fista(
 
 
 def support_newton(G, x: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor, out: Tensor | None, *, tol: float,
-                   cap: int, skip: Tensor, rounds: int = 3, grow: int = 16) -> tuple[Tensor | None, Tensor, Tensor]:
+                   cap: int, skip: Tensor, rounds: int = 3, grow: int = 16,
+                   rows: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
     """Finish columns exactly by an active-set method started from the support and signs of ``x``.
 
     For each column ``t``, on a support ``A`` with signs ``s``: ``w_A = G_AA^{-1} (c_A - λ s)``
@@ -188,7 +203,8 @@ def support_newton(G, x: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor, out: T
     where its duality gap is below ``tol * nulldev`` (the same test as FISTA's, so the result is
     as exact). Columns with more than ``cap`` non-zeros, and those in ``skip``, are not tried.
     Returns ``(accepted [Ta] bool, candidates [q, Ta], G candidates [q, Ta])``, or ``(None, x, x)``
-    when no column was tried (also for a Gram given as a product function)."""
+    when no column was tried (also for a Gram given as a product function). ``rows``: with
+    ``[B, q, q]`` sub-Grams, the one of each column (default: column ``t``'s is ``G[t]``)."""
     if callable(G) and not isinstance(G, Tensor):
         return None, x, x
     a = (x != 0).sum(0)
@@ -201,14 +217,15 @@ def support_newton(G, x: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor, out: T
     sgn = torch.sign(x[:, cols])
     cs, lams, nds = c[:, cols], lam[cols], nulldev[cols]
     outs = None if out is None else out[:, cols]
-    Gsub = G if G.ndim == 2 else G[cols]
+    gcols = cols if rows is None else rows[cols]  # the columns' sub-Grams
+    Gsub = G if G.ndim == 2 else G[gcols]
     tcol = torch.arange(n, device=dev)[None, :]
     ok = torch.zeros(n, dtype=torch.bool, device=dev)
     best = torch.zeros_like(cs)
     Gbest = torch.zeros_like(cs)
     todo = torch.ones(n, dtype=torch.bool, device=dev)
     for r in range(rounds):
-        cand = _solve_on_support(G, cols, S, sgn, cs, lams, tcol, cap)
+        cand = _solve_on_support(G, gcols, S, sgn, cs, lams, tcol, cap)
         Gc = gram_product(Gsub, cand)
         gap = duality_gap(cand, Gc, cs, lams, nds, outs)
         new = todo & (gap < tol * nds)

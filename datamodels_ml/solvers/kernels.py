@@ -43,7 +43,7 @@ _UNITS = {"gram": "MAC/s", "colsum": "entries/s", "gemm": "FLOP/s"}
 # the cost models' constants: name -> default (seconds), used only when not measured
 CONSTANTS = {"sparse_s": 1.5e-10, "gather_s": 3e-9, "matvec_s": 1e-9}
 ENV = "DATAMODELS_KERNELS"
-PROBE_VERSION = 2  # part of the cache key: rates measured by another probe are measured again
+PROBE_VERSION = 3  # part of the cache key: rates measured by another probe are measured again
 _TRIAL_S = 2.0  # a kernel whose small trial predicts more than this (seconds) at full size is not run at full size
 _LOST = 20.0  # nor one whose trial is this many times slower than the best one's
 
@@ -252,8 +252,9 @@ def _constants() -> dict[str, float]:
     G = torch.randn(p, p, generator=g)
     S = torch.randperm(p, generator=g)[:512]
     gather = _best(lambda: G[S[:, None], S[None, :]], 3) / S.numel() ** 2
-    B = torch.randn(16, 256, 256, generator=g)
-    v = torch.randn(16, 256, 1, generator=g)
+    # 64 MB of sub-Grams, past the caches, as at scale: the rate of streaming them from memory
+    B = torch.randn(16, 1024, 1024, generator=g)
+    v = torch.randn(16, 1024, 1, generator=g)
     matvec = _best(lambda: torch.bmm(B, v), 3) / B.numel()
     return {"sparse_s": sparse, "gather_s": gather, "matvec_s": matvec}
 

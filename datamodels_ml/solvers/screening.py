@@ -38,9 +38,10 @@ _ROWS = 1024  # rows of the Gram gathered at a time
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
 # cost model of a path point: _ITERS iterations; a float32 matmul at half the ``gemm`` kernel's
 # measured rate (elementwise work included: 2e11 effective FLOP/s on 2 AMD EPYC cores, 5k sparse
-# benchmark); a batched matrix-vector product and a sub-Gram's gather at their measured seconds
-# per entry (``kernels``: ~1 ns and ~3 ns there); copying the union's ~2 ns per entry; ~0.5 ms of
-# small tensor operations per FISTA iteration of each group
+# benchmark); a batched matrix-vector product (streaming sub-Grams larger than the caches) and a
+# sub-Gram's gather at their measured seconds per entry (``kernels``: ~0.6 ns and ~7 ns there);
+# copying the union's ~2 ns per entry; ~0.5 ms of small tensor operations per FISTA iteration of
+# each group
 _ITERS = 7
 _COPY_S, _GROUP_S = 2e-9, 5e-4
 _SPREAD = 1.5  # a batched group's largest set is at most this times its smallest
@@ -71,8 +72,11 @@ class TrainGram:
         return _train_apply(self.G, W, self.dtype)
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
-        """``[B, m, m]`` sub-Grams ``G[idx[b], idx[b]]``, zero where ``valid`` [B, m] is False."""
-        out = self.G[idx[:, :, None], idx[:, None, :]].to(self.dtype)
+        """``[B, m, m]`` sub-Grams ``G[idx[b], idx[b]]``, zero where ``valid`` [B, m] is False, contiguous
+        (indices given as a transposed view would lay the result out transposed, and every batched
+        product on it would then run several times slower)."""
+        idx = idx.contiguous()
+        out = self.G[idx[:, :, None], idx[:, None, :]].to(self.dtype).contiguous()
         return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
 
     def block(self, idx: Tensor) -> Tensor:
