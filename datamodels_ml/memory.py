@@ -22,7 +22,9 @@ from datamodels_ml.store_layout import human_bytes as fmt_bytes  # one byte form
 
 USABLE = 0.8  # fraction of the available memory a plan may use
 GRAM_BYTES_PER_P2 = 4.5  # float32 Gram + the refit's validation part
-WEIGHT_COLUMNS = 8  # p-long columns per target: weights, momentum, gradient, best weights, X'y ...
+# p-long float32 columns per target, as measured at p = 50k with 2000 targets: X'y (float64: 2), c,
+# weights, gradient, the last two solutions, best weights, and the path point's copies (solve_screened)
+WEIGHT_COLUMNS = 14
 ROW_COLUMNS = 3  # (batch + n_val)-long columns per target: read targets, predictions, residuals
 SAGA_TABLES = 2  # saga: the path's residual table and the refit's
 

@@ -223,9 +223,9 @@ class _Run:
         self.stats = stats
         self.inv = stats.inv_std.to(device)
         self.mean64 = stats.mean.to(device)
-        self.c64, nd = self.ts.quad(self.mean64, self.inv, fit_intercept)
-        self.lam_max = self.c64.abs().amax(0)
-        self.lam_path = path_grid(lambdas, self.c64, stats.std.to(device), k=k, eps=eps, grid=grid)
+        c64, nd = self.ts.quad(self.mean64, self.inv, fit_intercept)  # [p, T] float64: dropped after set-up
+        self.lam_max = c64.abs().amax(0)
+        self.lam_path = path_grid(lambdas, c64, stats.std.to(device), k=k, eps=eps, grid=grid)
         self.nulldev = nd.clamp_min(1e-30).to(dtype)
         self.var = stats.nonconst.to(device=device, dtype=dtype)  # 1, or 0 for constant features
         self.ybar = self.ts.ybar.to(dtype)
@@ -241,7 +241,7 @@ class _Run:
             self.vs = target_stats(val, keep_y=True, device=device, dtype=dtype)
             self.Yv = self.vs.Y.to(dtype)
             self.op = TrainGram(stats, dtype)
-            self.c = self.c64.to(dtype)
+            self.c = c64.to(dtype)
             self.val_rows = ValRows(stats, self.Yv, dtype)
 
     def on_epoch(self, e: int, n_active: int) -> None:
