@@ -80,6 +80,11 @@ class _Down(Exception):
     """The tracking server did not answer: the record stays queued."""
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: the first line of the message`` (SQLAlchemy's run on for several lines)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
+
+
 def _is_down(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(word in text for word in _DOWN)
@@ -254,7 +259,7 @@ class ChildRunWriter:
                 return later
             except Exception as exc:  # noqa: BLE001 - this batch and the next ones through the public API
                 self._sql, self.mode = None, "api"
-                print(f"MLflow: the fast path for child runs failed ({type(exc).__name__}: {exc}); "
+                print(f"MLflow: the fast path for child runs failed ({_one_line(exc)}); "
                       "writing them through MLflow's public API", file=sys.stderr, flush=True)
         try:
             for rec, ok in zip(records, self._pool.map(lambda r: self._write_safely(self._write_api, r), records)):
@@ -280,7 +285,7 @@ class ChildRunWriter:
                 self._went_down()
                 return None
             if len(self.errors) < 5:
-                self.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+                self.errors.append(_one_line(exc))
             return False
 
     def _write_metrics(self, m: ParentMetrics) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,17 @@ from datamodels_ml.errors import UserError  # noqa: E402
 
 _PREPARED: set[str] = set()
 _LOCK = threading.Lock()
+
+
+class _NoSqlTracebacks(logging.Filter):
+    """MLflow's SQL store logs every failed commit at ERROR with its traceback (a full mlflow.db:
+    thousands of them); the project's callers report tracking failures themselves, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_NoSqlTracebacks())
 
 
 def _sqlite_path(uri: str) -> Path | None:
