@@ -37,11 +37,14 @@ class Pending:
             self.threads = 0
 
     def __call__(self) -> Any:
+        """Wait for the result and hand it over (once: a second call raises ``KeyError``)."""
         self._waiting.set()
         self._ready.wait()
         if "error" in self._out:
             raise self._out["error"]
-        return self._out["result"]
+        # handed over, not kept: the result may be the regression's Gram, whose memory must go as
+        # soon as the caller drops it (not while the results are written and logged)
+        return self._out.pop("result")
 
 
 def start(fn: Callable[[Callable[[], None]], Any], *, name: str, threads: int = 0,

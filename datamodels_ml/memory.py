@@ -22,9 +22,11 @@ from datamodels_ml.store_layout import human_bytes as fmt_bytes  # one byte form
 
 USABLE = 0.8  # fraction of the available memory a plan may use
 GRAM_BYTES_PER_P2 = 4.5  # float32 Gram + the refit's validation part
-# p-long float32 columns per target, as measured at p = 50k with 2000 targets: X'y (float64: 2), c,
-# weights, gradient, the last two solutions, best weights, and the path point's copies (solve_screened)
-WEIGHT_COLUMNS = 14
+# p-long float32 columns per target at the peak of a path point: X'y (float64: 2), c, the weights,
+# gradient, last solution and best weights (4), and the point's working copies (the warm start,
+# solve_screened's weights, gradient, c and keep for the targets solved, the new weights and gradient,
+# the validation product: about 12). Measured at p = 50k with 2000 targets: 4 MB per target.
+WEIGHT_COLUMNS = 20
 ROW_COLUMNS = 3  # (batch + n_val)-long columns per target: read targets, predictions, residuals
 SAGA_TABLES = 2  # saga: the path's residual table and the refit's
 

@@ -24,6 +24,22 @@ def test_the_result_comes_back_on_the_threads_asked_for_and_the_imports_follow()
     assert "colorsys" in sys.modules
 
 
+def test_the_result_is_handed_over_not_kept():
+    # regress's statistics (the p x p Gram, 10 GB at p = 50k) must be freed once the path is done,
+    # not held by the finished background computation while the results are written and logged
+    import gc
+    import weakref
+
+    wait = background.start(lambda widen: torch.zeros(1000), name="test-bg")
+    result = wait()
+    ref = weakref.ref(result)
+    del result
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(KeyError):
+        wait()
+
+
 def test_an_error_is_raised_again_in_the_caller():
     def fail(widen):
         raise ValueError("no masks")
