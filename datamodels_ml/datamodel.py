@@ -55,6 +55,8 @@ def load_tensors(path: str | os.PathLike, *, what: str = "a datamodels file") ->
         raise UserError(f"{path}: cannot read as {what} ({type(exc).__name__}: {exc})") from None
 
 
+_PREDICT_ROWS = 256  # masks converted to float64 at a time by predict
+
 @dataclass(frozen=True)
 class TopK:
     """The training examples that move one target's prediction the most.
@@ -205,7 +207,10 @@ class Datamodels:
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise UserError(f"masks have shape {list(x.shape)}; expected [n, {self.n_features}] "
                             f"(one column per training example)")
-        return x.astype(np.float64) @ self._w_raw + self._b_raw
+        out = np.empty((x.shape[0], self.n_targets))
+        for r in range(0, x.shape[0], _PREDICT_ROWS):  # a float64 copy of a few rows at a time, not of all masks
+            np.matmul(x[r : r + _PREDICT_ROWS].astype(np.float64), self._w_raw, out=out[r : r + _PREDICT_ROWS])
+        return out + self._b_raw
 
     def top_k(self, target: int, k: int = 5) -> TopK:
         """The ``k`` most positive and ``k`` most negative raw-scale weights of ``target`` (slice-relative)."""

@@ -312,7 +312,7 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
             if dm.meta.get("origin") == "original":  # served with the standardization recovered here
                 model_file = str(Path(tmp) / "datamodels.pt")
                 dm.save(model_file)
-            model_uri = log_datamodels_model(model_file)
+            model_uri = log_datamodels_model(model_file, loaded=dm)
         run_id = active.info.run_id
     seconds = time.perf_counter() - start
     if not quiet:

@@ -46,13 +46,16 @@ def requirements() -> list[str]:
             f"cloudpickle=={cloudpickle.__version__}"]
 
 
-def log_datamodels_model(datamodels_path: str | Path, name: str = "datamodels") -> str | None:
+def log_datamodels_model(datamodels_path: str | Path, name: str = "datamodels", *,
+                         loaded: Datamodels | None = None) -> str | None:
     """Log ``datamodels.pt`` as a pyfunc model in the active run; return the model URI (None on failure).
 
     The signature is a bool tensor ``[-1, n_features]`` in, float64 ``[-1, n_targets]`` out.
+    ``loaded``: the same file already loaded by the caller (not loaded a second time: at 50k features
+    and 2000 targets each copy is over a gigabyte).
     """
     path = Path(datamodels_path)
-    dm = Datamodels.load(path)
+    dm = loaded if loaded is not None else Datamodels.load(path)
     example = np.zeros((2, dm.n_features), dtype=bool)
     example[1, ::2] = True
     signature = tracking.infer_signature(example, dm.predict(example))
@@ -62,7 +65,8 @@ def log_datamodels_model(datamodels_path: str | Path, name: str = "datamodels") 
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return tracking.log_pyfunc_model(DatamodelsModel(), name=name, artifacts={ARTIFACT: str(dm.path or path)},
+        artifact = str(path if loaded is not None else dm.path or path)
+        return tracking.log_pyfunc_model(DatamodelsModel(), name=name, artifacts={ARTIFACT: artifact},
                                          signature=signature, input_example=example[1:],
                                          pip_requirements=requirements())
     finally:
