@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -93,27 +92,6 @@ def _none_left(token: str, within: float = 10.0) -> list[int]:
         except ProcessLookupError:
             pass
     return left
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``mount(size)``: a tmpfs of ``size`` mounted in tmp_path (root only), unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip("needs root to mount a small tmpfs")
-        where = tmp_path / f"fs{len(mounted)}"
-        where.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_disk_full_in_the_middle_of_a_write_is_one_line(tmp_path, tmpfs):

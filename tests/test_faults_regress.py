@@ -186,16 +186,9 @@ def test_a_saved_block_that_cannot_be_used_is_fitted_again(beton, killed, tmp_pa
 
 # -- 3. a full disk while the results are written ------------------------------------------------
 @pytest.fixture
-def small_fs(tmp_path):
+def small_fs(tmpfs):
     """A 4 MB tmpfs in tmp_path (root only), unmounted after the test."""
-    where = tmp_path / "fs"
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a small tmpfs")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    return tmpfs("4m")
 
 
 def _fill(where: Path) -> Path:

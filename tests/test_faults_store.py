@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -158,27 +157,6 @@ def test_new_store_files_are_fully_allocated(tmp_path):
                                                                                        "dtype": "float32"}}}))
     st = os.stat(store.path / "x.npy")
     assert st.st_blocks * 512 >= st.st_size  # no holes: a later write cannot meet a full disk
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``mount(size)``: a tmpfs of ``size`` mounted in tmp_path (root only), unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip("needs root to mount a small tmpfs")
-        where = tmp_path / f"fs{len(mounted)}"
-        where.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @pytest.fixture
