@@ -129,9 +129,9 @@ def claim_temp(out: Path) -> tuple[Path, int]:
 # -- the writer processes --------------------------------------------------------------------------
 def _tie_to_parent(parent: int) -> None:
     """In a writer: die with ``parent`` (PR_SET_PDEATHSIG, and a thread that watches the PID)."""
-    from datamodels_ml.runner import _die_with_parent
+    from datamodels_ml.runner import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before the request above
         os._exit(1)
 

@@ -29,7 +29,7 @@ import sys
 import traceback
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (best effort; a no-op elsewhere)."""
     if not sys.platform.startswith("linux"):
         return
@@ -87,7 +87,7 @@ def _run_one(store, index: int, fn, job: dict, wanted):
 
 
 def main(argv: list[str] | None = None) -> int:
-    _die_with_parent()
+    die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reply-fd", type=int, required=True)
     opts = parser.parse_args(argv)
