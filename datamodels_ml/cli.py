@@ -29,20 +29,24 @@ from datamodels_ml.errors import UserError
 
 # name -> (module, config class, function, one-line summary, YAML config key or None)
 COMMANDS: dict[str, tuple[str, str, str, str, str | None]] = {
-    "init": ("datamodels_ml.training", "InitConfig", "init", "create a store from a spec", None),
-    "status": ("datamodels_ml.training", "StatusConfig", "status", "show completed/missing models and failures", None),
-    "worker": ("datamodels_ml.training", "WorkerConfig", "worker", "train one model index and write its row", None),
-    "train": ("datamodels_ml.fanout", "TrainConfig", "train", "train every incomplete index over GPU/CPU slots", None),
-    "write_dataset": ("datamodels_ml.dataset", "WriteDatasetConfig", "write_dataset",
+    "init": ("datamodels_ml.store.commands", "InitConfig", "init", "create a store from a spec", None),
+    "status": ("datamodels_ml.store.commands", "StatusConfig", "status", "show completed/missing models and failures", None),
+    "worker": ("datamodels_ml.training.worker", "WorkerConfig", "worker", "train one model index and write its row", None),
+    "train": ("datamodels_ml.training.train", "TrainConfig", "train", "train every incomplete index over GPU/CPU slots", None),
+    "write_dataset": ("datamodels_ml.dataset.write_dataset", "WriteDatasetConfig", "write_dataset",
                       "write the completed rows of a store to an FFCV .beton", None),
-    "regress": ("datamodels_ml.regress", "RegressConfig", "regress", "fit the datamodels (lasso paths)", "config"),
-    "evaluate": ("datamodels_ml.evaluate", "EvaluateConfig", "evaluate",
+    "regress": ("datamodels_ml.regression.regress", "RegressConfig", "regress", "fit the datamodels (lasso paths)", "config"),
+    "evaluate": ("datamodels_ml.evaluation.evaluate", "EvaluateConfig", "evaluate",
                  "score datamodels on held-out models (LDS, correlations)", None),
-    "budget": ("datamodels_ml.budget", "BudgetConfig", "budget",
+    "budget": ("datamodels_ml.evaluation.budget", "BudgetConfig", "budget",
                "LDS against the number of models used for the regression", "config"),
     "demo": ("datamodels_ml.pipeline", "DemoConfig", "demo",
              "the whole workflow on the digits example (init, train, write_dataset, regress, evaluate)", "config"),
 }
+
+# name -> (module, function): the command's own config reader, where it has one (regress: configs written
+# for the original tools keep the original's meaning); the others merge schema <- YAML <- command line.
+LOADERS: dict[str, tuple[str, str]] = {"regress": ("datamodels_ml.regression.original_config", "load_config")}
 
 
 def _usage() -> str:
@@ -227,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` made for this command, if any
     code = 1
     try:
-        code = _call(schema, func, rest, yaml_key, getattr(module, "load_config", None))
+        loader = None
+        if name in LOADERS:
+            loader = getattr(importlib.import_module(LOADERS[name][0]), LOADERS[name][1])
+        code = _call(schema, func, rest, yaml_key, loader)
         return code
     finally:
         if attached:
-            from datamodels_ml import tracking
+            from datamodels_ml.tracking import runs as tracking
 
             tracking.finish_attached(attached, name, code)
 

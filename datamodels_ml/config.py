@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from datamodels_ml.errors import UserError
 
-__all__ = ["MISSING", "load", "describe", "to_flat_dict", "to_dotlist"]
+__all__ = ["load", "describe", "to_flat_dict", "to_dotlist"]
 
 
 def _key_of(exc: OmegaConfBaseException) -> str:

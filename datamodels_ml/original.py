@@ -45,7 +45,7 @@ def read_original_config(path: str | Path) -> dict[str, Any]:
 def standardization(beton: str | Path, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean [p], std [p], store indices [n_rows])`` of the first ``n_rows`` rows of ``beton``,
     with the original's population std, read in chunks."""
-    from datamodels_ml.dataset import beton_info, read_beton
+    from datamodels_ml.dataset.reader import beton_info, read_beton
 
     info = beton_info(beton)
     if n_rows > info.num_rows:
@@ -68,7 +68,7 @@ def standardization(beton: str | Path, n_rows: int) -> tuple[np.ndarray, np.ndar
 def complete_original(data: dict[str, Any], config: str | Path, *, source: str,
                       beton: str | Path | None = None) -> dict[str, Any]:
     """Our datamodels dict from an original one plus the config (and ``.beton``) it was fitted with."""
-    from datamodels_ml.dataset import read_manifest
+    from datamodels_ml.dataset.reader import read_manifest
 
     cfg = read_original_config(config)
     beton = Path(beton or cfg["data_path"])

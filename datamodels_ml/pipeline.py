@@ -55,7 +55,7 @@ def _say(msg: str) -> None:
 
 def _reused_run(name: str, params: dict[str, Any], note: str) -> None:
     """A nested run that records a reused stage, so the UI shows every stage of every pipeline run."""
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
 
     with tracking.run(name, name=f"{name}-reused", params=params,
                       tags={"pipeline.stage": name, "pipeline.reused": "true"}):
@@ -64,9 +64,10 @@ def _reused_run(name: str, params: dict[str, Any], note: str) -> None:
 
 # -- stages ----------------------------------------------------------------------------------------
 def stage_init(cfg: DemoConfig) -> StageResult:
-    from datamodels_ml import tracking
-    from datamodels_ml.spec import load_spec
-    from datamodels_ml.store import SPEC_FILE, create_store
+    from datamodels_ml.tracking import runs as tracking
+    from datamodels_ml.store.spec import load_spec
+    from datamodels_ml.store.layout import SPEC_FILE
+    from datamodels_ml.store.store import create_store
 
     t0 = time.perf_counter()
     spec = load_spec(cfg.spec)
@@ -87,8 +88,8 @@ def stage_init(cfg: DemoConfig) -> StageResult:
 
 
 def stage_train(cfg: DemoConfig) -> StageResult:
-    from datamodels_ml.fanout import TrainConfig, train
-    from datamodels_ml.store import Store
+    from datamodels_ml.training.train import TrainConfig, train
+    from datamodels_ml.store.store import Store
 
     t0 = time.perf_counter()
     done = Store(cfg.store, writable=False).completed[: cfg.n]
@@ -105,8 +106,8 @@ def stage_train(cfg: DemoConfig) -> StageResult:
 
 def beton_is_current(cfg: DemoConfig) -> bool:
     """True when the beton's manifest lists exactly the store's completed models, with the same keys."""
-    from datamodels_ml.dataset import read_manifest
-    from datamodels_ml.store import Store
+    from datamodels_ml.dataset.reader import read_manifest
+    from datamodels_ml.store.store import Store
 
     if not os.path.isfile(cfg.beton):
         return False
@@ -121,7 +122,7 @@ def beton_is_current(cfg: DemoConfig) -> bool:
 
 def _check_beton_is_ours(cfg: DemoConfig) -> None:
     """The demo replaces its beton (force): only a file write_dataset wrote, recognised by its manifest."""
-    from datamodels_ml.dataset import manifest_path, read_manifest
+    from datamodels_ml.dataset.reader import manifest_path, read_manifest
 
     if os.path.lexists(cfg.beton) and read_manifest(cfg.beton) is None:
         raise UserError(f"beton={cfg.beton} exists but was not written by write_dataset (no {manifest_path(cfg.beton)} "
@@ -130,14 +131,14 @@ def _check_beton_is_ours(cfg: DemoConfig) -> None:
 
 def _check_outputs(cfg: DemoConfig, rc) -> None:
     """Before training: the beton and the results directory are new or ours (the demo replaces them)."""
-    from datamodels_ml.results import check_out_dir
+    from datamodels_ml.regression.output_dir import check_out_dir
 
     _check_beton_is_ours(cfg)
     check_out_dir(rc)
 
 
 def stage_write_dataset(cfg: DemoConfig) -> StageResult:
-    from datamodels_ml.dataset import WriteDatasetConfig, write_dataset
+    from datamodels_ml.dataset.write_dataset import WriteDatasetConfig, write_dataset
 
     t0 = time.perf_counter()
     if beton_is_current(cfg):
@@ -155,7 +156,7 @@ def stage_write_dataset(cfg: DemoConfig) -> StageResult:
 def regress_config(cfg: DemoConfig):
     """The regression config: the YAML, then the pipeline's paths, then the ``reg`` overrides."""
     from datamodels_ml.config import to_dotlist
-    from datamodels_ml.budget import load_regress_config
+    from datamodels_ml.evaluation.budget import load_regress_config
 
     tokens = [f"data.data_path={cfg.beton}", f"cfg.out_dir={cfg.results}",
               f"cfg.progress={'true' if cfg.progress else 'false'}"]
@@ -163,7 +164,8 @@ def regress_config(cfg: DemoConfig):
 
 
 def _completed_count(store: str) -> int:
-    from datamodels_ml.store import SPEC_FILE, Store
+    from datamodels_ml.store.layout import SPEC_FILE
+    from datamodels_ml.store.store import Store
 
     return int(Store(store, writable=False).completed.sum()) if os.path.isfile(os.path.join(store, SPEC_FILE)) else 0
 
@@ -176,8 +178,9 @@ def _check_split(used: int, rows: int) -> None:
 
 
 def stage_regress(cfg: DemoConfig) -> StageResult:
-    from datamodels_ml.dataset import read_manifest
-    from datamodels_ml.regress import is_up_to_date, regress
+    from datamodels_ml.dataset.reader import read_manifest
+    from datamodels_ml.regression.output_dir import is_up_to_date
+    from datamodels_ml.regression.regress import regress
 
     t0 = time.perf_counter()
     rc = regress_config(cfg)
@@ -194,7 +197,7 @@ def stage_regress(cfg: DemoConfig) -> StageResult:
 
 
 def stage_evaluate(cfg: DemoConfig):
-    from datamodels_ml.evaluate import EvaluateConfig, run_evaluation
+    from datamodels_ml.evaluation.evaluate import EvaluateConfig, run_evaluation
 
     t0 = time.perf_counter()
     _say("evaluate:")
@@ -205,7 +208,7 @@ def stage_evaluate(cfg: DemoConfig):
 
 # -- the command -----------------------------------------------------------------------------------
 def _ui_hint() -> str:
-    from datamodels_ml import tracking_store
+    from datamodels_ml.tracking import backend as tracking_store
 
     uri = tracking_store.tracking_uri()
     if uri.startswith("sqlite:///"):
@@ -218,7 +221,7 @@ def _ui_hint() -> str:
 
 def demo(cfg: DemoConfig) -> int:
     """Run the digits example end to end (init, train, write_dataset, regress, evaluate), reusing finished stages."""
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
     from datamodels_ml.config import to_flat_dict
 
     if cfg.n <= 0:
@@ -226,7 +229,7 @@ def demo(cfg: DemoConfig) -> int:
     rc = regress_config(cfg)  # a bad regression config fails now, not after training
     _check_outputs(cfg, rc)
     _check_split(rc.data.num_train + rc.data.num_val, max(cfg.n, _completed_count(cfg.store)))
-    from datamodels_ml.fanout_local import check_gpus_visible, slot_environments
+    from datamodels_ml.training.local_slots import check_gpus_visible, slot_environments
 
     slot_environments(cfg.gpus, cfg.jobs)  # wrong gpus/jobs fail before init creates the store
     check_gpus_visible(cfg.gpus)

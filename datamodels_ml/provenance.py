@@ -69,7 +69,7 @@ def check_store(store: Any, x_name: str, dm: Any, *, source: str) -> None:
 
 def fingerprint_from_beton(data_path: str, beton_rows: np.ndarray, store_indices: np.ndarray) -> dict[str, Any]:
     """The fingerprint of a fit, read from its ``.beton`` (whose rows are store rows ``store_indices``)."""
-    from datamodels_ml.dataset import read_beton
+    from datamodels_ml.dataset.reader import read_beton
 
     by_store = dict(zip((int(s) for s in store_indices), (int(r) for r in beton_rows)))
     chosen = fingerprint_rows(np.fromiter(by_store, dtype=np.int64))

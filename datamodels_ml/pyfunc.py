@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodels_ml import tracking  # sets MLflow's environment defaults before mlflow is imported
+from datamodels_ml.tracking import runs as tracking  # sets MLflow's environment defaults before mlflow is imported
 from datamodels_ml.datamodel import Datamodels
 
 import mlflow.pyfunc  # noqa: E402  (only to subclass PythonModel; calls go through tracking)

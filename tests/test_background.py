@@ -1,4 +1,4 @@
-"""Work started in a daemon thread and awaited later (datamodels_ml.background)."""
+"""Work started in a daemon thread and awaited later (datamodels_ml.regression.overlap)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from datamodels_ml import background
+from datamodels_ml.regression import overlap as background
 
 
 def test_the_result_comes_back_on_the_threads_asked_for_and_the_imports_follow():

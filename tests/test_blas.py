@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodels_ml.solvers import TensorBatches, feature_stats
+from datamodels_ml.solvers.sources import TensorBatches
+from datamodels_ml.solvers.stats import feature_stats
 from datamodels_ml.solvers.blas import enabled, mm, syrk_upper_
 
 

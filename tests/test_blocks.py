@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli
-from datamodels_ml.blocks import KILL_AFTER_ENV, merge, remaining
+from datamodels_ml.regression.target_blocks import KILL_AFTER_ENV, merge, remaining
 from datamodels_ml.config import load
-from datamodels_ml.dataset import write_beton
+from datamodels_ml.dataset.write_dataset import write_beton
 from datamodels_ml.errors import UserError
-from datamodels_ml.memory import plan_memory
-from datamodels_ml.regress import RegressConfig, fit
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import create_store
+from datamodels_ml.regression.memory import plan_memory
+from datamodels_ml.regression.config import RegressConfig
+from datamodels_ml.regression.regress import fit
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import create_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 
@@ -159,7 +160,7 @@ def test_run_spreads_blocks_over_devices_once_each():
     """The multi-device scheduler (one thread per device), here with a pure function for each block."""
     import threading
 
-    from datamodels_ml.blocks import run
+    from datamodels_ml.regression.target_blocks import run
 
     todo = [(s, s + 3) for s in range(0, 30, 3)]
     seen: dict = {}

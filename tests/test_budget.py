@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from datamodels_ml.budget import consumed
+from datamodels_ml.evaluation.budget import consumed
 from datamodels_ml.datamodel import Datamodels
 
 

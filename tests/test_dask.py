@@ -185,7 +185,7 @@ def test_user_errors_of_the_dask_back_end(dask_cluster, store, tmp_path):
 def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
     from distributed.comm import get_tcp_server_addresses
 
-    from datamodels_ml.dask_cluster import close_cluster, make_cluster
+    from datamodels_ml.training.dask_cluster import close_cluster, make_cluster
 
     monkeypatch.chdir(tmp_path)  # the jobs' log directory is created here, and the TLS credentials
     cluster, cfg = make_cluster(CONFIGS / "cluster" / "slurm.yaml")  # builds the scheduler; submits nothing
@@ -227,7 +227,7 @@ def test_slurm_job_script_from_the_yaml(tmp_path, monkeypatch):
      ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--lifetime", "1h"]),
 ])
 def test_loopback_and_the_dashboard_only_when_asked(tmp_path, yaml, scheduler, workers):
-    from datamodels_ml.dask_cluster import cluster_kwargs, load_cluster_config
+    from datamodels_ml.training.dask_cluster import cluster_kwargs, load_cluster_config
 
     (tmp_path / "c.yaml").write_text(yaml)
     kwargs = cluster_kwargs(load_cluster_config(tmp_path / "c.yaml"))
@@ -237,7 +237,7 @@ def test_loopback_and_the_dashboard_only_when_asked(tmp_path, yaml, scheduler, w
 
 
 def test_shared_directory_holds_the_credentials(tmp_path, monkeypatch):
-    from datamodels_ml.dask_cluster import close_cluster, make_cluster
+    from datamodels_ml.training.dask_cluster import close_cluster, make_cluster
 
     monkeypatch.setenv("SHARED", str(tmp_path / "scratch"))
     (tmp_path / "scratch").mkdir()
@@ -268,7 +268,7 @@ def test_shared_directory_holds_the_credentials(tmp_path, monkeypatch):
     ("shared_directory: /my scratch\n", "shared_directory must be a directory path without spaces"),
 ])
 def test_cluster_yaml_errors_name_the_key(tmp_path, text, message):
-    from datamodels_ml.dask_cluster import load_cluster_config
+    from datamodels_ml.training.dask_cluster import load_cluster_config
 
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(UserError, match=message):
@@ -293,7 +293,7 @@ def test_each_worker_process_of_a_gpu_job_keeps_one_gpu(monkeypatch, name, visib
 
     from distributed import WorkerPlugin
 
-    from datamodels_ml.fanout_dask import PinGPU
+    from datamodels_ml.training.dask_backend import PinGPU
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     plugin = PinGPU()
@@ -380,7 +380,7 @@ def test_train_on_a_tls_scheduler_with_the_users_certificates(store, tmp_path):
 def test_tls_certificates_that_cannot_be_used_are_named(tmp_path):
     import dask
 
-    from datamodels_ml.dask_tls import client_security
+    from datamodels_ml.training.dask_tls import client_security
 
     assert client_security("tcp://127.0.0.1:8786") is None  # plain TCP: Dask's defaults, as before
     config = write_certificates(tmp_path)

@@ -115,7 +115,7 @@ def test_pyfunc_model_predicts_like_datamodels(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # artifacts of the experiments it creates: ./mlruns
     import mlflow.pyfunc
 
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
     from datamodels_ml.pyfunc import log_datamodels_model
 
     data = planted(p=40, t=5, seed=3)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import EXPERIMENT, run_cli, search_runs, tracking_client
-from datamodels_ml.dataset import BetonBatches, beton_info, indices_hash, read_beton, read_manifest, write_beton
+from datamodels_ml.dataset.reader import BetonBatches, beton_info, read_beton, read_manifest
+from datamodels_ml.dataset.write_dataset import indices_hash, write_beton
 from datamodels_ml.errors import UserError
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import create_store
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import create_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 

@@ -14,10 +14,11 @@ from sklearn.metrics import r2_score
 
 from conftest import run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
-from datamodels_ml.evaluate import (EvaluateConfig, lds, mse, pearson, pearson_per_target, r2, r2_per_target,
-                                    run_evaluation, score, spearman_per_target)
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import create_store
+from datamodels_ml.evaluation.evaluate import EvaluateConfig, run_evaluation
+from datamodels_ml.evaluation.metrics import (lds, mse, pearson, pearson_per_target, r2, r2_per_target, score,
+                                              spearman_per_target)
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import create_store
 
 # -- metrics -------------------------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ import torch
 
 from conftest import CONFIGS, MlflowServer, cli_env, run_cli
 from datamodels_ml.errors import UserError
-from datamodels_ml.fanout import LocalSlots, slot_environments
-from datamodels_ml.spec import load_spec
-from datamodels_ml.store import create_store
+from datamodels_ml.training.local_slots import LocalSlots, slot_environments
+from datamodels_ml.store.spec import load_spec
+from datamodels_ml.store.store import create_store
 
 SPEC = str(CONFIGS / "minimal_spec.json")
 WHICH_GPU = str(Path(__file__).parent / "mains" / "which_gpu.py")

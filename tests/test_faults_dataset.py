@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 
 from conftest import cli_env
-from datamodels_ml.dataset import read_beton, read_manifest, write_beton
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import create_store
+from datamodels_ml.dataset.reader import read_beton, read_manifest
+from datamodels_ml.dataset.write_dataset import write_beton
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import create_store
 
 DRIVER = """
 import sys, time
-import datamodels_ml.dataset as dataset
+import datamodels_ml.dataset.write_dataset as dataset
 mode = sys.argv.pop(1)
 if mode == "full":
     dataset._check_space = lambda *args: None

@@ -15,9 +15,9 @@ import pytest
 
 from conftest import run_cli
 from datamodels_ml.errors import UserError
-from datamodels_ml.lock import row_lock, store_lock
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import Store, create_store
+from datamodels_ml.store.lock import row_lock, store_lock
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import Store, create_store
 
 MINIMAL = {"num_models": 6, "schema": {"values": {"shape": [10], "dtype": "uint8"},
                                        "index": {"shape": [], "dtype": "int64"}}}

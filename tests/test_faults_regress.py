@@ -22,14 +22,15 @@ import pytest
 import torch
 
 from conftest import CONFIGS, cli_env, run_cli
-from datamodels_ml.blocks import KILL_AFTER_ENV
+from datamodels_ml.regression.target_blocks import KILL_AFTER_ENV
 from datamodels_ml.config import load
-from datamodels_ml.dataset import write_beton
+from datamodels_ml.dataset.write_dataset import write_beton
 from datamodels_ml.errors import UserError
-from datamodels_ml.regress import RegressConfig, fit
-from datamodels_ml.results import fingerprint
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import create_store
+from datamodels_ml.regression.config import RegressConfig
+from datamodels_ml.regression.regress import fit
+from datamodels_ml.regression.output_dir import fingerprint
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import create_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 
@@ -229,7 +230,7 @@ def test_full_disk_while_writing_results_is_one_line_and_replaces_nothing(beton,
 
 
 def test_full_disk_while_saving_a_block_is_one_line_and_keeps_the_saved_ones(tmp_path, small_fs):
-    from datamodels_ml.blocks import BlockStore
+    from datamodels_ml.regression.target_blocks import BlockStore
 
     store = BlockStore(small_fs / "out")
     store.open({"config": {"cfg.eps": 0.01}}, force=False)
@@ -245,8 +246,8 @@ def test_full_disk_while_saving_a_block_is_one_line_and_keeps_the_saved_ones(tmp
 
 
 def test_the_lock_file_of_a_regress_makes_a_directory_ours_and_no_other_file_does(beton, tmp_path):
-    from datamodels_ml.lock import out_dir_lock
-    from datamodels_ml.results import check_out_dir
+    from datamodels_ml.store.lock import out_dir_lock
+    from datamodels_ml.regression.output_dir import check_out_dir
 
     out = tmp_path / "out"
     with out_dir_lock(out, "regress"):

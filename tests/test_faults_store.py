@@ -17,8 +17,8 @@ import torch
 from conftest import CONFIGS, run_cli
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import Store, create_store, status_report
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import Store, create_store, status_report
 
 SPEC = {"num_models": 6, "schema": {"masks": {"shape": [5], "dtype": "bool_"},
                                     "margins": {"shape": [3], "dtype": "float16"}}}
@@ -108,7 +108,7 @@ def test_every_command_opens_an_original_store(tmp_path):
     assert "completed: 2/6" in proc.stdout and "original layout" in proc.stdout
     run_cli("write_dataset", f"store={tmp_path / 'orig'}", f"out={tmp_path / 'd.beton'}", "x_name=masks",
             "y_name=margins", "progress=false", cwd=tmp_path, check=True)
-    from datamodels_ml.dataset import read_beton
+    from datamodels_ml.dataset.reader import read_beton
 
     x, y, idx = read_beton(tmp_path / "d.beton")
     assert idx.tolist() == [1, 4]
@@ -252,7 +252,7 @@ def test_train_completes_an_original_store_keeping_its_rows(tmp_path):
 
 
 def test_init_force_is_refused_while_the_store_is_in_use(tmp_path):
-    from datamodels_ml.lock import store_lock
+    from datamodels_ml.store.lock import store_lock
 
     store = create_store(tmp_path / "s", parse_spec(SPEC))
     store.write_row(1, {"masks": np.ones(5, bool), "margins": np.ones(3, np.float16)})

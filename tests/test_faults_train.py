@@ -17,7 +17,7 @@ import pytest
 
 from conftest import MlflowServer, _template_db, cli_env, run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
-from datamodels_ml.lock import creation_lock, row_lock, store_lock
+from datamodels_ml.store.lock import creation_lock, row_lock, store_lock
 
 FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
 SPEC = {"num_models": 64, "schema": {"values": {"shape": [10], "dtype": "uint8"},
@@ -70,7 +70,7 @@ def runner_pids(driver):
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == driver and b"datamodels_ml.runner" in cmdline:
+        if int(fields[1]) == driver and b"datamodels_ml.training.runner_child" in cmdline:
             pids.append(int(stat.parent.name))
     return pids
 
@@ -353,7 +353,7 @@ def test_runner_skips_a_complete_row_and_exits_quietly_when_its_parent_is_gone(s
     done[2] = True  # completed by another writer, e.g. a tool that takes no lock
     done.flush()
     read_fd, write_fd = os.pipe()
-    runner = subprocess.Popen([sys.executable, "-m", "datamodels_ml.runner", "--reply-fd", str(write_fd)],
+    runner = subprocess.Popen([sys.executable, "-m", "datamodels_ml.training.runner_child", "--reply-fd", str(write_fd)],
                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,), cwd=tmp_path,
                               env=cli_env(tmp_path), text=True)
     os.close(write_fd)

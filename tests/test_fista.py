@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from datamodels_ml.solvers import lasso_path
+from datamodels_ml.solvers.path import lasso_path
 from datamodels_ml.solvers.fista import duality_gap, fista, support_newton
 
 

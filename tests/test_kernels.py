@@ -11,7 +11,10 @@ import torch
 
 from datamodels_ml import kernel_cache
 from datamodels_ml.errors import UserError
-from datamodels_ml.solvers import TensorBatches, feature_stats, kernels, lasso_path
+from datamodels_ml.solvers.sources import TensorBatches
+from datamodels_ml.solvers.stats import feature_stats
+from datamodels_ml.solvers import kernels
+from datamodels_ml.solvers.path import lasso_path
 
 
 @pytest.fixture

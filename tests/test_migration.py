@@ -14,8 +14,8 @@ import pytest
 from conftest import search_runs
 from datamodels_ml.cli import apply_aliases, bare_flags, split_script_options
 from datamodels_ml.errors import UserError
-from datamodels_ml.fanout import TrainConfig
-from datamodels_ml.training import WorkerConfig
+from datamodels_ml.training.train import TrainConfig
+from datamodels_ml.training.worker import WorkerConfig
 
 pytest.importorskip("fastargs")
 
@@ -177,7 +177,7 @@ def test_original_workflow_on_an_original_store(cli, tmp_path):
     assert not (store / "spec.json").exists()  # the store keeps its original layout
     done, masks, margins = rows(store)
     assert done.nonzero()[0].tolist() == [0, 1, 2, 3]
-    from datamodels_ml.dataset import read_beton
+    from datamodels_ml.dataset.reader import read_beton
 
     x, y, idx = read_beton(out)
     assert idx.tolist() == [0, 1, 2, 3]

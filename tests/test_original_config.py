@@ -20,11 +20,12 @@ import yaml
 from sklearn.linear_model import Lasso, LinearRegression
 
 from conftest import CONFIGS, run_cli
-from datamodels_ml.dataset import read_beton, write_beton
+from datamodels_ml.dataset.reader import read_beton
+from datamodels_ml.dataset.write_dataset import write_beton
 from datamodels_ml.errors import UserError
-from datamodels_ml.original_config import is_original, load_config
-from datamodels_ml.regress import fit
-from datamodels_ml.solvers import lasso_path
+from datamodels_ml.regression.original_config import is_original, load_config
+from datamodels_ml.regression.regress import fit
+from datamodels_ml.solvers.path import lasso_path
 from test_evaluate import make_store
 
 N, P, T, NUM_TRAIN, NUM_VAL, K, EPS = 300, 40, 3, 200, 40, 10, 1e-2
@@ -245,7 +246,7 @@ def test_only_a_file_of_original_keys_is_translated_and_the_command_line_wins(da
     ("early_stopping.eps=-1", "early_stopping.eps must be > 0, got -1.0"),
 ])
 def test_our_keys_refuse_bad_values(data, override, message):
-    from datamodels_ml.regress import plan
+    from datamodels_ml.regression.regress import plan
 
     root, *_ = data
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -268,7 +269,7 @@ def test_absolute_tolerance_is_in_the_units_of_y():
 
 
 def test_relax_under_saga_is_noted(data):
-    from datamodels_ml.original_config import notes
+    from datamodels_ml.regression.original_config import notes
 
     root, *_ = data
     cfg = load_config([f"config={original_config(root, 'saga')}", "cfg.method=saga"], quiet=True)

@@ -14,7 +14,7 @@ from sklearn.linear_model import Lasso
 
 from conftest import run_cli
 from datamodels_ml.datamodel import Datamodels
-from datamodels_ml.dataset import read_beton
+from datamodels_ml.dataset.reader import read_beton
 from datamodels_ml.errors import UserError
 from test_evaluate import make_store
 

@@ -13,12 +13,14 @@ import torch
 
 from conftest import CONFIGS, EXPERIMENT, run_cli, search_runs, tracking_client
 from datamodels_ml.config import load
-from datamodels_ml.dataset import write_beton
+from datamodels_ml.dataset.write_dataset import write_beton
 from datamodels_ml.errors import UserError
 from datamodels_ml.datamodel import Datamodels
-from datamodels_ml.regress import RegressConfig, fit, is_up_to_date
-from datamodels_ml.spec import parse_spec
-from datamodels_ml.store import Store, create_store
+from datamodels_ml.regression.config import RegressConfig
+from datamodels_ml.regression.regress import fit
+from datamodels_ml.regression.output_dir import is_up_to_date
+from datamodels_ml.store.spec import parse_spec
+from datamodels_ml.store.store import Store, create_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 
@@ -227,7 +229,7 @@ def test_fit_rejects_bad_values(planted, override, message):
 def test_an_error_in_the_background_statistics_fails_the_command_cleanly(planted, tmp_path, monkeypatch):
     # the masks' statistics run in a thread while MLflow starts: their error is the command's,
     # the run ends FAILED and no results are written
-    import datamodels_ml.regress as regress_module
+    import datamodels_ml.regression.regress as regress_module
 
     def broken(p, device, widen=None):
         raise UserError("the masks could not be read")

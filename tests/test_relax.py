@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.linear_model import LinearRegression
 
-from datamodels_ml.solvers import feature_stats, lasso_path
+from datamodels_ml.solvers.stats import feature_stats
+from datamodels_ml.solvers.path import lasso_path
 from datamodels_ml.solvers.relax import PHIS, choose_phi, support_ls
 from datamodels_ml.solvers.screening import TrainGram
 from datamodels_ml.solvers.sources import as_source

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodels_ml.solvers import ChainedSource, feature_stats, lasso_path
+from datamodels_ml.solvers.sources import ChainedSource
+from datamodels_ml.solvers.stats import feature_stats
+from datamodels_ml.solvers.path import lasso_path
 from datamodels_ml.solvers.restandardize import train_val_problem
 from datamodels_ml.solvers.sources import as_source
 from datamodels_ml.solvers.stats import target_stats

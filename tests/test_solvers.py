@@ -7,7 +7,11 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from datamodels_ml.solvers import LassoPath, TensorBatches, feature_stats, lambda_grid, lambda_max, lasso_path
+from datamodels_ml.solvers.result import LassoPath
+from datamodels_ml.solvers.sources import TensorBatches
+from datamodels_ml.solvers.stats import feature_stats
+from datamodels_ml.solvers.grid import lambda_grid, lambda_max
+from datamodels_ml.solvers.path import lasso_path
 
 METHODS = ["saga", "fista"]
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodels_ml.solvers import TensorBatches, feature_stats, lasso_path
+from datamodels_ml.solvers.sources import TensorBatches
+from datamodels_ml.solvers.stats import feature_stats
+from datamodels_ml.solvers.path import lasso_path
 
 pytestmark = pytest.mark.gpu
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from datamodels_ml.errors import UserError
-from datamodels_ml.spec import load_spec, parse_spec
-from datamodels_ml.store import RowError, Store, compress_ranges, create_store, status_report
+from datamodels_ml.store.spec import load_spec, parse_spec
+from datamodels_ml.store.store import RowError, Store, compress_ranges, create_store, status_report
 
 GOOD = {"num_models": 5, "schema": {"masks": {"shape": [4], "dtype": "bool_"},
                                     "margins": {"shape": [3], "dtype": "float16"},

@@ -17,7 +17,7 @@ def own_store(tmp_path, monkeypatch):
     for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
-    from datamodels_ml import tracking_store
+    from datamodels_ml.tracking import backend as tracking_store
 
     tracking_store.prepare()  # SQLite in WAL mode with a busy timeout, as every command has it
     return tracking_client(tmp_path)
@@ -32,7 +32,7 @@ def _experiment(client, run_id):
     ("mine", "mine", "mine-train"),
 ])
 def test_runs_go_to_named_experiments_of_the_model_training_kind(own_store, monkeypatch, env_name, main, training):
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
 
     if env_name:
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", env_name)
@@ -51,7 +51,7 @@ def test_runs_go_to_named_experiments_of_the_model_training_kind(own_store, monk
 
 
 def test_a_train_run_nested_in_a_pipeline_goes_to_the_training_experiment_linked_by_tags(own_store):
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
 
     with tracking.run("demo", name="demo-30") as demo:
         with tracking.run("regress", name="regress-fista-k5") as reg:
@@ -72,7 +72,7 @@ def test_a_train_run_nested_in_a_pipeline_goes_to_the_training_experiment_linked
 
 
 def test_an_experiment_made_elsewhere_gets_the_kind_and_a_deleted_one_is_refused(own_store):
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
     from datamodels_ml.errors import UserError
 
     made = own_store.create_experiment(EXPERIMENT)  # as `mlflow run --experiment-name datamodels` makes it
@@ -92,7 +92,7 @@ def test_an_experiment_made_elsewhere_gets_the_kind_and_a_deleted_one_is_refused
     ("user", "FAILED"), (KeyboardInterrupt(), "KILLED"), ("sigterm", "KILLED"),
 ])
 def test_a_run_ends_with_the_status_of_how_its_block_ended(own_store, exc, status):
-    from datamodels_ml import tracking
+    from datamodels_ml.tracking import runs as tracking
     from datamodels_ml.errors import UserError
     from datamodels_ml.interrupts import Terminated
 
@@ -106,7 +106,7 @@ def test_a_run_ends_with_the_status_of_how_its_block_ended(own_store, exc, statu
 
 # -- child runs of train ---------------------------------------------------------------------------
 def _records(n):
-    from datamodels_ml.child_runs import ChildRecord
+    from datamodels_ml.tracking.child_runs import ChildRecord
 
     records = []
     for i in range(n):
@@ -122,8 +122,8 @@ def test_child_runs_one_per_model_with_its_params_metrics_tags_and_status(own_st
     """The public API and the SQLite fast path write the same records."""
     import math
 
-    from datamodels_ml import tracking
-    from datamodels_ml.child_runs import ChildRunWriter
+    from datamodels_ml.tracking import runs as tracking
+    from datamodels_ml.tracking.child_runs import ChildRunWriter
 
     monkeypatch.setenv("DATAMODELS_CHILD_RUNS", "api" if mode == "api" else "auto")
     with tracking.run("train", name="train-20") as parent:
@@ -149,7 +149,8 @@ def test_child_runs_one_per_model_with_its_params_metrics_tags_and_status(own_st
 
 
 def test_other_mlflow_tables_turn_the_fast_path_off_with_one_line(own_store, monkeypatch, capsys):
-    from datamodels_ml import child_runs, tracking
+    from datamodels_ml.tracking import child_runs
+    from datamodels_ml.tracking import runs as tracking
 
     monkeypatch.setitem(child_runs._COLUMNS, "SqlRun", child_runs._COLUMNS["SqlRun"] | {"workspace"})
     with tracking.run("train", name="train-3") as parent:
@@ -183,8 +184,8 @@ def test_ctrl_c_while_child_runs_are_flushed_stops_the_flush_and_counts_what_was
     import signal
     import threading
 
-    from datamodels_ml import tracking
-    from datamodels_ml.child_runs import ChildRunWriter
+    from datamodels_ml.tracking import runs as tracking
+    from datamodels_ml.tracking.child_runs import ChildRunWriter
 
     monkeypatch.setenv("DATAMODELS_CHILD_RUNS", "api")  # ~15 ms per run: 600 take seconds
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever set another

@@ -9,26 +9,9 @@ one CPU core (or on the GPU the slot sees). Spec: ``configs/digits_spec.json``.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
-N_TRAIN = 1000
-N_TEST = 797
-
-
-@lru_cache(maxsize=1)
-def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train [1000, 64], y_train, x_test [797, 64], y_test), pixels scaled to [0, 1]; fixed order."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
-
+from datamodels_ml.digits import N_TRAIN, load_split
 
 def margins_of(logits, labels):
     """Correct-class logit minus log-sum-exp of the other logits (the datamodels paper's margin)."""
