@@ -19,7 +19,7 @@ def solver_lasso_path():
     """The package's ``lasso_path``, with this machine's kernels installed from the cache (as the
     ``regress`` command does), so that no probe is timed."""
     from datamodels_ml.kernel_cache import load
-    from datamodels_ml.solvers import lasso_path
+    from datamodels_ml.solvers.path import lasso_path
 
     load()
     return lasso_path

@@ -75,12 +75,12 @@ def absorb_rate(folder: Path, n: int, public_api: bool = False) -> tuple[float, 
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from datamodels_ml import tracking
-    from datamodels_ml.child_runs import ChildRunWriter
-    from datamodels_ml.fanout import _Recorder
-    from datamodels_ml.spec import load_spec
-    from datamodels_ml.store import create_store
-    from datamodels_ml.worker import ModelResult, scalar_outputs
+    from datamodels_ml.tracking import runs as tracking
+    from datamodels_ml.tracking.child_runs import ChildRunWriter
+    from datamodels_ml.training.train import _Recorder
+    from datamodels_ml.store.spec import load_spec
+    from datamodels_ml.store.store import create_store
+    from datamodels_ml.training.run_model import ModelResult, scalar_outputs
 
     class NoBar:
         def update(self, *_):

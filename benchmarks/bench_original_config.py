@@ -31,9 +31,10 @@ SETTINGS = {"cifar example": dict(lr=1e-4, tol=0.5, check_every=3), "defaults": 
 
 
 def main() -> None:
-    from datamodels_ml.dataset import read_beton, write_beton
-    from datamodels_ml.original_config import load_config
-    from datamodels_ml.regress import fit
+    from datamodels_ml.dataset.reader import read_beton
+    from datamodels_ml.dataset.write_dataset import write_beton
+    from datamodels_ml.regression.original_config import load_config
+    from datamodels_ml.regression.regress import fit
     from test_evaluate import make_store
     from test_original_config import NUM_TRAIN, NUM_VAL, N, P, T, EPS, K, fast_l1_fit, heldout_mse, ours
 

@@ -124,7 +124,7 @@ def fill_store(store_dir: Path, n: int, p: int, T: int, cols: np.ndarray, w: np.
     """Write ``n`` models' masks and outputs into the store (as the workers would) and commit them."""
     import torch
 
-    from datamodels_ml.store import Store
+    from datamodels_ml.store.store import Store
 
     store = Store(store_dir)
     masks, margins = store.array("masks"), store.array("margins")
@@ -149,7 +149,7 @@ def oracle_and_ours(heldout: Path, train: Path, n_fit: int, results: Path, cols:
     bytes and the file's size."""
     import torch
 
-    from datamodels_ml.store import Store
+    from datamodels_ml.store.store import Store
 
     dm = torch.load(results, map_location="cpu", weights_only=False)
     weight, bias, mean, std = dm["weight"], dm["bias"], dm["mean"], dm["std"]

@@ -109,9 +109,9 @@ def run_command(size, n_val, k, eps, tmp):
     import sys
     from pathlib import Path
 
-    from datamodels_ml.dataset import write_beton
-    from datamodels_ml.spec import parse_spec
-    from datamodels_ml.store import create_store
+    from datamodels_ml.dataset.write_dataset import write_beton
+    from datamodels_ml.store.spec import parse_spec
+    from datamodels_ml.store.store import create_store
 
     n, p, T, truth = size
     X, Y = make_problem(n, p, T, truth=truth)

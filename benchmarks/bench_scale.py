@@ -14,7 +14,7 @@ unit noise and an offset. Per size, in a fresh process (so the peak RSS is that 
 
 The extrapolation multiplies those rates by the paper-scale flop counts (Gram 2 n p², X^T Y 2 n p T,
 each FISTA iteration 2 p² T without screening, as many iterations as the largest size measured here
-needed) and sizes the target blocks with ``datamodels_ml.memory``. The GPU column uses
+needed) and sizes the target blocks with ``datamodels_ml.regression.memory``. The GPU column uses
 ``--gpu-tflops`` (ASSUMED, printed as such) unless ``--device cuda`` measured the rates. It is an
 order of magnitude, not a promise: screening, I/O of the 15 GB of masks and iteration counts at
 that scale are not measured here.
@@ -148,7 +148,8 @@ def _hours(seconds: float) -> str:
 
 
 def extrapolate(last: dict, measured_gpu: bool, gpu_tflops: float, method: str) -> None:
-    from datamodels_ml.memory import USABLE, cpu_available, estimate, fmt_bytes
+    from datamodels_ml.regression.memory import USABLE, cpu_available, estimate
+    from datamodels_ml.store.layout import human_bytes as fmt_bytes
 
     n, p, T = PAPER["n"], PAPER["p"], PAPER["T"]
     gram_flops, xty_flops = 2 * n * p * p, 2 * n * p * T

@@ -1,7 +1,7 @@
 """Start-up of the regression's read path: what a fresh process pays before its first batch.
 
 Writes a digits-shaped ``.beton`` (3600 models, 1000 features, 300 targets) with ``write_beton``,
-then, in fresh processes, times (1) importing ``datamodels_ml.dataset`` and reading the header
+then, in fresh processes, times (1) importing ``datamodels_ml.dataset.write_dataset`` and reading the header
 (``beton_info``), (2) the first batch of ``BetonBatches`` (``import torch`` included), (3) a full
 pass; and reports whether FFCV or numba were imported, and the slowest imports
 (``python -X importtime``).
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import sys, time
 t0 = time.perf_counter()
-from datamodels_ml.dataset import BetonBatches, beton_info
+from datamodels_ml.dataset.write_dataset import BetonBatches, beton_info
 info = beton_info(sys.argv[1]); t1 = time.perf_counter()
 src = BetonBatches(sys.argv[1], batch_size=2000, info=info)
 next(iter(src)); t2 = time.perf_counter()
@@ -37,9 +37,9 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f} {','.join(heavy) or '-'}")
 def make_beton(path: Path) -> None:
     import numpy as np
 
-    from datamodels_ml.dataset import write_beton
-    from datamodels_ml.spec import parse_spec
-    from datamodels_ml.store import create_store
+    from datamodels_ml.dataset.write_dataset import write_beton
+    from datamodels_ml.store.spec import parse_spec
+    from datamodels_ml.store.store import create_store
 
     n, p, t = 3600, 1000, 300
     store = create_store(path.parent / "store", parse_spec({"num_models": n, "schema": {
