@@ -65,6 +65,9 @@ $(STAMP): pyproject.toml Makefile
 test: setup ## run the test suite (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+test-fast: setup ## the tests not marked slow, gpu or ui (a quick check while editing)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not gpu and not ui"
+
 demo: setup ## the whole workflow on the digits example: train, write_dataset, regress, evaluate
 	$(DM) demo config=$(DEMO) $(ARGS)
 

@@ -28,7 +28,7 @@ from datamodels_ml.dataset.write_dataset import write_beton
 from datamodels_ml.errors import UserError
 from datamodels_ml.regression.config import RegressConfig
 from datamodels_ml.regression.regress import fit
-from datamodels_ml.regression.output_dir import fingerprint
+from datamodels_ml.regression.output_dir import rerun_key
 from datamodels_ml.store.spec import parse_spec
 from datamodels_ml.store.store import create_store
 
@@ -164,7 +164,7 @@ def _tamper(case: str, out: Path, beton: Path, tmp_path: Path) -> tuple[list[str
         return [], re.escape(where + f"'weight' has shape [{P + 1}, 7], expected [{P}, 7]" + again)
     # other settings: the interleaving, a block of eps=0.01 under the mark of a run with eps=0.001
     other = load(RegressConfig, _args(beton, out, "cfg.eps=0.001"), config_key="config")
-    (out / ".blocks" / "blocks.json").write_text(json.dumps({"datamodels_ml_blocks": 1, "inputs": fingerprint(other)}))
+    (out / ".blocks" / "blocks.json").write_text(json.dumps({"datamodels_ml_blocks": 1, "inputs": rerun_key(other)}))
     return ["cfg.eps=0.001"], re.escape(where + "was fitted with other inputs" + again)
 
 

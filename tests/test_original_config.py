@@ -23,7 +23,7 @@ from conftest import CONFIGS, run_cli
 from datamodels_ml.dataset.reader import read_beton
 from datamodels_ml.dataset.write_dataset import write_beton
 from datamodels_ml.errors import UserError
-from datamodels_ml.regression.original_config import is_original, load_config
+from datamodels_ml.regression.original_config import is_original_config, load_config
 from datamodels_ml.regression.regress import fit
 from datamodels_ml.solvers.path import lasso_path
 from test_evaluate import make_store
@@ -225,7 +225,7 @@ def test_an_original_config_fits_the_lasso_it_means(data):
 
 def test_only_a_file_of_original_keys_is_translated_and_the_command_line_wins(data, capsys):
     root, *_ = data
-    assert not is_original(yaml.safe_load((CONFIGS / "reg.yaml").read_text()))
+    assert not is_original_config(yaml.safe_load((CONFIGS / "reg.yaml").read_text()))
     config = original_config(root, "cli")
     cfg = load_config([f"config={config}", "data.split=random", "cfg.method=saga"])
     err = capsys.readouterr().err

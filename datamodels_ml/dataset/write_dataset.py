@@ -33,7 +33,7 @@ from datamodels_ml.errors import UserError
 from datamodels_ml.dataset.reader import manifest_path
 from datamodels_ml.store.layout import read_header
 
-FORMAT_VERSION = 1
+MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -304,7 +304,7 @@ def _manifest(out: Path, inputs: _Inputs, keep: np.ndarray, dropped: np.ndarray,
     store, x, y, completed = inputs.store, inputs.x, inputs.y, inputs.completed
     n_features, n_targets = inputs.n_features, inputs.n_targets
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": MANIFEST_VERSION,
         "beton": str(out.resolve()),
         "store": str(store.path.resolve()),
         "x_name": x_name,

@@ -18,7 +18,6 @@ from datamodels_ml.errors import UserError
 
 
 SPLITS = ("random", "ordered")
-GRIDS = ("datamodels_ml", "fast_l1")
 REFIT_STANDARDIZATIONS = ("train", "train_val")
 
 
@@ -95,6 +94,8 @@ def check(cfg: RegressConfig) -> None:
         raise UserError(f"cfg.num_workers must be >= 0, got {c.num_workers}")
     if d.split not in SPLITS:
         raise UserError(f"data.split must be {' or '.join(SPLITS)}, got '{d.split}'")
+    from datamodels_ml.solvers.grid import GRIDS  # here, not at import: the solver needs torch
+
     if c.grid not in GRIDS:
         raise UserError(f"cfg.grid must be {' or '.join(GRIDS)}, got '{c.grid}'")
     if c.refit_standardization not in REFIT_STANDARDIZATIONS:

@@ -43,7 +43,7 @@ ORIGINAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
 }
 
 
-def is_original(doc: Any) -> bool:
+def is_original_config(doc: Any) -> bool:
     """True for a mapping whose sections and keys all belong to the original's regression config."""
     if not isinstance(doc, dict) or not doc or not set(doc) <= set(ORIGINAL_KEYS):
         return False
@@ -81,7 +81,7 @@ def load_config(argv: list[str], *, config_key: str = "config", quiet: bool = Fa
     if paths and os.path.isfile(paths[-1]):
         overrides = [t for t in argv if t.partition("=")[0] != config_key]
         doc = read_yaml(paths[-1], "regression config")
-        if is_original(doc):
+        if is_original_config(doc):
             tokens, lines = translate(paths[-1], doc, overrides)
             if not quiet:
                 for line in lines:

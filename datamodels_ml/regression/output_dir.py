@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from datamodels_ml.datamodel import FORMAT_VERSION
 from datamodels_ml.errors import UserError
 from datamodels_ml.store.lock import LOCK_FILE, recorded_command
 
-FORMAT_VERSION = 1
 RESULTS_FILE = "datamodels.pt"
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = ("datamodels.pt", "config.yaml", "path.png", "targets.csv", MANIFEST_FILE)
@@ -56,8 +56,8 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-# -- fingerprints ----------------------------------------------------------------------------------
-def _beton_fingerprint(path: str, manifest: dict | None) -> dict[str, Any]:
+# -- rerun keys ------------------------------------------------------------------------------------
+def _beton_identity(path: str, manifest: dict | None) -> dict[str, Any]:
     st = os.stat(path)
     out = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if manifest:
@@ -65,14 +65,14 @@ def _beton_fingerprint(path: str, manifest: dict | None) -> dict[str, Any]:
     return out
 
 
-def fingerprint(cfg) -> dict[str, Any]:
+def rerun_key(cfg) -> dict[str, Any]:
     """What decides the result of a regression: the config (less output-only keys) and the beton."""
     from datamodels_ml.config import to_flat_dict
     from datamodels_ml.dataset.reader import read_manifest
 
     flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in NOT_FINGERPRINTED}
     data = cfg.data.data_path
-    beton = _beton_fingerprint(data, read_manifest(data)) if os.path.isfile(data) else None
+    beton = _beton_identity(data, read_manifest(data)) if os.path.isfile(data) else None
     return json.loads(json.dumps({"config": flat, "beton": beton}))
 
 
@@ -89,7 +89,7 @@ def is_up_to_date(cfg) -> bool:
     """True when ``cfg.out_dir`` already holds a regression of the same data with the same config."""
     out = Path(cfg.cfg.out_dir)
     recorded = read_regress_manifest(out)
-    return bool(recorded) and (out / RESULTS_FILE).is_file() and recorded.get("inputs") == fingerprint(cfg)
+    return bool(recorded) and (out / RESULTS_FILE).is_file() and recorded.get("inputs") == rerun_key(cfg)
 
 
 def is_ours(out: Path) -> bool:
@@ -183,7 +183,7 @@ def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None 
 
     fig = path_figure(*path_curves(result), title=f"{result['y_name'] or 'targets'} "
                       f"[{result['target_start']}:{result['target_end']}], {cfg.cfg.method}")
-    manifest = {"format_version": FORMAT_VERSION, "inputs": fingerprint(cfg), "config": config_dict(cfg),
+    manifest = {"format_version": FORMAT_VERSION, "inputs": rerun_key(cfg), "config": config_dict(cfg),
                 "summary": summary(result), "train_indices": result["train_indices"].tolist(),
                 "val_indices": result["val_indices"].tolist(), "mlflow_run_id": run_id,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -211,5 +211,5 @@ def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None 
             tmp.unlink(missing_ok=True)
 
 
-__all__ = ["FORMAT_VERSION", "RESULTS_FILE", "MANIFEST_FILE", "OUTPUT_FILES", "fingerprint", "is_up_to_date",
+__all__ = ["RESULTS_FILE", "MANIFEST_FILE", "OUTPUT_FILES", "rerun_key", "is_up_to_date",
            "is_ours", "check_out_dir", "write_results", "torch_save", "summary", "config_dict", "path_curves"]

@@ -27,7 +27,8 @@ from datamodels_ml.progress import PathBar
 from datamodels_ml.regression.original_config import notes
 from datamodels_ml.provenance import fingerprint_from_beton
 from datamodels_ml.regression.config import RegressConfig, check, regress_devices
-from datamodels_ml.regression.output_dir import (FORMAT_VERSION, MANIFEST_FILE, RESULTS_FILE, config_dict, fingerprint,
+from datamodels_ml.datamodel import FORMAT_VERSION
+from datamodels_ml.regression.output_dir import (MANIFEST_FILE, RESULTS_FILE, config_dict, rerun_key,
                                                 path_curves, summary, write_results)
 
 
@@ -366,7 +367,7 @@ def _fit_and_write(cfg: RegressConfig, p: Plan, out: Any, kernels: Any) -> int:
     from datamodels_ml.config import to_flat_dict
 
     store = BlockStore(out)
-    store.open(fingerprint(cfg), force=cfg.cfg.force)
+    store.open(rerun_key(cfg), force=cfg.cfg.force)
     # the statistics of the masks go first, in the background on one core while MLflow is imported
     # and its store opened (both about a second), then on every thread; then the imports of the
     # results' plot and model

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.blas import mm
-from datamodels_ml.solvers.screening import copy_budget
+from datamodels_ml.solvers.screening import batch_block, copy_budget
 from datamodels_ml.solvers.stats import FeatureStats, TargetStats, moments
 
 __all__ = ["TrainValGram", "train_val_problem"]
@@ -101,12 +101,7 @@ class TrainValGram:
         return out
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
-        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (valid entries first)."""
-        out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=self.dtype, device=idx.device)
-        for b in range(idx.shape[0]):
-            k = int(valid[b].sum())
-            out[b, :k, :k] = self.block(idx[b, :k])
-        return out
+        return batch_block(self.block, idx, valid, self.dtype)
 
 
 def train_val_problem(stats: FeatureStats, train: TargetStats, val: TargetStats, *, fit_intercept: bool,

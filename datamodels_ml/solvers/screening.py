@@ -132,12 +132,7 @@ class RefitGram:
         return out
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
-        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (one block per row)."""
-        out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=self.dtype, device=idx.device)
-        for b in range(idx.shape[0]):
-            k = int(valid[b].sum())
-            out[b, :k, :k] = self.block(idx[b, :k])  # valid entries come first
-        return out
+        return batch_block(self.block, idx, valid, self.dtype)
 
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
         if idx.numel() == self.n_features and idx.numel() ** 2 > copy_budget(self.n_features):
@@ -153,6 +148,16 @@ class RefitGram:
                 blk.sub_(self.zbar[r, None] * self.zbar[None, idx])
             out[s : s + _ROWS] = blk
         return out
+
+
+def batch_block(block: Callable[[Tensor], Tensor], idx: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, m, m]`` sub-Grams from ``block`` (one call per row), zero where ``valid`` [B, m] is False
+    (valid entries come first): for operators with no faster batched gather."""
+    out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=dtype, device=idx.device)
+    for b in range(idx.shape[0]):
+        k = int(valid[b].sum())
+        out[b, :k, :k] = block(idx[b, :k])
+    return out
 
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:

@@ -142,14 +142,19 @@ def db_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
-    """Call ``fn``, retrying with backoff when SQLite reports a lock."""
-    delay = 0.05
+def _locked(exc: BaseException) -> bool:
+    return "locked" in str(exc).lower()
+
+
+def retry(fn: Callable[[], Any], attempts: int = 8, *, transient: Callable[[BaseException], bool] = _locked,
+          delay: float = 0.05, max_delay: float = 2.0) -> Any:
+    """Call ``fn``, retrying with backoff (``delay`` doubling to ``max_delay``) while its error is
+    ``transient``: by default, SQLite reporting a lock."""
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - MLflow wraps sqlite errors in several types
-            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps sqlite and HTTP errors in several types
+            if attempt == attempts - 1 or not transient(exc):
                 raise
             time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, max_delay)
