@@ -127,7 +127,7 @@ class Datamodels:
              original_beton: str | os.PathLike | None = None) -> "Datamodels":
         """Read ``datamodels.pt``; a missing file or a dict without the needed keys is a ``UserError``.
 
-        A file of the original tools (``weight``, ``bias``, ``lam`` only) needs ``original_config``,
+        A file of the original tools (``weight``, ``bias``, ``lam`` only) needs ``regression.original_config``,
         the regression config it was fitted with (see ``original``); ``original_beton`` overrides the
         ``.beton`` that config names (when it has moved).
         """

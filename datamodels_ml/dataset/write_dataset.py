@@ -10,9 +10,9 @@ model. The original's ``--cfg.data_dir ...`` spelling maps onto these keys (``AL
 pipeline can skip a stage that already ran; an existing ``out`` or manifest is replaced only with
 ``force``. Both are written next to ``out`` under temporary names and moved into place together once
 complete, so a failed write never destroys an existing file; FFCV's writer processes, their failures
-and the temporary files of writes that died are ``beton_writer``'s.
+and the temporary files of writes that died are ``dataset.writer``'s.
 
-Reading is ``dataset_reader`` (``BetonBatches``, ``read_beton``, ``beton_info``, ``read_manifest``,
+Reading is ``dataset.reader`` (``BetonBatches``, ``read_beton``, ``beton_info``, ``read_manifest``,
 re-exported here).
 """
 

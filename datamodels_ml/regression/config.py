@@ -7,7 +7,7 @@ keys are refused with the key's name there. ``check`` refuses out-of-range value
 A key spelled as in the original means what it means there; where we differ, the behaviour has a
 key of its own (``data.split``, ``cfg.grid``, ``cfg.refit_standardization``, ``cfg.tol``,
 ``cfg.relax``), and
-``original_config`` sets those for a file written for the original.
+``regression.original_config`` sets those for a file written for the original.
 """
 
 from dataclasses import dataclass, field

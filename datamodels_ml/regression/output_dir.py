@@ -2,7 +2,7 @@
 
 ``cfg.out_dir`` holds ``datamodels.pt``, ``config.yaml``, ``path.png``, ``targets.csv`` and
 ``manifest.json`` (the fingerprint of the inputs, the summary, the split), plus, while a fit is under
-way, ``.blocks/`` (finished target blocks, see ``blocks``), and ``.lock``, held by ``regress`` for its
+way, ``.blocks/`` (finished target blocks, see ``regression.target_blocks``), and ``.lock``, held by ``regress`` for its
 whole run (``lock.out_dir_lock``). A directory is *ours* when it holds a regression manifest, a block
 directory of ours, or the lock file of a regress (taken only in an empty directory or one of ours).
 ``cfg.force=true`` replaces only these files: each is written to a temporary file first, then all

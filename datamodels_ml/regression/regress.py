@@ -1,12 +1,12 @@
 """The ``regress`` stage: a config and a ``.beton`` in, ``datamodels.pt`` and the path metrics out.
 
-It owns the validation of a config (``regress_config``; files written for the original are read
-by ``original_config``) against its dataset, the train/val split of the beton's rows (random, or
+It owns the validation of a config (``regression.config``; files written for the original are read
+by ``regression.original_config``) against its dataset, the train/val split of the beton's rows (random, or
 ordered as the original's; models whose targets hold NaN or inf are left out, with a count), the
-batch sources handed to the solver (``solvers``), the loop over target blocks (sized by ``memory``,
-saved and resumed by ``blocks``, spread over ``gpus`` devices) and the MLflow record (one run; the
+batch sources handed to the solver (``solvers``), the loop over target blocks (sized by ``regression.memory``,
+saved and resumed by ``regression.target_blocks``, spread over ``gpus`` devices) and the MLflow record (one run; the
 path as metrics with ``step`` = 100·log10(λ_max/λ), see ``path_step``). The output directory is
-``results``; ``regress`` holds its lock (``lock.out_dir_lock``) from its blocks to its results.
+``regression.output_dir``; ``regress`` holds its lock (``lock.out_dir_lock``) from its blocks to its results.
 
 ``fit(cfg)`` is the same fit without files or a run of its own, for callers such as the model-budget
 curve; ``regress(cfg)`` is the command.
@@ -103,7 +103,7 @@ def _finite_targets(path: str, start: int, end: int, needed: int) -> np.ndarray:
 def tolerance(cfg: RegressConfig) -> tuple[float, str]:
     """The solver's convergence test: ``early_stopping.eps`` (the original's absolute one) for saga
     when set, else ``cfg.tol`` (relative). fista ignores ``early_stopping.eps``: its per-iteration
-    changes are not fast_l1's per-epoch ones (``original_config.notes`` says so)."""
+    changes are not fast_l1's per-epoch ones (``regression.original_config.notes`` says so)."""
     eps = cfg.early_stopping.eps
     if eps is not None and cfg.cfg.method == "saga":
         return float(eps), "absolute"
@@ -210,8 +210,8 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
 
 
 def _fit_blocks(p: Plan, bar: PathBar, store: Any = None, started: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Every target block of the plan (resuming from ``store``, a ``blocks.BlockStore``), merged.
-    ``started``: waits for the first device's feature statistics (computed by ``background.start``)."""
+    """Every target block of the plan (resuming from ``store``, a ``regression.target_blocks.BlockStore``), merged.
+    ``started``: waits for the first device's feature statistics (computed by ``regression.overlap.start``)."""
     import dataclasses
 
     from datamodels_ml.regression import target_blocks as blocks
@@ -309,7 +309,7 @@ def _log_path(result: dict[str, Any]) -> None:
 def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = None,
              started: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run the solver for a validated plan, block by block, and return the datamodels dict (see
-    ``fit``). ``started``: the feature statistics already under way (``background.start``)."""
+    ``fit``). ``started``: the feature statistics already under way (``regression.overlap.start``)."""
     from datamodels_ml.tracking import runs as tracking
 
     c = p.cfg.cfg

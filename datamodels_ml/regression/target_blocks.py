@@ -1,6 +1,6 @@
 """Target blocks: splitting the targets, keeping each finished block on disk, resuming, merging.
 
-A regression solves its targets in blocks (``memory`` sizes them). Each finished block is saved as
+A regression solves its targets in blocks (``regression.memory`` sizes them). Each finished block is saved as
 ``out_dir/.blocks/<start>-<end>.pt`` (tensors only, loadable with ``torch.load(weights_only=True)``)
 beside ``blocks.json``, the fingerprint of the inputs (``output_dir.rerun_key``); each block also
 holds that fingerprint's digest. A run that was killed resumes with the blocks already there,
@@ -185,7 +185,7 @@ def remaining(start: int, end: int, block: int, saved: list[tuple[int, int]]) ->
 
 
 def merge(blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One block of the concatenated targets (``blocks`` sorted by their first target)."""
+    """One block of the concatenated targets (``regression.target_blocks`` sorted by their first target)."""
     import torch
 
     sizes = [int(b["bias"].shape[0]) for b in blocks]

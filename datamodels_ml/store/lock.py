@@ -13,7 +13,7 @@ kernel drops a lock when its holder exits, however it exits (kill -9 included), 
 file never blocks anyone; the file itself is left in place (removing it would race with a taker).
 The lock file descriptors are not inherited by child processes (Python's default), so a runner
 outliving its parent cannot keep a store locked. Lock files and row folders are opened without
-following links (``store_files``): a link planted at ``.lock`` or ``workers/<i>`` is refused, its
+following links (``store.safe_open``): a link planted at ``.lock`` or ``workers/<i>`` is refused, its
 target never written.
 """
 

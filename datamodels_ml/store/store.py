@@ -165,7 +165,7 @@ def _fits(arr: np.ndarray, dtype: np.dtype) -> bool:
 
 
 class Store:
-    """An existing store directory, its arrays mapped once checked (``store_files.map_array``).
+    """An existing store directory, its arrays mapped once checked (``store.safe_open.map_array``).
 
     Every array's header must match the spec (shape, dtype) and its size must be exactly what its
     header says: a truncated file is refused in one line, never zero-extended. A writable store
@@ -203,7 +203,7 @@ class Store:
                 raise UserError(f"store {self.path} is not writable ({why}: {file})")
 
     def reserve_space(self) -> None:
-        """Allocate every array file's blocks now (see ``store_layout.reserve``); contents unchanged."""
+        """Allocate every array file's blocks now (see ``store.layout.reserve``); contents unchanged."""
         for key in [*self.spec.schema, COMPLETED]:
             fd = open_in_store(self.path, f"{key}.npy", os.O_RDWR)
             try:

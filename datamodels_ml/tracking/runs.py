@@ -1,8 +1,8 @@
-"""Every MLflow call of the project lives here (and, for the child runs of ``train``, in ``child_runs``):
+"""Every MLflow call of the project lives here (and, for the child runs of ``train``, in ``tracking.child_runs``):
 experiments, runs, parameters, metrics, artifacts, models.
 
 Where tracking goes and how its store is made ready (the URI's check, SQLite's set-up, retries) is
-``tracking_store``'s.
+``tracking.backend``'s.
 
 Runs go to two named experiments of MLflow's model-training kind (``_experiment_for``): one for
 regressions, evaluations and pipelines, one for training, whose thousands of model runs would

@@ -26,7 +26,7 @@ nanny (``Client.restart_workers``), which stops the hung main and frees its CPU 
 reschedules the worker's other tasks). A worker started without a nanny cannot be restarted: the
 model's error says so and the hung main runs on.
 
-Security (``dask_tls``): a ``cluster=`` cluster speaks mutual TLS with temporary credentials, so only
+Security (``training.dask_tls``): a ``cluster=`` cluster speaks mutual TLS with temporary credentials, so only
 this driver and its workers reach its scheduler; ``scheduler=tls://...`` connects with the user's
 certificates from the Dask config.
 """

@@ -12,7 +12,7 @@ worker starts: modules, a virtual environment); ``job_directives`` (extra schedu
 ``interface``; ``log_directory``; ``python``; ``dashboard``; ``shared_directory``; ``options`` (any
 other keyword of the class, as is).
 
-Security. Every cluster speaks TLS only, with temporary credentials (``dask_tls.Credentials``) written
+Security. Every cluster speaks TLS only, with temporary credentials (``training.dask_tls.Credentials``) written
 to ``shared_directory`` (default: the current directory; the nodes must see it at the same path) for
 the job scripts; ``type: local`` writes them to the temporary directory. ``type: local`` listens on
 127.0.0.1 only (scheduler, nannies, workers). The scheduler's dashboard is off unless asked

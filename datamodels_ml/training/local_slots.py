@@ -4,10 +4,10 @@ A slot is a thread (joblib's threading backend) that supervises one long-lived r
 (``datamodels_ml.training.runner_child``) started with ``CUDA_VISIBLE_DEVICES`` set to the slot's GPU (or to
 nothing on CPU slots). The runner imports main, torch and friends once and then trains index after
 index, so a model costs only its own work plus a pipe round trip, not a Python start-up. If main
-hangs past the timeout (the slot kills the runner's process group: ``runner_process``) or kills its
+hangs past the timeout (the slot kills the runner's process group: ``training.runner_parent``) or kills its
 process, the slot records the failure, starts a fresh runner and goes on; a slot whose runner keeps
 dying stops the run with one message. Runners write rows into the store themselves (``write_data``);
-the driver (``fanout``) commits them. The back-end interface is described in ``fanout.Backend``.
+the driver (``training.train``) commits them. The back-end interface is described in ``training.train.Backend``.
 """
 
 from __future__ import annotations

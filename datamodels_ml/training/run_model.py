@@ -2,7 +2,7 @@
 
 ``run_model`` is the shared core used by the ``worker`` command (one index, its own MLflow run) and
 by the long-lived runner processes of ``train`` (many indices, child runs logged by the parent).
-Timeouts are not enforced here: the parent of a runner process kills it (``runner_process``), which
+Timeouts are not enforced here: the parent of a runner process kills it (``training.runner_parent``), which
 stops a main wherever it hangs and leaves no half-imported module in a process that goes on.
 """
 

@@ -1,6 +1,6 @@
 """The long-lived process behind one ``train`` slot: imports main once, then runs index after index.
 
-Protocol (driven by ``runner_process``): the parent writes the job as the first line on stdin, in
+Protocol (driven by ``training.runner_parent``): the parent writes the job as the first line on stdin, in
 JSON (store, main, args, the script's argv, its own PID; never on the command line, where ``ps``
 shows it to every local user), then one index per line. The runner answers on the file descriptor given as
 ``--reply-fd`` with one JSON line per message: first ``{"ready": true}`` (or ``{"fatal": "..."}``

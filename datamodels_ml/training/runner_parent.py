@@ -1,7 +1,7 @@
-"""The parent's side of one runner process (``runner``): start it, hand it the job, send it indices,
+"""The parent's side of one runner process (``training.runner_child``): start it, hand it the job, send it indices,
 read its replies against a deadline, and kill it.
 
-``fanout`` keeps one per slot and starts a fresh one after a timeout or a death; the ``worker``
+``training.train`` keeps one per slot and starts a fresh one after a timeout or a death; the ``worker``
 command uses one when it has a timeout (``run_isolated``). The job (store, main, ``args.*``, argv)
 travels on the runner's stdin, not its command line, so ``ps`` shows no user values.
 

@@ -1,8 +1,8 @@
 """``train``: the driver that runs every incomplete index of a store through a fan-out back end.
 
 Two back ends share one small interface (``Backend``): the local slots of this machine
-(``fanout_local``: one long-lived runner process per GPU or CPU slot; the default) and a Dask
-cluster (``fanout_dask``: ``scheduler=tcp://HOST:PORT``, or ``cluster=CONFIG.yaml`` started through
+(``training.local_slots``: one long-lived runner process per GPU or CPU slot; the default) and a Dask
+cluster (``training.dask_backend``: ``scheduler=tcp://HOST:PORT``, or ``cluster=CONFIG.yaml`` started through
 dask-jobqueue). The driver owns what does not depend on where models run: the store lock, the group
 commits of written rows (``Store.commit``), one MLflow child run per model, in batches (``tracking``),
 the progress bar, Ctrl-C/SIGTERM and the summary. A row counts (flag set, child run FINISHED) only
@@ -58,7 +58,7 @@ __all__ = ["Backend", "TrainConfig", "train"]
 
 class Backend(Protocol):
     """Where models run. ``run`` (in a thread of the driver) trains the indices it was given and
-    puts one ``ModelResult`` per index on ``results``, then ``("done", "")``; "completed" means the
+    puts one ``ModelResult`` per index on ``regression.output_dir``, then ``("done", "")``; "completed" means the
     row's data are written into the store (not yet committed). ``fatal`` (main cannot be imported,
     workers cannot start) and ``deaths`` (the run had to stop) say why it stopped early."""
 
