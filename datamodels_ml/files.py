@@ -1,4 +1,5 @@
-"""Small file helpers: replacing a file atomically, and reading a user's YAML file with one clear error.
+"""Small file helpers: replacing a file atomically, saving with torch so that a full disk says so, and
+reading a user's YAML file with one clear error.
 
 Atomic replace: write a temporary file beside it, then rename it into place. A reader sees the old
 file or the new one, never a partial one, and a failed write leaves the old file as it was. The
@@ -37,3 +38,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, where a failed write (a full disk) raises the ``OSError`` that caused
+    it: torch reports it as a ``RuntimeError`` without the reason."""
+    import torch
+
+    failed: list[OSError] = []
+
+    class Writer:  # the file as torch writes it, keeping the error of a failed write
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data) -> int:
+            try:
+                return self.file.write(data)
+            except OSError as exc:
+                failed.append(exc)
+                raise
+
+        def flush(self) -> None:
+            self.file.flush()
+
+    with open(path, "wb") as file:
+        try:
+            torch.save(obj, Writer(file))
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise

@@ -25,6 +25,7 @@ import numpy as np
 
 from datamodels_ml.datamodel import FORMAT_VERSION
 from datamodels_ml.errors import UserError
+from datamodels_ml.files import torch_save
 from datamodels_ml.store.lock import LOCK_FILE, recorded_command
 
 RESULTS_FILE = "datamodels.pt"
@@ -117,36 +118,6 @@ def check_out_dir(cfg) -> Path:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def torch_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)``, where a failed write (a full disk) raises the ``OSError`` that caused
-    it: torch reports it as a ``RuntimeError`` without the reason."""
-    import torch
-
-    failed: list[OSError] = []
-
-    class Writer:  # the file as torch writes it, keeping the error of a failed write
-        def __init__(self, file):
-            self.file = file
-
-        def write(self, data) -> int:
-            try:
-                return self.file.write(data)
-            except OSError as exc:
-                failed.append(exc)
-                raise
-
-        def flush(self) -> None:
-            self.file.flush()
-
-    with open(path, "wb") as file:
-        try:
-            torch.save(obj, Writer(file))
-        except RuntimeError:
-            if failed:
-                raise failed[0] from None
-            raise
-
-
 def _temporary(path: Path) -> Path:
     """The temporary file beside ``path`` (same suffix) that is renamed into place."""
     return path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
@@ -212,4 +183,4 @@ def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None 
 
 
 __all__ = ["RESULTS_FILE", "MANIFEST_FILE", "OUTPUT_FILES", "rerun_key", "is_up_to_date",
-           "is_ours", "check_out_dir", "write_results", "torch_save", "summary", "config_dict", "path_curves"]
+           "is_ours", "check_out_dir", "write_results", "summary", "config_dict", "path_curves"]

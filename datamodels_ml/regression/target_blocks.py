@@ -94,7 +94,7 @@ class BlockStore:
     def save(self, start: int, end: int, block: dict[str, Any]) -> None:
         """Save a finished block with the digest of the inputs ``open`` was given; a failed write (a
         full disk) is a ``UserError``: the blocks saved before are kept for the rerun."""
-        from datamodels_ml.regression.output_dir import torch_save
+        from datamodels_ml.files import torch_save
 
         final = self.path(start, end)
         tmp = self.dir / f".{final.stem}.tmp-{os.getpid()}-{threading.get_ident()}"
