@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+MAINS = ROOT / "tests" / "mains"  # training scripts the tests run (written for this tool or the original)
+FIXTURES = ROOT / "tests" / "fixtures"
 
 # the measured kernel rates of this session's tests (and of the CLI processes they start) in a
 # folder of their own, not in the user's cache
@@ -93,6 +95,28 @@ def search_runs(cwd: Path, filter_string: str = "", *, training: bool | None = N
     ids = [e.experiment_id for e in map(client.get_experiment_by_name, names) if e is not None]
     kw.setdefault("max_results", 5000)
     return client.search_runs(ids, filter_string, **kw) if ids else []
+
+
+def make_store(path, *, n=160, p=30, t=6, seed=0, noise=0.3, complete=None):
+    """masks ~ Bernoulli(0.5); outputs = masks @ W + b + noise with W sparse; returns (store, W, b)."""
+    import numpy as np
+
+    from datamodels_ml.store.spec import parse_spec
+    from datamodels_ml.store.store import create_store
+
+    rng = np.random.default_rng(seed)
+    spec = parse_spec({"num_models": n, "schema": {"masks": {"shape": [p], "dtype": "bool_"},
+                                                   "margins": {"shape": [t], "dtype": "float32"}}})
+    store = create_store(path, spec)
+    w = np.zeros((p, t))
+    for j in range(t):
+        w[rng.choice(p, 4, replace=False), j] = rng.normal(scale=2.0, size=4)
+    b = rng.normal(size=t)
+    x = rng.random((n, p)) < 0.5
+    y = x @ w + b + noise * rng.normal(size=(n, t))
+    for i in range(n) if complete is None else complete:
+        store.write_row(i, {"masks": x[i], "margins": y[i].astype(np.float32)})
+    return store, w, b
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from conftest import run_cli
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.dataset.reader import read_beton
 from datamodels_ml.errors import UserError
-from test_evaluate import make_store
+from conftest import make_store
 
 NUM_TRAIN, NUM_VAL = 90, 30
 

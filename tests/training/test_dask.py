@@ -20,10 +20,10 @@ import pytest
 pytest.importorskip("distributed")
 pytest.importorskip("dask_jobqueue")
 
-from conftest import CONFIGS, ROOT, cli_env, run_cli, search_runs  # noqa: E402
+from conftest import CONFIGS, MAINS, ROOT, cli_env, run_cli, search_runs  # noqa: E402
 from datamodels_ml.errors import UserError  # noqa: E402
 
-FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
+FAULTS = str(MAINS / "faults.py")
 SPEC = {"num_models": 64, "schema": {"values": {"shape": [10], "dtype": "uint8"},
                                      "index": {"shape": [], "dtype": "int64"},
                                      "loss": {"shape": [], "dtype": "float32"}}}

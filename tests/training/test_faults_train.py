@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MlflowServer, _template_db, cli_env, run_cli, search_runs, tracking_client
+from conftest import MAINS, MlflowServer, cli_env, run_cli, search_runs, _template_db, tracking_client
 from datamodels_ml.errors import UserError
 from datamodels_ml.store.lock import creation_lock, row_lock, store_lock
 
-FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
+FAULTS = str(MAINS / "faults.py")
 SPEC = {"num_models": 64, "schema": {"values": {"shape": [10], "dtype": "uint8"},
                                      "index": {"shape": [], "dtype": "int64"},
                                      "loss": {"shape": [], "dtype": "float32"}}}

@@ -26,7 +26,7 @@ from datamodels_ml.errors import UserError
 from datamodels_ml.regression.original_config import is_original_config, load_config
 from datamodels_ml.regression.regress import fit
 from datamodels_ml.solvers.path import lasso_path
-from test_evaluate import make_store
+from conftest import make_store
 
 N, P, T, NUM_TRAIN, NUM_VAL, K, EPS = 300, 40, 3, 200, 40, 10, 1e-2
 

@@ -6,11 +6,12 @@ class by reference (``datamodels_ml.pyfunc.DatamodelsModel``), so that name must
 """
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 
-FIXTURE = Path(__file__).parent / "fixtures" / "pyfunc_model_main_9edca5f"
+from conftest import FIXTURES
+
+FIXTURE = FIXTURES / "pyfunc_model_main_9edca5f"
 
 
 def test_a_model_logged_before_the_reorganization_loads_and_predicts(tmp_path):

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, ROOT, cli_env, run_cli, search_runs
+from conftest import CONFIGS, MAINS, ROOT, cli_env, run_cli, search_runs
 
 SPEC = str(CONFIGS / "minimal_spec.json")
-MAINS = Path(__file__).parent / "mains"
 FLAKY = str(MAINS / "flaky.py")
 
 

@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import Lasso
 from sklearn.metrics import r2_score
 
-from conftest import run_cli, search_runs, tracking_client
+from conftest import make_store, run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
 from datamodels_ml.evaluation.evaluate import EvaluateConfig, run_evaluation
 from datamodels_ml.evaluation.metrics import (lds, mse, pearson, pearson_per_target, r2, r2_per_target, score,
@@ -79,23 +79,6 @@ def test_perfect_and_reversed_rankings():
 # -- a synthetic store with a planted linear truth -------------------------------------------------
 P, T, N = 30, 6, 160
 TRAIN, VAL = np.arange(0, 100), np.arange(100, 120)
-
-
-def make_store(path, *, n=N, p=P, t=T, seed=0, noise=0.3, complete=None):
-    """masks ~ Bernoulli(0.5); outputs = masks @ W + b + noise with W sparse; returns (store, W, b)."""
-    rng = np.random.default_rng(seed)
-    spec = parse_spec({"num_models": n, "schema": {"masks": {"shape": [p], "dtype": "bool_"},
-                                                   "margins": {"shape": [t], "dtype": "float32"}}})
-    store = create_store(path, spec)
-    w = np.zeros((p, t))
-    for j in range(t):
-        w[rng.choice(p, 4, replace=False), j] = rng.normal(scale=2.0, size=4)
-    b = rng.normal(size=t)
-    x = rng.random((n, p)) < 0.5
-    y = x @ w + b + noise * rng.normal(size=(n, t))
-    for i in range(n) if complete is None else complete:
-        store.write_row(i, {"masks": x[i], "margins": y[i].astype(np.float32)})
-    return store, w, b
 
 
 def write_datamodels(store, out, *, train=TRAIN, val=VAL, target_start=0, target_end=T, alpha=0.01,

@@ -211,7 +211,7 @@ def test_status_counts_rows_with_nan_or_inf(tmp_path):
 
 # -- 8. evaluate refuses a store the datamodels were not fitted on -------------------------------------
 def test_evaluate_refuses_another_store_with_the_same_sizes(tmp_path):
-    from test_evaluate import make_store
+    from conftest import make_store
 
     make_store(tmp_path / "store", n=160, seed=0)
     make_store(tmp_path / "twin", n=160, seed=1)  # same spec and sizes, other masks

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import search_runs
+from conftest import MAINS, search_runs
 from datamodels_ml.cli import apply_aliases, bare_flags, split_script_options
 from datamodels_ml.errors import UserError
 from datamodels_ml.training.train import TrainConfig
@@ -19,7 +19,6 @@ from datamodels_ml.training.worker import WorkerConfig
 
 pytest.importorskip("fastargs")
 
-MAINS = Path(__file__).parent / "mains"
 DEFAULT_DATASET = "/mnt/cfs/datasets/cifar_ffcv/cifar_train.beton"
 
 

@@ -22,9 +22,9 @@ pytest.importorskip("distributed")
 pytest.importorskip("dask_jobqueue")
 psutil = pytest.importorskip("psutil")
 
-from conftest import cli_env, run_cli  # noqa: E402
+from conftest import MAINS, cli_env, run_cli  # noqa: E402
 
-FAULTS = str(Path(__file__).parent / "mains" / "faults.py")
+FAULTS = str(MAINS / "faults.py")
 SPEC = {"num_models": 16, "schema": {"values": {"shape": [10], "dtype": "uint8"},
                                      "index": {"shape": [], "dtype": "int64"},
                                      "loss": {"shape": [], "dtype": "float32"}}}

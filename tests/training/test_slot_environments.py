@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, MlflowServer, cli_env, run_cli
+from conftest import CONFIGS, MAINS, MlflowServer, cli_env, run_cli
 from datamodels_ml.errors import UserError
 from datamodels_ml.training.local_slots import LocalSlots, slot_environments
 from datamodels_ml.store.spec import load_spec
 from datamodels_ml.store.store import create_store
 
 SPEC = str(CONFIGS / "minimal_spec.json")
-WHICH_GPU = str(Path(__file__).parent / "mains" / "which_gpu.py")
+WHICH_GPU = str(MAINS / "which_gpu.py")
 
 
 @pytest.mark.parametrize("gpus, jobs, visible, expected", [
