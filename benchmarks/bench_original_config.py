@@ -6,7 +6,7 @@ example's settings (lr 1e-4, early_stopping.eps 0.5, check_every 3) and the orig
 0.01, early_stopping.eps 1e-5, check_every 2), both k=10, eps=1e-2, 200 train / 40 val models,
 batch 10. ``regress`` reads each config as written (in process: ``load_config`` + ``fit``; with
 ``cfg.relax=true``, as an original config is read) and with ``cfg.relax=false`` (the exact lasso);
-fast_l1 is the numpy re-implementation of tests/test_original_config.py (``fast_l1_fit``). The MSE
+fast_l1 is the numpy re-implementation of tests/regression/test_original_config.py (``fast_l1_fit``). The MSE
 is on 2000 fresh masks against the noise-free truth; the last column counts the seeds where
 ``regress`` (relaxed) is at least as good as fast_l1.
 
