@@ -58,7 +58,7 @@ class WriteDatasetConfig:
 
 
 def indices_hash(indices: Sequence[int]) -> str:
-    """A short, order-independent fingerprint of a set of store indices."""
+    """A short, order-independent digest of a set of store indices."""
     arr = np.sort(np.asarray(indices, dtype=np.int64))
     return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
 

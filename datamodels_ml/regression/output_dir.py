@@ -1,7 +1,7 @@
 """The ``regress`` output directory: what it holds, when it is ours, when it is current, and writing it.
 
 ``cfg.out_dir`` holds ``datamodels.pt``, ``config.yaml``, ``path.png``, ``targets.csv`` and
-``manifest.json`` (the fingerprint of the inputs, the summary, the split), plus, while a fit is under
+``manifest.json`` (the rerun key of the inputs, the summary, the split), plus, while a fit is under
 way, ``.blocks/`` (finished target blocks, see ``regression.target_blocks``), and ``.lock``, held by ``regress`` for its
 whole run (``lock.out_dir_lock``). A directory is *ours* when it holds a regression manifest, a block
 directory of ours, or the lock file of a regress (taken only in an empty directory or one of ours).
@@ -31,7 +31,7 @@ from datamodels_ml.store.lock import LOCK_FILE, recorded_command
 RESULTS_FILE = "datamodels.pt"
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = ("datamodels.pt", "config.yaml", "path.png", "targets.csv", MANIFEST_FILE)
-# Keys that do not change the fitted result: left out of the fingerprint that decides reruns.
+# Keys that do not change the fitted result: left out of the rerun key.
 # output-only keys, and the kernels (exact: every kernel gives the same statistics)
 NOT_FINGERPRINTED = ("cfg.force", "cfg.num_workers", "cfg.progress", "cfg.out_dir", "cfg.target_block", "gpus",
                      "cfg.kernels")

@@ -2,9 +2,9 @@
 
 A regression solves its targets in blocks (``regression.memory`` sizes them). Each finished block is saved as
 ``out_dir/.blocks/<start>-<end>.pt`` (tensors only, loadable with ``torch.load(weights_only=True)``)
-beside ``blocks.json``, the fingerprint of the inputs (``output_dir.rerun_key``); each block also
-holds that fingerprint's digest. A run that was killed resumes with the blocks already there,
-provided the fingerprint is the same; blocks of a different config are never mixed in (refused, or
+beside ``blocks.json``, the rerun key of the inputs (``output_dir.rerun_key``); each block also
+holds that key's digest. A run that was killed resumes with the blocks already there,
+provided the key is the same; blocks of a different config are never mixed in (refused, or
 discarded with ``cfg.force=true``), and a block file that does not load as tensors, is not of these
 inputs or has the wrong shapes (damaged, crafted) is named in a warning and fitted again. ``regress``
 holds the output directory's lock while it uses the blocks, so two runs never share them. Blocks need not
