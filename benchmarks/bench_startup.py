@@ -1,7 +1,7 @@
 """Start-up of the regression's read path: what a fresh process pays before its first batch.
 
 Writes a digits-shaped ``.beton`` (3600 models, 1000 features, 300 targets) with ``write_beton``,
-then, in fresh processes, times (1) importing ``datamodels_ml.dataset.write_dataset`` and reading the header
+then, in fresh processes, times (1) importing ``datamodels_ml.dataset.reader`` and reading the header
 (``beton_info``), (2) the first batch of ``BetonBatches`` (``import torch`` included), (3) a full
 pass; and reports whether FFCV or numba were imported, and the slowest imports
 (``python -X importtime``).
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import sys, time
 t0 = time.perf_counter()
-from datamodels_ml.dataset.write_dataset import BetonBatches, beton_info
+from datamodels_ml.dataset.reader import BetonBatches, beton_info
 info = beton_info(sys.argv[1]); t1 = time.perf_counter()
 src = BetonBatches(sys.argv[1], batch_size=2000, info=info)
 next(iter(src)); t2 = time.perf_counter()

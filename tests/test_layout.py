@@ -5,6 +5,7 @@ defining module (no re-exports), the solver imports nothing outside ``solvers``,
 import ast
 import importlib
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,8 @@ def test_solvers_stay_pure_and_stages_never_import_examples():
 
 
 def test_imports_come_from_the_defining_module():
-    """``from datamodels_ml.X import name`` names what X defines (or a submodule of X), never a name X
-    only imports: in the package, its tests and its benchmarks."""
+    """An import from a module of the package names what that module defines (or a submodule), never
+    a name it only imports: in the package, its tests, its benchmarks and code they run from a string."""
     root = PACKAGE.parent
     wrong = []
     for path in [*PACKAGE.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]:
@@ -108,4 +109,13 @@ def test_imports_come_from_the_defining_module():
                 for alias in node.names:
                     if alias.name not in defined and not is_module(f"{node.module}.{alias.name}"):
                         wrong.append(f"{path.relative_to(root)}:{node.lineno}: {node.module} does not define {alias.name}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # code run in a subprocess
+                for module, names in re.findall(r"from (datamodels_ml[\w.]*) import ([\w, ]+)", node.value):
+                    if not is_module(module):
+                        wrong.append(f"{path.relative_to(root)}:{node.lineno}: no module {module} (in a string)")
+                        continue
+                    defined, _ = top_level_names(module)
+                    for name in (n.strip().split(" as ")[0] for n in names.split(",") if n.strip()):
+                        if name not in defined and not is_module(f"{module}.{name}"):
+                            wrong.append(f"{path.relative_to(root)}:{node.lineno}: {module} does not define {name} (in a string)")
     assert not wrong, "\n".join(wrong)

@@ -124,7 +124,7 @@ def test_reading_never_imports_ffcv(tmp_path):
     """The regression's read path costs no FFCV (or numba) import."""
     path = tmp_path / "data.beton"
     _write(path, 10, 4, 3, np.bool_, 1)
-    code = ("import sys; from datamodels_ml.dataset.write_dataset import BetonBatches, beton_info, read_beton; "
+    code = ("import sys; from datamodels_ml.dataset.reader import BetonBatches, beton_info, read_beton; "
             f"info = beton_info({str(path)!r}); read_beton({str(path)!r}); "
             f"list(BetonBatches({str(path)!r}, batch_size=3)); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ffcv', 'numba')); print(bad)")
