@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from omegaconf import MISSING
 
 from datamodels_ml.dataset import writer as beton_writer
-from omegaconf import MISSING
 from datamodels_ml.cpus import allotment
 from datamodels_ml.errors import UserError
 from datamodels_ml.dataset.reader import manifest_path

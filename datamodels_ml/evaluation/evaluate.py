@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from omegaconf import MISSING
+
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
 from datamodels_ml.evaluation.metrics import Scores, score

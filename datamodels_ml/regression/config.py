@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import MISSING
+
 from datamodels_ml.errors import UserError
 
 

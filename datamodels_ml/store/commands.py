@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
+
 from datamodels_ml.store.spec import load_spec
 from datamodels_ml.store.store import Store, create_store, status_report
 from datamodels_ml.store.layout import SPEC_FILE, is_store

@@ -43,9 +43,8 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from datamodels_ml.tracking import runs as tracking
-
 from datamodels_ml.tracking import backend as tracking_store
+from datamodels_ml.tracking import runs as tracking
 
 API_THREADS = 8  # child runs written at once through the public API to a tracking server
 MODE_ENV = "DATAMODELS_CHILD_RUNS"  # "api": always the public API; default "auto"

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
 from omegaconf import MISSING
+
 from datamodels_ml.errors import UserError
 from datamodels_ml.training.local_slots import LocalSlots, check_gpus_visible, slot_environments
 from datamodels_ml.interrupts import Terminated, terminate_as_interrupt

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
 from datamodels_ml.errors import UserError
 from datamodels_ml.store.store import Store
 
