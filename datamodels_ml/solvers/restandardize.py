@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.blas import mm
-from datamodels_ml.solvers.screening import copy_budget
+from datamodels_ml.solvers.screening import copy_budget, subgram_batch
 from datamodels_ml.solvers.stats import FeatureStats, TargetStats, moments
 
 __all__ = ["TrainValGram", "train_val_problem"]
@@ -102,11 +102,9 @@ class TrainValGram:
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
         """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (valid entries first)."""
-        out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=self.dtype, device=idx.device)
-        for b in range(idx.shape[0]):
-            k = int(valid[b].sum())
-            out[b, :k, :k] = self.block(idx[b, :k])
-        return out
+        return subgram_batch(self.stats.gram, idx, valid, self.zc, n_val=self.stats.n_val, dtype=self.dtype,
+                             scale=self.a, val_scale=1.0 / self.N, row_scale=self.r, rank1=self.e,
+                             rank1_scale=self.ab)
 
 
 def train_val_problem(stats: FeatureStats, train: TargetStats, val: TargetStats, *, fit_intercept: bool,
