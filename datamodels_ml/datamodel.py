@@ -6,6 +6,10 @@ raw-scale weights once (``weights_raw_scale``), so predicting is one matrix prod
 and the raw-scale weight of training example ``i`` reads as "the change in the output when example
 ``i`` is in the training set".
 
+Memory: the weights keep the file's float32 (no float64 copy of ``[p, T]``), and the raw-scale
+weights are held as a sparse float64 matrix while at most ``SPARSE_DENSITY`` of them are non-zero
+(datamodels are: ~0.3% at p = 50k), so loading costs about the file's size.
+
 Features with ``std == 0`` (a training example that was in every or no training subset) carry no
 information; their standardized value is taken as 0 whatever the mask says (``regress`` itself
 stores ``std = 1`` for them, and the lasso gives them no weight).
@@ -24,6 +28,7 @@ from datamodels_ml.errors import UserError
 
 REQUIRED_KEYS = ("weight", "bias", "mean", "std")
 FORMAT_VERSION = 1
+SPARSE_DENSITY = 0.1  # raw-scale weights held sparse up to this fraction of non-zeros
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -88,7 +93,8 @@ class Datamodels:
 
     def __post_init__(self) -> None:
         src = str(self.path) if self.path else "datamodels"
-        self.weight = np.asarray(self.weight, dtype=np.float64)
+        w = np.asarray(self.weight)
+        self.weight = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)  # the file's float32 kept
         self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
         self.mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
         self.std = np.asarray(self.std, dtype=np.float64).reshape(-1)
@@ -99,8 +105,16 @@ class Datamodels:
             if arr.shape != (n,):
                 raise UserError(f"{src}: '{name}' has {arr.shape[0]} entries, expected {n} to match 'weight' {[p, t]}")
         inv_std = np.divide(1.0, self.std, out=np.zeros_like(self.std), where=self.std > 0)
-        self._w_raw = self.weight * inv_std[:, None]
-        self._b_raw = self.bias - (self.mean * inv_std) @ self.weight
+        rows, cols = np.nonzero(self.weight)
+        if rows.size <= SPARSE_DENSITY * self.weight.size:
+            from scipy.sparse import csc_matrix
+
+            vals = self.weight[rows, cols].astype(np.float64) * inv_std[rows]
+            self._w_raw = csc_matrix((vals, (rows, cols)), shape=self.weight.shape)
+            self._w_raw.eliminate_zeros()  # a constant feature's weight (its 1/std is 0)
+        else:
+            self._w_raw = self.weight.astype(np.float64) * inv_std[:, None]
+        self._b_raw = self.bias - np.asarray(self._w_raw.T @ self.mean).reshape(-1)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -196,8 +210,15 @@ class Datamodels:
 
     # -- use -----------------------------------------------------------------------------------
     def weights_raw_scale(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(W [n_features, n_targets], b [n_targets])`` with ``predict(x) == x @ W + b`` on raw masks."""
-        return self._w_raw, self._b_raw
+        """``(W [n_features, n_targets], b [n_targets])`` with ``predict(x) == x @ W + b`` on raw masks
+        (float64; ``W`` dense, made on each call when the weights are held sparse)."""
+        w = self._w_raw
+        return (w.toarray() if hasattr(w, "toarray") else w), self._b_raw
+
+    def nnz(self) -> np.ndarray:
+        """``[n_targets]`` non-zero raw-scale weights per target."""
+        w = self._w_raw
+        return np.diff(w.indptr) if hasattr(w, "indptr") else (w != 0).sum(axis=0)
 
     def predict(self, masks: Any) -> np.ndarray:
         """Predicted outputs ``[n, n_targets]`` (float64) for raw masks ``[n, n_features]`` (bool or 0/1)."""
@@ -209,7 +230,11 @@ class Datamodels:
                             f"(one column per training example)")
         out = np.empty((x.shape[0], self.n_targets))
         for r in range(0, x.shape[0], _PREDICT_ROWS):  # a float64 copy of a few rows at a time, not of all masks
-            np.matmul(x[r : r + _PREDICT_ROWS].astype(np.float64), self._w_raw, out=out[r : r + _PREDICT_ROWS])
+            xr = x[r : r + _PREDICT_ROWS].astype(np.float64)
+            if hasattr(self._w_raw, "indptr"):  # sparse: (W' x')'
+                out[r : r + _PREDICT_ROWS] = (self._w_raw.T @ xr.T).T
+            else:
+                np.matmul(xr, self._w_raw, out=out[r : r + _PREDICT_ROWS])
         return out + self._b_raw
 
     def top_k(self, target: int, k: int = 5) -> TopK:
@@ -220,6 +245,7 @@ class Datamodels:
         if k <= 0:
             raise UserError(f"k must be positive, got {k}")
         w = self._w_raw[:, int(target)]
+        w = w.toarray().reshape(-1) if hasattr(w, "toarray") else w
         order = np.argsort(-w, kind="stable")
         pos = order[: k][w[order[: k]] > 0]
         order_neg = np.argsort(w, kind="stable")

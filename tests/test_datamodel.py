@@ -45,6 +45,32 @@ def test_predict_equals_the_formula(seed, kind):
     assert (dm.n_features, dm.n_targets) == (12, 3)
 
 
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_sparse_and_dense_raw_weights_predict_the_same(monkeypatch, density):
+    # raw-scale weights are held sparse up to SPARSE_DENSITY non-zeros: each form forced in turn
+    import datamodels_ml.datamodel as dmod
+
+    data = planted(seed=3, zero_std=(2,))
+    data["weight"][2] = 0.7  # a constant feature's weight counts as zero in either form
+    masks = np.random.default_rng(4).random((300, 12)) < 0.5  # more rows than one predict chunk
+    monkeypatch.setattr(dmod, "_PREDICT_ROWS", 64)
+    monkeypatch.setattr(dmod, "SPARSE_DENSITY", density)
+    dm = Datamodels.from_dict(data)
+    assert hasattr(dm._w_raw, "indptr") == (density == 1.0)
+    assert dm.weight.dtype == np.float32  # the file's dtype: no float64 copy
+    mean, std = data["mean"].double().numpy(), data["std"].double().numpy()
+    z = np.where(std > 0, (masks - mean) / np.where(std > 0, std, 1), 0.0)
+    want = z @ data["weight"].double().numpy() + data["bias"].double().numpy()
+    np.testing.assert_allclose(dm.predict(masks), want, rtol=1e-10, atol=1e-10)
+    w, b = dm.weights_raw_scale()
+    assert isinstance(w, np.ndarray) and w.dtype == np.float64
+    np.testing.assert_allclose(masks @ w + b, want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(dm.nnz(), (w != 0).sum(axis=0))
+    assert dm.nnz()[0] == (data["weight"][:, 0].numpy()[std > 0] != 0).sum()
+    top = dm.top_k(0, k=2)
+    np.testing.assert_allclose(top.positive_weights, w[top.positive_indices, 0])
+
+
 def test_zero_std_features_count_as_zero():
     data = planted(zero_std=(2,))
     dm = Datamodels.from_dict(data)

@@ -132,8 +132,7 @@ def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name:
 # -- artifacts -------------------------------------------------------------------------------------
 def write_per_target_csv(path: Path, scores: Scores, dm: Datamodels, pred: np.ndarray, actual: np.ndarray) -> Path:
     """One row per target: absolute index, the four metrics, spreads and the datamodel's non-zeros."""
-    w, _ = dm.weights_raw_scale()
-    nnz = (w != 0).sum(axis=0)
+    nnz = dm.nnz()
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["target", "spearman", "pearson", "r2", "mse", "actual_mean", "actual_std", "pred_std", "nnz"])

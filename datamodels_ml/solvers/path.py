@@ -261,19 +261,63 @@ class _Run:
         mse, f = choose_phi(self.val_rows.predict(W, b), self.val_rows.predict(W_ls, b), self.Yv[:, idx], self.relax)
         return mse, f, blend(W, W_ls, f)
 
+    def _fista_point(self, i: int, act: Tensor, W: Tensor, W_old: Tensor, grad: Tensor, c_act: Tensor,
+                     wGw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Path point ``i`` for the on-path targets ``act`` (compact state: ``W`` the solution at
+        ``i - 1``, ``W_old`` at ``i - 2``, ``grad`` [p, Ta] its gradient). Targets at
+        ``λ >= λ_max`` whose weights are still zero stay zero without a solve. Returns
+        ``(W_old, W, grad, wGw)`` for the next point."""
+        lam_path, lam_max, dtype = self.lam_path, self.lam_max, self.dtype
+        lam_i = lam_path[i, act]
+        trivial = lam_i >= lam_max[act]
+        if bool(trivial.any()):
+            cand = trivial.nonzero().squeeze(1)
+            trivial[cand] = (W[:, cand] == 0).all(0)
+        if bool(trivial.all()):
+            return W, W, grad, torch.zeros_like(wGw)
+        lam_prev = (lam_path[i - 1, act] if i > 0 else lam_max[act]).to(dtype)
+        s = None if not bool(trivial.any()) else (~trivial).nonzero().squeeze(1)
+        cols = (lambda x: x) if s is None else (lambda x: x[:, s])
+        pick = (lambda x: x) if s is None else (lambda x: x[s])
+        if i < 2:
+            W0 = cols(W)
+        else:
+            W0 = predict(cols(W), cols(W_old), cols(lam_path[i - 2:i + 1, act].to(dtype)))
+        Wi, wg, g, e = solve_screened(
+            self.op, cols(c_act), pick(lam_i.to(dtype)), pick(lam_prev), W0, cols(grad),
+            nulldev=self.nulldev[pick(act)], var=self.var, tol=self.tol, max_iter=self.max_epochs,
+            screen=self.screen, on_iter=self.on_epoch, curv=self.curv, ids=pick(act))
+        self.epochs += e
+        if s is None:
+            return W, Wi, g, wg
+        Wn = torch.zeros_like(W)
+        Wn[:, s] = Wi
+        grad[:, s] = g
+        wn = torch.zeros_like(wGw)
+        wn[s] = wg
+        return W, Wn, grad, wn
+
     def path(self, refit: bool) -> LassoPath:
         T, dtype, device = self.T, self.dtype, self.device
         lam_path, lam_max = self.lam_path, self.lam_max
         k = lam_path.shape[0]
         lam_w = lam_path.to(dtype)
         fista = self.method == "fista"
-        W = torch.zeros(self.stats.n_features, T, dtype=dtype, device=device)
+        p = self.stats.n_features
         if fista:
+            # the on-path targets' state, compact (one column per target still on the path, removed
+            # when it stops): this point's and the previous point's solutions, the gradient c - G W,
+            # the linear term and w'Gw; no [p, T] column gathers while every target is on the path
+            act = torch.arange(T, device=device)
+            W = torch.zeros(p, T, dtype=dtype, device=device)
+            W_old = W
             grad = self.c.clone()  # c - G W at W = 0
-            W_old = torch.zeros_like(W)  # the solution at the path point before the last
-            wGw_all = torch.zeros(T, dtype=dtype, device=device)
+            c_act = self.c
+            wGw = torch.zeros(T, dtype=dtype, device=device)
             yy = (self.nulldev if self.fit_intercept else self.ts.yy.to(dtype))
+            best_at = torch.full((T,), -1, dtype=torch.long, device=device)  # each target's best point
         else:
+            W = torch.zeros(p, T, dtype=dtype, device=device)
             std_int = torch.where(self.stats.nonconst, self.stats.std, torch.full_like(self.stats.std, math.inf))
             self.std_int = std_int.to(device=device, dtype=dtype)
             saga = Saga(self.train, self.mean64.to(dtype), self.std_int, W, self.bias0,
@@ -287,68 +331,68 @@ class _Run:
         active_frac = torch.zeros(k, dtype=torch.float64, device=device)
         on_path = torch.ones(T, dtype=torch.bool, device=device)
         best_mse = torch.full((T,), math.inf, dtype=torch.float64, device=device)
-        W_best = torch.zeros_like(W)
+        W_best = torch.zeros(p, T, dtype=dtype, device=device)
         b_best = self.bias0.clone()
         if self.relax:  # the selection's own record: the best blend at each λ
             relax_mse = torch.full_like(val_mse_t, nan)
             best_rel = torch.full_like(best_mse, math.inf)
             phi_best = torch.zeros(T, dtype=torch.float64, device=device)
-            W_rel = torch.zeros_like(W)
+            W_rel = torch.zeros_like(W_best)
 
+        last = -1
         for i in range(k):
-            idx = on_path.nonzero().squeeze(1)
+            idx = act if fista else on_path.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            self.cur_l = i
+            self.cur_l = last = i
             active_frac[i] = idx.numel() / T
-            # at λ >= λ_max the solution is exactly zero (skip the solver; for saga only while the
-            # state is still at zero, so that its table stays consistent)
-            Wcur = W if fista else saga.W
-            trivial = (lam_path[i, idx] >= lam_max[idx]) & (Wcur[:, idx] == 0).all(0)
-            solve_idx = idx[~trivial]
             if fista:
-                W[:, idx[trivial]] = 0
-                wGw_all[idx[trivial]] = 0
-                if solve_idx.numel() > 0:
-                    lam_prev = lam_path[i - 1] if i > 0 else lam_max
-                    s = solve_idx
-                    W0 = W[:, s] if i < 2 else predict(W[:, s], W_old[:, s], lam_path[i - 2:i + 1, s].to(dtype))
-                    W_old[:, s] = W[:, s]
-                    Wi, wGw, g, e = solve_screened(
-                        self.op, self.c[:, s], lam_w[i, s], lam_prev[s].to(dtype), W0, grad[:, s],
-                        nulldev=self.nulldev[s], var=self.var, tol=self.tol, max_iter=self.max_epochs,
-                        screen=self.screen, on_iter=self.on_epoch, curv=self.curv, ids=s)
-                    W[:, s], wGw_all[s], grad[:, s] = Wi, wGw, g
-                    self.epochs += e
-                b = self.bias0
-                Wi = W[:, idx]
-                tm = (yy[idx] - 2 * (self.c[:, idx] * Wi).sum(0) + wGw_all[idx]).clamp_min(0).to(torch.float64)
-                vm = self.val_rows.mse(W, b, idx)
+                W_old, W, grad, wGw = self._fista_point(i, act, W, W_old, grad, c_act, wGw)
+                b = self.bias0[act]
+                Wi = W
+                tm = (yy[act] - 2 * (c_act * W).sum(0) + wGw).clamp_min(0).to(torch.float64)
+                vm = self.val_rows.mse(W, b, act)
             else:
+                # at λ >= λ_max the solution is exactly zero: skip the solver while the state is
+                # still at zero (so that its table stays consistent)
+                trivial = (lam_path[i, idx] >= lam_max[idx]) & (saga.W[:, idx] == 0).all(0)
+                solve_idx = idx[~trivial]
                 if solve_idx.numel() > 0:
                     self.epochs += saga.run(solve_idx, lam_w[i, solve_idx], nulldev=self.nulldev[solve_idx],
                                             ybar=self.ybar[solve_idx], var=self.var, tol=self.tol,
                                             absolute=self.absolute, max_epochs=self.max_epochs,
                                             check_every=self.check_every, on_epoch=self.on_epoch)
                 W, b = saga.W, saga.b
+                Wi = W[:, idx]
+                b = b[idx]
                 tm = saga.train_mse()[idx].to(torch.float64)
-                vm = val_mse(self.val, W, b, self.mean64.to(dtype), self.std_int)[idx]
+                vm = val_mse(self.val, W, saga.b, self.mean64.to(dtype), self.std_int)[idx]
             val_mse_t[i, idx] = vm
             train_mse[i, idx] = tm
-            nnz[i, idx] = (W[:, idx] != 0).sum(0).to(torch.float64)
+            nnz[i, idx] = (Wi != 0).sum(0).to(torch.float64)
             better = vm < best_mse[idx]
-            bi = idx[better]
-            best_mse[bi] = vm[better]
+            best_mse[idx[better]] = vm[better]
+            sel = better  # the targets whose selection criterion improved here
             if self.relax:  # (λ, φ) selected by the blend's MSE; the path's stopping stays the lasso's
-                rm, rf, Wr = self._relax(self.op, self.c[:, idx], W[:, idx], self.stats.n_train, b=b[idx], idx=idx)
+                rm, rf, Wr = self._relax(self.op, c_act if fista else self.c[:, idx], Wi, self.stats.n_train, b=b,
+                                         idx=idx)
                 relax_mse[i, idx] = rm
                 rb = rm < best_rel[idx]
-                bi = idx[rb]
-                best_rel[bi], phi_best[bi], W_rel[:, bi] = rm[rb], rf[rb], Wr[:, rb]
-            W_best[:, bi] = W[:, bi]
-            b_best[bi] = b[bi]
+                best_rel[idx[rb]], phi_best[idx[rb]], W_rel[:, idx[rb]] = rm[rb], rf[rb], Wr[:, rb]
+                sel = rb
+            bi = idx[sel]
+            if fista:  # the best weights are copied when a target stops improving, from the last point
+                turned = ~sel & (best_at[act] == i - 1)
+                if bool(turned.any()):
+                    W_best[:, act[turned]] = W_old[:, turned]
+                best_at[bi] = i
+            else:
+                W_best[:, bi] = W[:, bi]
+            b_best[bi] = b[sel]
+            stop = torch.zeros_like(better)
             if i >= self.min_lambdas:
-                on_path[idx[~better & (vm > best_mse[idx])]] = False
+                stop = ~better & (vm > best_mse[idx])
+                on_path[idx[stop]] = False
             if self.callback is not None:
                 self.callback("lambda", {
                     "index": i,
@@ -356,6 +400,14 @@ class _Run:
                     "val_mse": float(vm.mean()), "train_mse": float(tm.mean()),
                     "nnz": float(nnz[i, idx].mean()), "active": float(active_frac[i]),
                 })
+            if fista and bool(stop.any()):  # the stopped targets leave the compact state
+                keep = ~stop
+                act, W, W_old, grad, wGw = act[keep], W[:, keep], W_old[:, keep], grad[:, keep], wGw[keep]
+                c_act = self.c[:, act]
+        if fista:  # the targets whose best point is the last one they reached
+            tail = act[best_at[act] == last] if last >= 0 else act[:0]
+            if tail.numel():
+                W_best[:, tail] = W[:, best_at[act] == last]
 
         sel_mse = relax_mse if self.relax else val_mse_t
         best_index = torch.where(torch.isnan(sel_mse), torch.inf, sel_mse).argmin(0)
@@ -370,7 +422,7 @@ class _Run:
                 self.callback("refit", {"n_rows": self.train.n_rows + self.val.n_rows, "n_targets": T})
             self.cur_l = -1
             if fista:
-                del W, grad
+                del W, W_old, grad, c_act
                 weight, bias = refit_fista(self, W_best, lam_sel.to(dtype), self.phi, self.support)
             else:
                 del saga, W  # the path's n x T table goes before the refit allocates its own

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.blas import mm
-from datamodels_ml.solvers.screening import batch_block, copy_budget
+from datamodels_ml.solvers.screening import copy_budget, subgram_batch
 from datamodels_ml.solvers.stats import FeatureStats, TargetStats, moments
 
 __all__ = ["TrainValGram", "train_val_problem"]
@@ -101,7 +101,10 @@ class TrainValGram:
         return out
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
-        return batch_block(self.block, idx, valid, self.dtype)
+        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (valid entries first)."""
+        return subgram_batch(self.stats.gram, idx, valid, self.zc, n_val=self.stats.n_val, dtype=self.dtype,
+                             scale=self.a, val_scale=1.0 / self.N, row_scale=self.r, rank1=self.e,
+                             rank1_scale=self.ab)
 
 
 def train_val_problem(stats: FeatureStats, train: TargetStats, val: TargetStats, *, fit_intercept: bool,

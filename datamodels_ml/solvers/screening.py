@@ -33,9 +33,10 @@ from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
 from datamodels_ml.solvers.supports import padded_support, size_groups
 
-__all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened"]
+__all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened", "subgram_batch"]
 
 _ROWS = 1024  # rows of the Gram gathered at a time
+_BATCH_ENTRIES = 2**25  # validation entries gathered at a time for batched refit sub-Grams (128 MB float32)
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
 # the working set at λ_k: features whose gradient at the last solution is within 5% of λ_k (or the
 # strong rule's 2 λ_k - λ_{k-1}, when tighter), and the non-zero ones. The strong rule alone keeps
@@ -132,7 +133,11 @@ class RefitGram:
         return out
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
-        return batch_block(self.block, idx, valid, self.dtype)
+        """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (:func:`subgram_batch`)."""
+        st = self.stats
+        return subgram_batch(st.gram, idx, valid, lambda cols: st.z_val(cols, self.dtype), n_val=st.n_val,
+                             dtype=self.dtype, scale=st.n_train / self.N, val_scale=1.0 / self.N,
+                             rank1=self.zbar, rank1_scale=-1.0)
 
     def block(self, idx: Tensor) -> Tensor | Callable[[Tensor], Tensor]:
         if idx.numel() == self.n_features and idx.numel() ** 2 > copy_budget(self.n_features):
@@ -150,14 +155,34 @@ class RefitGram:
         return out
 
 
-def batch_block(block: Callable[[Tensor], Tensor], idx: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B, m, m]`` sub-Grams from ``block`` (one call per row), zero where ``valid`` [B, m] is False
-    (valid entries come first): for operators with no faster batched gather."""
-    out = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[1], dtype=dtype, device=idx.device)
-    for b in range(idx.shape[0]):
-        k = int(valid[b].sum())
-        out[b, :k, :k] = block(idx[b, :k])
-    return out
+def subgram_batch(gram: Tensor, idx: Tensor, valid: Tensor, val_cols: Callable[[Tensor], Tensor], *, n_val: int,
+                  dtype: torch.dtype, scale: float, val_scale: float, row_scale: Tensor | None = None,
+                  rank1: Tensor | None = None, rank1_scale: float = 0.0) -> Tensor:
+    """``[B, m, m]`` sub-Grams at the index rows ``idx`` [B, m] of a Gram with a validation part,
+    zero where ``valid`` [B, m] is False (each row's valid entries first)::
+
+        scale * r_i r_j gram[i, j] + val_scale * z_i'z_j + rank1_scale * e_i e_j
+
+    with ``z`` the validation columns ``val_cols(cols)`` ([n_val, |cols|]), ``r`` the optional
+    ``row_scale`` and ``e`` the optional ``rank1``. The training part is gathered at once, the
+    validation part is one batched product per chunk of at most ``_BATCH_ENTRIES`` gathered
+    validation entries (the refit's sub-Grams, for every target at once)."""
+    idx = idx.contiguous()
+    B, m = idx.shape
+    out = gram[idx[:, :, None], idx[:, None, :]].to(dtype).contiguous()
+    if row_scale is not None:
+        r = row_scale.to(dtype)[idx]
+        out.mul_(r[:, :, None] * r[:, None, :])
+    out.mul_(scale)
+    step = max(1, _BATCH_ENTRIES // max(n_val * m, 1))
+    for s in range(0, B, step):
+        part = idx[s : s + step]
+        z = val_cols(part.reshape(-1)).reshape(n_val, part.shape[0], m).transpose(0, 1)  # [b, n_val, m]
+        out[s : s + step].baddbmm_(z.transpose(1, 2), z, alpha=val_scale)
+    if rank1 is not None:
+        e = rank1.to(dtype)[idx]
+        out.add_(e[:, :, None] * e[:, None, :], alpha=rank1_scale)
+    return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
 
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
@@ -181,20 +206,22 @@ def _solve_set(op, S, c, lam, W, nulldev, var, tol, max_iter, allowed, on_iter, 
     return Ws, wGw, it, GWs
 
 
-def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv, cols):
+def _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv, ids, cols, out):
     """FISTA with one sub-Gram per column, ``G[S_t, S_t]``, padded to the largest ``|S_t|`` and
-    multiplied as one batch. Returns ``(W [p, Ta], wGw, iters)``."""
-    Ta = keep.shape[1]
-    idx, valid = padded_support(keep)  # [m, Ta]: each column's kept features, then padding
+    multiplied as one batch, for the columns ``cols`` of ``keep``/``c``/``W`` [p, Ta] (read in
+    place: no copies of their columns; ``ids``: their global columns, for ``curv``); the solutions
+    go into the same columns of ``out`` (zero there). Returns ``(wGw, iters)``."""
+    Tg = cols.numel()
+    idx, valid = padded_support(keep[:, cols])  # [m, Tg]: each column's kept features, then padding
     m = idx.shape[0]
-    Gb = op.batch_block(idx.T, valid.T)  # [Ta, m, m], zero outside the valid block
-    tcol = torch.arange(Ta, device=keep.device)[None, :]
-    Wb, wGw, it, L, _ = fista(Gb, c[idx, tcol], lam, W[idx, tcol], L=_start_L(curv, cols, c), nulldev=nulldev,
-                              var=var[idx], tol=tol, max_iter=max_iter, allowed=valid, on_iter=on_iter)
-    _keep_L(curv, cols, L)
-    Wn = torch.zeros_like(W)
-    Wn[idx[valid], tcol.expand(m, Ta)[valid]] = Wb[valid]
-    return Wn, wGw, it
+    Gb = op.batch_block(idx.T, valid.T)  # [Tg, m, m], zero outside the valid block
+    tcol = cols[None, :].expand(m, Tg)
+    Wb, wGw, it, L, _ = fista(Gb, c[idx, tcol], lam[cols], W[idx, tcol], L=_start_L(curv, ids[cols], c),
+                              nulldev=nulldev[cols], var=var[idx], tol=tol, max_iter=max_iter, allowed=valid,
+                              on_iter=on_iter)
+    _keep_L(curv, ids[cols], L)
+    out[idx[valid], tcol[valid]] = Wb[valid]
+    return wGw, it
 
 
 def _start_L(curv: Tensor | None, cols: Tensor, c: Tensor) -> Tensor:
@@ -255,8 +282,7 @@ def _solve_round(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv
     if plan[0] == "batched":
         most = 0
         for sl in plan[1]:
-            Wn[:, sl], wGw[sl], it = _solve_batched(op, keep[:, sl], c[:, sl], lam[sl], W[:, sl], nulldev[sl], var,
-                                                    tol, max_iter, on_iter, curv, ids[sl])
+            wGw[sl], it = _solve_batched(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv, ids, sl, Wn)
             most = max(most, it)
         return Wn, wGw, most, None
     if plan[0] == "full":  # the working sets cover most features: solve on all of them, with the
@@ -307,23 +333,29 @@ def solve_screened(
     else:
         keep = torch.ones_like(W, dtype=torch.bool)
     its = 0
-    W, grad = W.clone(), grad.clone()
-    wGw = torch.zeros_like(lam)
-    todo = torch.arange(Ta, device=c.device)  # the columns solved in this round: all, then those with violators
+    todo = None  # the columns solved in this round: all (read in place), then those with violators
     while True:
-        Wt, wGw[todo], it, GW = _solve_round(op, keep[:, todo], c[:, todo], lam[todo], W[:, todo], nulldev[todo],
-                                             var, tol, max_iter, on_iter, curv, ids[todo])
-        W[:, todo] = Wt
+        cols = (lambda x: x) if todo is None else (lambda x: x[:, todo])
+        vec = (lambda x: x) if todo is None else (lambda x: x[todo])
+        Wt, wg, it, GW = _solve_round(op, cols(keep), cols(c), vec(lam), cols(W), vec(nulldev), var, tol, max_iter,
+                                      on_iter, curv, vec(ids))
         its += it
-        if GW is not None:  # solved on all features: exact, and the gradient comes with it
-            grad[:, todo] = c[:, todo] - GW
+        # solved on all features ("full"): exact, and the gradient comes with it
+        g = cols(c) - GW if GW is not None else gradient(op, cols(c), Wt)
+        if todo is None:  # new tensors: the caller's W and grad are left as they were
+            W, grad, wGw = Wt, g, wg
+        else:
+            W[:, todo], grad[:, todo], wGw[todo] = Wt, g, wg
+        kept = cols(keep)
+        if GW is not None or not screen or bool(kept.all()):
             break
-        grad[:, todo] = gradient(op, c[:, todo], Wt)
-        if not screen or bool(keep[:, todo].all()):
-            break
-        viol = (grad[:, todo].abs() > lam[todo][None, :] * (1 + _KKT_SLACK)) & ~keep[:, todo]
+        viol = (g.abs() > vec(lam)[None, :] * (1 + _KKT_SLACK)) & ~kept
         if not bool(viol.any()):
             break
-        keep[:, todo] |= viol
-        todo = todo[viol.any(0)]  # the others' solutions already pass the check: not solved again
+        if todo is None:
+            keep |= viol
+            todo = viol.any(0).nonzero().squeeze(1)  # the others already pass the check: not solved again
+        else:
+            keep[:, todo] |= viol
+            todo = todo[viol.any(0)]
     return W, wGw, grad, its

@@ -95,7 +95,9 @@ class FeatureStats:
         dtype = dtype or (self.gram.dtype if self.gram is not None else torch.float32)
         cols = slice(None) if cols is None else cols
         x = self.x_val[:, cols].to(dtype)
-        return (x - self.mean[cols].to(dtype)) * self.inv_std[cols].to(dtype)
+        std = self.std[cols]
+        inv = torch.where(self.nonconst[cols], 1.0 / std, torch.zeros_like(std))  # of these columns only
+        return (x - self.mean[cols].to(dtype)) * inv.to(dtype)
 
 
 @dataclass

@@ -436,6 +436,34 @@ def test_sparse_products_give_the_same_path_as_dense_ones(monkeypatch, dtype):
     torch.testing.assert_close(sparse.weight, dense.weight, rtol=0, atol=1e-5 if dtype == torch.float64 else 1e-3)
 
 
+@pytest.mark.parametrize("relax", [(), (0.0, 0.5, 1.0)])
+def test_validation_rows_uncached_give_the_same_path(monkeypatch, relax):
+    # past validation.CACHE the validation masks are converted per call from a transposed raw copy,
+    # a few features at a time: the same predictions, so the same path and selection
+    from datamodels_ml.solvers import validation
+
+    Xt, Yt, Xv, Yv = _sparse_problem(8, T=5)
+    kw = dict(k=15, eps=1e-3, dtype=torch.float64, tol=1e-12, min_lambdas=5, relax=relax)
+    cached = lasso_path((Xt, Yt), (Xv, Yv), **kw)
+    made = []
+    real = validation.ValRows.__init__
+
+    def init(self, *a):
+        real(self, *a)
+        made.append(self.xT is not None and self.zT is None)
+
+    monkeypatch.setattr(validation, "CACHE", 0)
+    monkeypatch.setattr(validation, "_CHUNK", 7)  # several chunks
+    monkeypatch.setattr(validation.ValRows, "__init__", init)
+    uncached = lasso_path((Xt, Yt), (Xv, Yv), **kw)
+    assert made == [True]
+    torch.testing.assert_close(uncached.val_mse, cached.val_mse, rtol=1e-9, atol=0, equal_nan=True)
+    torch.testing.assert_close(uncached.weight, cached.weight, rtol=0, atol=1e-9)
+    torch.testing.assert_close(uncached.relax_val_mse, cached.relax_val_mse, rtol=1e-9, atol=0, equal_nan=True)
+    if not relax:  # (a relaxed fit at φ = 1 on an unchanged support ties across λ: rounding picks one)
+        assert torch.equal(uncached.best_index, cached.best_index)
+
+
 @pytest.mark.parametrize("binary_dtype", [torch.bool, torch.float32])
 def test_float32_target_products_keep_the_centred_sums(binary_dtype):
     # X'y in float32 products (0/1 masks), on targets with a mean 1000 times their spread: the
