@@ -29,7 +29,8 @@ from datamodels_ml.solvers.refit import refit_fista, refit_saga
 from datamodels_ml.solvers.result import LassoPath
 from datamodels_ml.solvers.relax import blend, choose_phi, support_ls
 from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
-from datamodels_ml.solvers.screening import TrainGram, solve_screened
+from datamodels_ml.solvers.point import fista_point
+from datamodels_ml.solvers.screening import TrainGram
 from datamodels_ml.solvers.sources import BatchSource, as_source
 from datamodels_ml.solvers.validation import ValRows
 from datamodels_ml.solvers.stats import FeatureStats, feature_stats, moments, target_stats
@@ -261,42 +262,6 @@ class _Run:
         mse, f = choose_phi(self.val_rows.predict(W, b), self.val_rows.predict(W_ls, b), self.Yv[:, idx], self.relax)
         return mse, f, blend(W, W_ls, f)
 
-    def _fista_point(self, i: int, act: Tensor, W: Tensor, W_old: Tensor, grad: Tensor, c_act: Tensor,
-                     wGw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Path point ``i`` for the on-path targets ``act`` (compact state: ``W`` the solution at
-        ``i - 1``, ``W_old`` at ``i - 2``, ``grad`` [p, Ta] its gradient). Targets at
-        ``λ >= λ_max`` whose weights are still zero stay zero without a solve. Returns
-        ``(W_old, W, grad, wGw)`` for the next point."""
-        lam_path, lam_max, dtype = self.lam_path, self.lam_max, self.dtype
-        lam_i = lam_path[i, act]
-        trivial = lam_i >= lam_max[act]
-        if bool(trivial.any()):
-            cand = trivial.nonzero().squeeze(1)
-            trivial[cand] = (W[:, cand] == 0).all(0)
-        if bool(trivial.all()):
-            return W, W, grad, torch.zeros_like(wGw)
-        lam_prev = (lam_path[i - 1, act] if i > 0 else lam_max[act]).to(dtype)
-        s = None if not bool(trivial.any()) else (~trivial).nonzero().squeeze(1)
-        cols = (lambda x: x) if s is None else (lambda x: x[:, s])
-        pick = (lambda x: x) if s is None else (lambda x: x[s])
-        if i < 2:
-            W0 = cols(W)
-        else:
-            W0 = predict(cols(W), cols(W_old), cols(lam_path[i - 2:i + 1, act].to(dtype)))
-        Wi, wg, g, e = solve_screened(
-            self.op, cols(c_act), pick(lam_i.to(dtype)), pick(lam_prev), W0, cols(grad),
-            nulldev=self.nulldev[pick(act)], var=self.var, tol=self.tol, max_iter=self.max_epochs,
-            screen=self.screen, on_iter=self.on_epoch, curv=self.curv, ids=pick(act))
-        self.epochs += e
-        if s is None:
-            return W, Wi, g, wg
-        Wn = torch.zeros_like(W)
-        Wn[:, s] = Wi
-        grad[:, s] = g
-        wn = torch.zeros_like(wGw)
-        wn[s] = wg
-        return W, Wn, grad, wn
-
     def path(self, refit: bool) -> LassoPath:
         T, dtype, device = self.T, self.dtype, self.device
         lam_path, lam_max = self.lam_path, self.lam_max
@@ -347,7 +312,7 @@ class _Run:
             self.cur_l = last = i
             active_frac[i] = idx.numel() / T
             if fista:
-                W_old, W, grad, wGw = self._fista_point(i, act, W, W_old, grad, c_act, wGw)
+                W_old, W, grad, wGw = fista_point(self, i, act, W, W_old, grad, c_act, wGw)
                 b = self.bias0[act]
                 Wi = W
                 tm = (yy[act] - 2 * (c_act * W).sum(0) + wGw).clamp_min(0).to(torch.float64)
@@ -436,15 +401,3 @@ class _Run:
                          epochs=int(self.epochs),
                          phi=(self.phi if self.phi is not None else torch.zeros(T, dtype=torch.float64, device=device)),
                          relax_val_mse=sel_mse)
-
-
-def predict(W1: Tensor, W0: Tensor, lams: Tensor) -> Tensor:
-    """The warm start at ``λ_2`` from the solutions ``W0`` at ``λ_0`` and ``W1`` at ``λ_1``
-    ([p, Ta], ``lams`` [3, Ta]): the linear extrapolation ``W1 + (λ_2-λ_1)/(λ_1-λ_0) (W1 - W0)``,
-    exact while the support and signs do not change (the lasso's path is then linear in λ), with
-    the coordinates whose sign would change set to zero."""
-    d0 = lams[1] - lams[0]
-    r = torch.where(d0 != 0, (lams[2] - lams[1]) / torch.where(d0 != 0, d0, torch.ones_like(d0)),
-                    torch.zeros_like(d0))
-    Wp = torch.addcmul(W1, r.clamp(0, 4)[None, :], W1 - W0)  # λ decreasing: r > 0
-    return Wp.masked_fill_(Wp * W1 <= 0, 0)

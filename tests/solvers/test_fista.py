@@ -153,7 +153,7 @@ def test_checked_steps_converge_from_any_starting_curvature(L0):
 
 
 def test_path_warm_start_extrapolates_exactly_on_a_fixed_support():
-    from datamodels_ml.solvers.path import predict
+    from datamodels_ml.solvers.point import predict
 
     # on a fixed support and signs the lasso solution is linear in λ: w(λ) = G_AA^-1 (c_A - λ s)
     g = torch.Generator().manual_seed(7)
