@@ -286,7 +286,8 @@ def path_step(lam_ratio: float) -> int:
 
 def _log_path(result: dict[str, Any]) -> None:
     """The path as MLflow metrics (step: ``path_step``) and as a table (``path_table.json``): means
-    over the targets still on the path."""
+    over all targets, a target past its early stop counting with its selected values
+    (``results.path_curves``); ``active_fraction`` is the share still on the path."""
     from datamodels_ml import tracking
 
     lam_ratio, val, train, nnz = path_curves(result)
@@ -312,7 +313,8 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = N
     from datamodels_ml import tracking
 
     c = p.cfg.cfg
-    bar = PathBar(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
+    bar = PathBar(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress,
+                  unit="epoch" if c.method == "saga" else "iteration")
     try:
         result = _result(p, _fit_blocks(p, bar, store, started))
     finally:
@@ -376,7 +378,10 @@ def _fit_and_write(cfg: RegressConfig, p: Plan, out: Any, kernels: Any) -> int:
     from datamodels_ml import tracking
     tags = {"method": cfg.cfg.method, "k": cfg.cfg.k, "eps": cfg.cfg.eps, "num_train": cfg.data.num_train,
             "num_val": cfg.data.num_val, "targets": f"{p.target_start}:{p.target_end}", "devices": ",".join(p.devices)}
-    with tracking.run("regress", name=f"regress-{cfg.cfg.method}-k{cfg.cfg.k}", tags=tags) as active:
+    from datamodels_ml.run_names import NOTE_TAG, fit_name, regress_description
+
+    tags[NOTE_TAG] = regress_description(config_dict(cfg), p.target_end - p.target_start)
+    with tracking.run("regress", name=f"regress-{fit_name(config_dict(cfg))}", tags=tags) as active:
         tracking.log_params({**to_flat_dict(cfg), **kernels.params()})
         result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store, started=started)
         write_results(result, cfg, out, run_id=active.info.run_id if active else None)

@@ -79,7 +79,10 @@ def test_regress_end_to_end(digits, tmp_path):
 
     client = tracking_client(tmp_path)
     [run] = search_runs(tmp_path)
-    assert run.info.run_name == f"regress-saga-k{K}" and run.info.status == "FINISHED"
+    assert re.fullmatch(rf"regress-saga-k{K}-n30-[0-9a-f]{{6}}", run.info.run_name), run.info.run_name
+    assert run.info.status == "FINISHED"
+    note = run.data.tags["mlflow.note.content"]
+    assert "step = round(100·log10(λ_max/λ))" in note and "**best_val_mse**" in note
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == EXPERIMENT and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert {k: run.data.tags[k] for k in ("datamodels.stage", "method", "k", "num_train")} == \
@@ -316,3 +319,38 @@ def test_evaluate_refuses_to_overwrite_files_it_did_not_write(tmp_path):
         f"error: out {out} holds scatter.png, which evaluate did not write (no metrics.json of an evaluation "
         "there): choose another out directory")
     assert (out / "scatter.png").read_bytes() == b"the user's figure"
+
+
+def _path_result(val, best):
+    val = torch.tensor(val, dtype=torch.float32)
+    k, t = val.shape
+    nnz = torch.arange(k * t, dtype=torch.float32).reshape(k, t)
+    nnz[val.isnan()] = float("nan")  # the solver leaves a stopped target's entries NaN
+    return {"val_mse": val, "train_mse": val / 2, "nnz": nnz,
+            "best_index": torch.tensor(best), "lam_ratio": torch.tensor([[1.0] * t, [0.1] * t, [0.01] * t])}
+
+
+def test_path_metric_is_the_mean_over_all_targets():
+    """A target past its early stop counts with its selected value: the mean does not fall as
+    targets stop (target 1 stops after index 1, having selected index 0)."""
+    from datamodels_ml.results import path_curves
+
+    nan = float("nan")
+    lam, val, train, nnz = path_curves(_path_result([[2.0, 1.0], [1.0, 3.0], [0.5, nan]], [2, 0]))
+    np.testing.assert_allclose(lam, [1.0, 0.1, 0.01])
+    np.testing.assert_allclose(val, [1.5, 2.0, (0.5 + 1.0) / 2])  # not 0.5, the mean over target 0 alone
+    np.testing.assert_allclose(train, val / 2)
+    np.testing.assert_allclose(nnz, [0.5, 2.5, (4 + 1) / 2])
+
+
+def test_two_fits_that_differ_get_different_names():
+    """120 vs 30 training models (here 30 vs 20): never the same run name; the same fit again: the same."""
+    from datamodels_ml.run_names import fit_name
+
+    from datamodels_ml.budget import load_regress_config
+    from datamodels_ml.results import config_dict
+
+    names = [fit_name(config_dict(load_regress_config(TINY, ["data.data_path=reg.beton", f"data.num_train={n}", f"cfg.out_dir=o{n}"])))
+             for n in (30, 20, 30)]
+    assert names[0] != names[1] and names[0] == names[2]
+    assert names[0].startswith(f"saga-k{K}-n30-") and names[1].startswith(f"saga-k{K}-n20-")
