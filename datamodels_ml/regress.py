@@ -349,6 +349,10 @@ def regress(cfg: RegressConfig) -> int:
     check(cfg)
     for line in notes(cfg):
         print(f"regress: {line}", file=sys.stderr)
+    from datamodels_ml.fit_reuse import reuse_finished_fit
+
+    if reuse_finished_fit(cfg):  # out_dir holds this very fit (make demo's, say): nothing to refit
+        return 0
     out = check_out_dir(cfg)
     p = plan(cfg)  # every check before MLflow starts: a refused command leaves no run behind
     print(f"regress: {cfg.data.num_train} train + {cfg.data.num_val} val models of {p.info.num_rows}, "

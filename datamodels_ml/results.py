@@ -112,7 +112,8 @@ def check_out_dir(cfg) -> Path:
         raise UserError(f"cfg.out_dir {out} is not empty and holds no regression of ours (no {MANIFEST_FILE} "
                         f"written by regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory")
     if not cfg.cfg.force and (out / RESULTS_FILE).exists():
-        raise UserError(f"cfg.out_dir {out} already exists; use cfg.force=true to overwrite it")
+        raise UserError(f"cfg.out_dir {out} already holds a fit with other settings or data: give this one its own "
+                        f"cfg.out_dir=..., or cfg.force=true to replace it")
     return out
 
 

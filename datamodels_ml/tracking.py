@@ -188,6 +188,10 @@ def run(stage: str, *, name: str | None = None, params: Mapping[str, Any] | None
         raise
     finally:
         safe(lambda: mlflow.end_run(status=status), "end run")
+        if parent is None:  # the command prints its UI link at the end (ui.print_links)
+            from datamodels_ml import ui
+
+            ui.remember(active.info.experiment_id, active.info.run_id, name)
 
 
 def _start_linked(exp_id: str, name: str, tags: dict[str, str], parent: Any, stage: str) -> mlflow.ActiveRun:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +122,8 @@ BAD = {
     "too many models": (["data.num_train=40", "data.num_val=10"],
                         "data.num_train + data.num_val = 50 exceeds the 48 models in {beton}"),
     "bad k": (["cfg.k=0"], "cfg.k must be >= 1, got 0"),
-    "existing out_dir": (["cfg.force=false"], "cfg.out_dir {out} already exists; use cfg.force=true to overwrite it"),
+    "existing out_dir": (["cfg.force=false"], "cfg.out_dir {out} already holds a fit with other settings or data: "
+                                              "give this one its own cfg.out_dir=..., or cfg.force=true to replace it"),
 }
 
 
@@ -144,6 +147,59 @@ def test_bad_inputs_keep_existing_out_dir(digits, tmp_path, case):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: " + message.format(beton=digits / "reg.beton", out=out)
     assert _tree_digest(out) == before
+
+
+def test_the_same_fit_again_is_reused_not_refused(digits, tmp_path):
+    """``make regress`` after ``make demo``: the out_dir holds this very fit, so it is reused (exit 0,
+    no new run, nothing written); a fit with other settings there is refused in one line."""
+    out = tmp_path / "results"
+    args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}", "cfg.progress=false"]
+    run_cli("regress", *args, cwd=tmp_path, check=True)
+    before = _tree_digest(out)
+    [fitted] = search_runs(tmp_path)
+    again = run_cli("regress", *args, cwd=tmp_path, check=True)
+    assert f"regress: {out} already holds this fit (same config and data, MLflow run {fitted.info.run_id}): " \
+           "reused, nothing refitted (cfg.force=true fits again)" in again.stderr
+    assert _tree_digest(out) == before and len(search_runs(tmp_path)) == 1
+    other = run_cli("regress", *args, "cfg.k=7", cwd=tmp_path, check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: cfg.out_dir {out} already holds a fit with other settings or data: give this one its own "
+        "cfg.out_dir=..., or cfg.force=true to replace it")
+
+
+def test_mlflow_run_of_the_same_fit_is_reused(digits, tmp_path):
+    """The README's ``mlflow run . -e regress -P config=... --env-manager local`` after the demo: the
+    run MLflow made ends FINISHED, named after the fit, linked to the run that fitted it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "results"
+    config = tmp_path / "reg.yaml"
+    config.write_text((CONFIGS / "reg_tiny.yaml").read_text())
+    args = [f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}"]
+    run_cli("regress", f"config={config}", *args, cwd=tmp_path, check=True)
+    import yaml
+
+    doc = yaml.safe_load(config.read_text())
+    doc["data"]["data_path"], doc["cfg"]["out_dir"] = str(digits / "reg.beton"), str(out)
+    config.write_text(yaml.safe_dump(doc))
+    [fitted] = search_runs(tmp_path)
+    env = cli_env(tmp_path)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
+    proc = subprocess.run([mlflow_cli, "run", str(ROOT), "-e", "regress", "-P", f"config={config}",
+                           "--env-manager", "local"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    runs = tracking_client(tmp_path).search_runs(
+        [e.experiment_id for e in tracking_client(tmp_path).search_experiments()])
+    [made] = [r for r in runs if r.info.run_id != fitted.info.run_id]
+    assert made.info.status == "FINISHED" and made.info.run_name == fitted.info.run_name
+    assert made.data.tags["datamodels.reused_run_id"] == fitted.info.run_id
 
 
 # -- fit on a planted sparse model -----------------------------------------------------------------
