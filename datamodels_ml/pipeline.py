@@ -212,8 +212,8 @@ def _ui_hint() -> str:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if db.resolve() == (Path.cwd() / "mlflow.db").resolve():
-            return "open the results: make ui  (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
-        return f"open the results: mlflow ui --backend-store-uri {uri}"
+            return "open the results: make ui  (it prints the address of the runs table)"
+        return f"open the results: python -m datamodels_ml.ui --backend-store-uri {uri}  (prints the runs table's address)"
     return f"open the results in the MLflow UI at {uri}"
 
 
@@ -261,8 +261,9 @@ def demo(cfg: DemoConfig) -> int:
     _say(f"files: {cfg.results}/datamodels.pt, {cfg.evaluate_out}/ "
          f"({', '.join(sorted(Path(p).name for p in result.files.values()))})")
     main, training = tracking.experiments_of(parent)
-    _say(f"MLflow: parent run {run_id} ('demo-{cfg.n}') in experiment '{main}', one nested run per stage; "
-         f"the train run and its model runs in '{training}'")
+    ran = [s.name for s in stages if s.status == "ran"]
+    _say(f"MLflow: parent run {run_id} ('demo-{cfg.n}') in experiment '{main}', one nested run per stage it ran "
+         f"({', '.join(ran)}; reused stages are tags on it); train runs and their model runs in '{training}'")
     _say(_ui_hint())
     return 0
 
