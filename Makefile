@@ -15,17 +15,24 @@ DEB_PKGS    := libopencv-dev libturbojpeg0-dev pkg-config
 N       ?= 1500
 GPUS    ?= 0
 JOBS    ?= 0
-STORE   ?= data/digits/store
 SPEC    ?= configs/digits_spec.json
 MAIN    ?= datamodels_ml.examples.digits
 CONFIG  ?= configs/reg.yaml
-BETON   ?= data/digits/reg_data.beton
-RESULTS ?= data/digits/reg_results
 DEMO    ?= configs/demo.yaml
 ARGS    ?=
+# Every path of a run comes from one name: data/<NAME>/store, .../reg_data.beton, .../reg_results,
+# .../evaluate. STORE elsewhere (STORE=/scratch/me/store) moves the others beside it.
+NAME    ?= digits
+STORE   ?= data/$(NAME)/store
+DATA     = $(patsubst %/,%,$(dir $(STORE)))
+BETON   ?= $(DATA)/reg_data.beton
+RESULTS ?= $(DATA)/reg_results
+EVAL    ?= $(DATA)/evaluate
 # Scaling out (README "Scaling out"): a running Dask scheduler, or a dask-jobqueue cluster YAML
 SCHEDULER ?=
 CLUSTER   ?=
+# make ui: the port of the UI on the local store (make server's is SERVER_PORT)
+UI_PORT ?= 5000
 # make server: an MLflow tracking server for several users and machines
 BACKEND_STORE_URI ?= sqlite:///mlflow-server.db
 ARTIFACTS_DESTINATION ?= ./mlartifacts
@@ -36,11 +43,35 @@ DM := $(PY) -m datamodels_ml
 
 .PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
 
-help: ## list the targets and the variables they take
-	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
-	@echo "       make train [SCHEDULER=tcp://HOST:8786 | CLUSTER=configs/cluster/slurm.yaml]   (train on Dask)"
-	@echo
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+help: ## list the targets and the variables they take (colours only on a terminal)
+	@if [ -t 1 ]; then on='\033[36m'; off='\033[0m'; else on=; off=; fi; \
+	echo "usage: make <target> [VARIABLE=value ...]"; echo; echo "targets:"; \
+	grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -v on="$$on" -v off="$$off" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-14s%s %s\n", on, $$1, off, $$2}'; \
+	echo; echo "variables (now):"; \
+	printf '  %-36s %s\n' \
+	  "N=$(N)" "models to train (train, demo uses DEMO's n)" \
+	  "GPUS=$(GPUS)" "GPUs for train (0: CPU slots)" \
+	  "JOBS=$(JOBS)" "slots for train (0: one per core, or per GPU)" \
+	  "SPEC=$(SPEC)" "spec of the store (init, train)" \
+	  "MAIN=$(MAIN)" "training script module or .py file (train)" \
+	  "CONFIG=$(CONFIG)" "regression config (regress)" \
+	  "DEMO=$(DEMO)" "demo config (demo)" \
+	  "NAME=$(NAME)" "names the data folder: data/NAME/..." \
+	  "STORE=$(STORE)" "the store (init, train, status, write_dataset, evaluate, demo)" \
+	  "BETON=$(BETON)" "FFCV file beside the store (write_dataset, regress, demo)" \
+	  "RESULTS=$(RESULTS)" "regression output beside the store (regress, evaluate, demo)" \
+	  "EVAL=$(EVAL)" "evaluate's CSV and plots beside the store (evaluate, demo)" \
+	  "ARGS=$(ARGS)" "more key=value for the command (args.NAME=VALUE reach main)" \
+	  "SCHEDULER=$(SCHEDULER)" "train on a running Dask scheduler (tcp://HOST:8786)" \
+	  "CLUSTER=$(CLUSTER)" "train on a dask-jobqueue cluster YAML" \
+	  "UI_PORT=$(UI_PORT)" "port of make ui" \
+	  "BACKEND_STORE_URI=$(BACKEND_STORE_URI)" "make server's store" \
+	  "ARTIFACTS_DESTINATION=$(ARTIFACTS_DESTINATION)" "make server's artifacts" \
+	  "SERVER_HOST=$(SERVER_HOST)" "make server's address" \
+	  "SERVER_PORT=$(SERVER_PORT)" "make server's port" \
+	  "TORCH_SPEC=$(TORCH_SPEC)" "torch for make setup (a CUDA build: add --index-url URL)" \
+	  "VENV=$(VENV)" "the virtual environment" \
+	  "PYTHON_BOOT=$(PYTHON_BOOT)" "the python that creates VENV"
 
 setup: $(STAMP) ## create .venv with every dependency (FFCV's system headers too, on Debian as root)
 
@@ -69,7 +100,7 @@ test-fast: setup ## the tests not marked slow, gpu or ui (a quick check while ed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not gpu and not ui"
 
 demo: setup ## the whole workflow on the digits example: train, write_dataset, regress, evaluate
-	$(DM) demo config=$(DEMO) $(ARGS)
+	$(DM) demo config=$(DEMO) store=$(STORE) beton=$(BETON) results=$(RESULTS) evaluate_out=$(EVAL) $(ARGS)
 
 init: setup ## create the store from the spec (STORE, SPEC)
 	$(DM) init spec=$(SPEC) store=$(STORE)
@@ -84,11 +115,11 @@ status: setup ## completed/missing models and failures of the last train in STOR
 write_dataset: setup ## write STORE's completed models to the FFCV file BETON
 	$(DM) write_dataset store=$(STORE) out=$(BETON) x_name=masks y_name=margins $(ARGS)
 
-regress: setup ## fit the datamodels with CONFIG (lasso paths, tracked in MLflow)
-	$(DM) regress config=$(CONFIG) $(ARGS)
+regress: setup ## fit the datamodels of BETON with CONFIG into RESULTS (a finished identical fit is reused)
+	$(DM) regress config=$(CONFIG) data.data_path=$(BETON) cfg.out_dir=$(RESULTS) $(ARGS)
 
-evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STORE
-	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) out=data/digits/evaluate $(ARGS)
+evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STORE, files in EVAL
+	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) out=$(EVAL) $(ARGS)
 
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)
@@ -115,8 +146,8 @@ bench-paper: setup ## the CIFAR-10 shape end to end through the CLI, p=50k (mid:
 bench-scale: setup ## regression at p=5k..30k features (long; ~10 GB at 30k) and the paper-scale extrapolation
 	$(PY) benchmarks/bench_scale.py $(ARGS)
 
-ui: setup ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+ui: setup ## the MLflow UI on the local store, opened on the datamodels runs table (prints the address)
+	$(PY) -m datamodels_ml.tracking.ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 ui-setup: setup ## optional, for ui-check: Debian's chromium (apt, as root) and the playwright package (no browser download)
 	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -124,7 +155,7 @@ ui-setup: setup ## optional, for ui-check: Debian's chromium (apt, as root) and 
 	  else echo "error: ui-check drives /usr/bin/chromium: install Debian's chromium package as root"; exit 1; fi; }
 	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q playwright
 
-ui-check: ui-setup ## headless Chromium checks that the MLflow UI overlays two regression paths (screenshots: data/ui-check)
+ui-check: ui-setup ## headless Chromium: make ui's address shows the runs table, Compare overlays two paths (data/ui-check)
 	$(PY) benchmarks/ui_check.py --out data/ui-check
 
 server: setup ## MLflow tracking server: BACKEND_STORE_URI (sqlite/postgresql), ARTIFACTS_DESTINATION, SERVER_HOST/PORT
@@ -134,8 +165,8 @@ server: setup ## MLflow tracking server: BACKEND_STORE_URI (sqlite/postgresql), 
 lint: setup ## byte-compile every module (syntax check)
 	$(PY) -m compileall -q datamodels_ml tests benchmarks
 
-clean: ## remove the example's data and caches (keeps .venv and mlflow.db)
-	rm -rf data/digits .pytest_cache
+clean: ## remove the data of NAME and caches (keeps .venv and mlflow.db)
+	rm -rf data/$(NAME) .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean ## also remove .venv, mlflow.db and mlruns

@@ -1,10 +1,13 @@
-"""Check in a real headless browser that the MLflow UI overlays the paths of two regressions.
+"""Check in a real headless browser that ``make ui``'s address opens the runs table and that the
+MLflow UI overlays the paths of two regressions.
 
 Runs two small regressions that differ in k and solver (fista k=20, saga k=50) on the tiny digits
-example into a fresh MLflow store, starts ``mlflow server`` on a free localhost port, and drives
-Debian's Chromium (``/usr/bin/chromium``) through Playwright's Python package (never its own
-browsers) to the Compare view of the two runs, then to the chart of the path metric there
-(``val_mse`` by default: step = 100·log10(λ_max/λ), equal in both runs). It passes only when that
+example into a fresh MLflow store, starts ``make ui``'s command (``python -m datamodels_ml.tracking.ui``) on
+a free localhost port, and drives Debian's Chromium (``/usr/bin/chromium``) through Playwright's
+Python package (never its own browsers) first to the address it printed, which must show the
+experiment's runs table (not the GenAI overview or traces) listing both runs, the lower
+``best_val_mse`` first (screenshot ``runs.png``), then to the Compare view of the two runs, then to the chart of the path metric
+there (``val_mse`` by default: step = 100·log10(λ_max/λ), equal in both runs). It passes only when that
 one chart holds a curve for each run, with both run names in its legend, and saves screenshots
 (``compare.png``, ``metric.png``) in ``--out``. Exit status 0: overlaid; 1: not; 2: cannot run
 (no browser, no playwright: ``make ui-setup``).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -79,26 +83,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on the store, on a free localhost port; returns once it answers."""
+def start_server(work: Path) -> tuple[subprocess.Popen, str, str]:
+    """``make ui``'s command (``python -m datamodels_ml.tracking.ui``) on the store, on a free localhost port;
+    returns once it printed its address: (process, base URL, the printed address)."""
     port = _free_port()
     log = open(work / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--workers", "1"],
-                              cwd=work, env=_env(work), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "datamodels_ml.tracking.ui", "--no-browser", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"],
+                              cwd=work, env=_env(work), stdout=subprocess.PIPE, stderr=log, text=True,
+                              start_new_session=True)
     deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return server, url
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            raise SystemExit(f"ui-check: mlflow server did not start (see {work / 'server.log'})")
-        time.sleep(0.5)
+    while time.time() < deadline:
+        line = server.stdout.readline()
+        if line.strip().startswith("http://"):
+            return server, f"http://127.0.0.1:{port}", line.strip()
+        if not line and server.poll() is not None:
+            break
+    server.kill()
+    raise SystemExit(f"ui-check: make ui's command printed no address (see {work / 'server.log'})")
+
+
+RUNS_JS = """() => ({
+  url: location.href,
+  text: document.body.innerText,
+  rows: [...document.querySelectorAll('[role="row"], .ag-row, tr')].map(r => r.innerText || '')
+})"""
+
+
+def check_runs_page(page: dict, runs: list[dict], best: dict[str, float]) -> list[str]:
+    """What is wrong with the page reached from make ui's address; empty when it is the experiment's
+    runs table (not the GenAI overview or traces), listing every run, best ``best_val_mse`` first."""
+    problems = []
+    route = page["url"].split("#", 1)[-1]
+    if not re.search(r"/experiments/\d+/runs(\?|$)", route) or "workflowType=machine_learning" not in route:
+        problems.append(f"the address led to {route}, not the experiment's runs table")
+    for word in ("Detect Issues", "Usage overview"):  # the GenAI pages' pop-up and overview
+        if word in page["text"]:
+            problems.append(f"the page shows GenAI pages ({word!r})")
+    for run in runs:
+        if run["name"] not in page["text"]:
+            problems.append(f"the runs table does not list run {run['name']}")
+    order = [r["name"] for row in page["rows"] for r in runs if r["name"] in row]
+    first = min(runs, key=lambda r: best[r["id"]])["name"]
+    if order and order[0] != first:
+        problems.append(f"the first run listed is {order[0]}, not {first} (lowest best_val_mse)")
+    return problems
 
 
 # what the chart holds, read from the page: plotly's data on the chart's div, the legend under it
@@ -145,8 +174,10 @@ def check_chart(charts: list[dict], runs: list[dict], histories: dict[str, list[
     return problems
 
 
-def browse(url: str, runs: list[dict], histories: dict, metric: str, out: Path) -> list[str]:
-    """The Compare view of the runs, then its chart of ``metric``; screenshots into ``out``."""
+def browse(url: str, runs: list[dict], histories: dict, metric: str, out: Path, printed: str = "",
+           best: dict[str, float] | None = None) -> list[str]:
+    """The page of make ui's printed address (``runs.png``), then the Compare view of the runs and
+    its chart of ``metric``; screenshots into ``out``."""
     from playwright.sync_api import sync_playwright
 
     ids = json.dumps([r["id"] for r in runs])
@@ -156,13 +187,23 @@ def browse(url: str, runs: list[dict], histories: dict, metric: str, out: Path) 
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1900, "height": 1100})
+            problems: list[str] = []
+            if printed:
+                page.goto(printed)
+                try:
+                    page.get_by_text(runs[0]["name"]).first.wait_for(timeout=90_000)
+                except Exception:  # noqa: BLE001 - judged below, with the screenshot
+                    pass
+                page.wait_for_timeout(2500)
+                page.screenshot(path=str(out / "runs.png"), full_page=True)
+                problems += check_runs_page(page.evaluate(RUNS_JS), runs, best or {})
             page.goto(compare)
             link = page.locator(f'a[href*="metric=%22{urllib.parse.quote(metric)}%22"]').first
             link.wait_for(timeout=90_000)  # the Compare view's metrics table links each metric to its chart
             page.wait_for_timeout(1500)
             page.screenshot(path=str(out / "compare.png"), full_page=True)
             text = page.inner_text("body")
-            problems = [f"the Compare view does not show run {r['id']}" for r in runs if r["id"] not in text]
+            problems += [f"the Compare view does not show run {r['id']}" for r in runs if r["id"] not in text]
             link.click()
             page.wait_for_selector(".js-plotly-plot .scatterlayer path.js-line", timeout=90_000)
             page.wait_for_timeout(2000)  # let every curve arrive and draw
@@ -170,6 +211,13 @@ def browse(url: str, runs: list[dict], histories: dict, metric: str, out: Path) 
             return problems + check_chart(page.evaluate(CHART_JS), runs, histories, metric)
         finally:
             browser.close()
+
+
+def best_of(work: Path, runs: list[dict]) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_env(work)["MLFLOW_TRACKING_URI"])
+    return {r["id"]: client.get_run(r["id"]).data.metrics["best_val_mse"] for r in runs}
 
 
 def histories_of(work: Path, runs: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:
@@ -204,8 +252,10 @@ def main() -> int:
         print(f"ui-check: 2 regressions in {time.perf_counter() - t0:.0f} s: "
               + ", ".join(f"{r['name']} ({r['method']}, k={r['k']}, {len(histories[r['id']])} points of "
                           f"{args.metric})" for r in runs), flush=True)
-        server, url = start_server(work)
-        problems = browse(url, runs, histories, args.metric, out)
+        best = best_of(work, runs)
+        server, url, printed = start_server(work)
+        print(f"ui-check: make ui printed {printed}", flush=True)
+        problems = browse(url, runs, histories, args.metric, out, printed, best)
     finally:
         if server is not None:
             server.terminate()
@@ -217,11 +267,12 @@ def main() -> int:
             print(f"ui-check: kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    shots = f"{out / 'compare.png'}, {out / 'metric.png'}"
+    shots = f"{out / 'runs.png'}, {out / 'compare.png'}, {out / 'metric.png'}"
     if problems:
         print("ui-check: FAILED: " + "; ".join(problems) + f" (screenshots: {shots})", file=sys.stderr)
         return 1
-    print(f"ui-check: ok: the Compare view's {args.metric} chart overlays both paths on one step axis "
+    print(f"ui-check: ok: make ui's address opens the runs table (best best_val_mse first), and the Compare "
+          f"view's {args.metric} chart overlays both paths on one step axis "
           f"(screenshots: {shots})")
     return 0
 

@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             from datamodels_ml.tracking import runs as tracking
 
             tracking.finish_attached(attached, name, code)
+        from datamodels_ml.tracking import links
+
+        links.print_links()  # each run's address, when a tracking server or `make ui` is there to show it
 
 
 def take_threads(tokens: list[str]) -> tuple[list[str], int | None]:

@@ -136,5 +136,6 @@ def describe(schema: type, prefix: str = "") -> list[str]:
         else:
             default = "required"
         help_text = f.metadata.get("help", "")
-        lines.append(f"  {name:<28} {help_text} ({default})")
+        said = "(default" in help_text  # the help already says what the default does: not twice
+        lines.append(f"  {name:<28} {help_text}" + ("" if said else f" ({default})"))
     return lines

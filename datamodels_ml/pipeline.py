@@ -1,7 +1,8 @@
 """The end-to-end pipeline (``demo`` command, MLproject ``main``): init -> train -> write_dataset -> regress -> evaluate.
 
 One parent MLflow run ("demo") holds one nested run per stage. A stage that already finished with
-the same inputs is reused, not redone, and its nested run is tagged ``pipeline.reused=true``:
+the same inputs is reused, not redone: it adds no nested run, the demo run is tagged
+``pipeline.<stage>=reused`` with a note (``pipeline.<stage>_note``):
 
 * init: creating a store with the same spec is a no-op; train resumes, so it only runs what is missing;
 * write_dataset: skipped when the beton's manifest lists exactly the store's completed models and keys;
@@ -54,12 +55,12 @@ def _say(msg: str) -> None:
 
 
 def _reused_run(name: str, params: dict[str, Any], note: str) -> None:
-    """A nested run that records a reused stage, so the UI shows every stage of every pipeline run."""
+    """Record a reused stage on the demo run itself (tags ``pipeline.<stage>=reused`` and
+    ``pipeline.<stage>_note``), not as a run of its own: a rerun adds no run per reused stage."""
     from datamodels_ml.tracking import runs as tracking
 
-    with tracking.run(name, name=f"{name}-reused", params=params,
-                      tags={"pipeline.stage": name, "pipeline.reused": "true"}):
-        tracking.set_tags({"pipeline.note": note})
+    del params  # the run that did the work holds them
+    tracking.set_tags({f"pipeline.{name}_note": note})
 
 
 # -- stages ----------------------------------------------------------------------------------------
@@ -214,8 +215,8 @@ def _ui_hint() -> str:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if db.resolve() == (Path.cwd() / "mlflow.db").resolve():
-            return "open the results: make ui  (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
-        return f"open the results: mlflow ui --backend-store-uri {uri}"
+            return "open the results: make ui  (it prints the address of the runs table)"
+        return f"open the results: python -m datamodels_ml.tracking.ui --backend-store-uri {uri}  (prints the runs table's address)"
     return f"open the results in the MLflow UI at {uri}"
 
 
@@ -263,8 +264,9 @@ def demo(cfg: DemoConfig) -> int:
     _say(f"files: {cfg.results}/datamodels.pt, {cfg.evaluate_out}/ "
          f"({', '.join(sorted(Path(p).name for p in result.files.values()))})")
     main, training = tracking.experiments_of(parent)
-    _say(f"MLflow: parent run {run_id} ('demo-{cfg.n}') in experiment '{main}', one nested run per stage; "
-         f"the train run and its model runs in '{training}'")
+    ran = [s.name for s in stages if s.status == "ran"]
+    _say(f"MLflow: parent run {run_id} ('demo-{cfg.n}') in experiment '{main}', one nested run per stage it ran "
+         f"({', '.join(ran)}; reused stages are tags on it); train runs and their model runs in '{training}'")
     _say(_ui_hint())
     return 0
 

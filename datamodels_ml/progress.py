@@ -95,15 +95,16 @@ class LineBar:
 
 
 class PathBar:
-    """The regression's bar: the solver's callback (``lasso_path(callback=...)``) over epochs, with the
+    """The regression's bar: the solver's callback (``lasso_path(callback=...)``) over its steps
+    (``unit``: fista's iterations, saga's epochs), with the
     target block, the λ index, the share of targets still on the path and the features being solved;
     one bar for all the target blocks of a ``regress``."""
 
-    def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool):
+    def __init__(self, k: int, n_targets: int, n_blocks: int, *, progress: bool, unit: str = "iteration"):
         self.k, self.n_targets, self.n_blocks = k, n_targets, n_blocks
         self.on_path = 1.0  # fraction of the block's targets still on the path
         self.blocks_done = 0
-        self.bar = bar("regress", unit="epoch", enabled=progress)
+        self.bar = bar("regress", unit=unit, enabled=progress)  # fista: iterations; saga: epochs
 
     def __call__(self, event: str, info: dict) -> None:
         if event == "epoch":

@@ -83,25 +83,35 @@ def test_second_run_reuses_the_finished_stages(demo_runs):
 
 def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(demo_runs):
     """The demo and its stages in experiment 'datamodels'; its train run (with the model runs) in
-    'datamodels-train', linked to the demo by tags; every run named by what it is."""
+    'datamodels-train', linked to the demo by tags; every run named by what it is. A rerun adds
+    the demo run and its evaluation only: reused stages are tags on it, not runs."""
     cwd, _, _, _, _ = demo_runs
     client = tracking_client(cwd)
     parents = search_runs(cwd, "tags.`pipeline.stage` = 'pipeline'", order_by=["attributes.start_time ASC"])
     assert len(parents) == 2
-    for parent, reused in zip(parents, (False, True)):
+    first, second = parents
+    for parent in parents:
         assert parent.info.run_name == "demo-60" and parent.info.status == "FINISHED"
-        children = search_runs(cwd, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        stages = {c.data.tags["datamodels.stage"]: c for c in children}
-        [train] = search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{parent.info.run_id}'", training=True)
-        stages["train"] = train
-        assert set(stages) == {*STAGES, "evaluate"} and len(children) == 4, sorted(stages)
-        assert parent.data.tags["pipeline.train_run_id"] == train.info.run_id
-        assert client.get_experiment(train.info.experiment_id).name == TRAIN_EXPERIMENT
-        for stage in STAGES:
-            assert (stages[stage].data.tags.get("pipeline.reused") == "true") == reused, stage
-            assert stages[stage].info.run_name.startswith(f"{stage}-reused" if reused else f"{stage}-"), stage
-        assert parent.data.metrics["lds"] == pytest.approx(stages["evaluate"].data.metrics["lds"])
-    first_train = search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{parents[0].info.run_id}'", training=True)[0]
+    children = search_runs(cwd, f"tags.mlflow.parentRunId = '{first.info.run_id}'")
+    stages = {c.data.tags["datamodels.stage"]: c for c in children}
+    [train] = search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{first.info.run_id}'", training=True)
+    stages["train"] = train
+    assert set(stages) == {*STAGES, "evaluate"} and len(children) == 4, sorted(stages)
+    assert first.data.tags["pipeline.train_run_id"] == train.info.run_id
+    assert client.get_experiment(train.info.experiment_id).name == TRAIN_EXPERIMENT
+    for stage in STAGES:
+        assert stages[stage].info.run_name.startswith(f"{stage}-") and "reused" not in stages[stage].info.run_name
+    assert stages["regress"].info.run_name.startswith("regress-fista-k")
+    assert first.data.metrics["lds"] == pytest.approx(stages["evaluate"].data.metrics["lds"])
+    [again] = search_runs(cwd, f"tags.mlflow.parentRunId = '{second.info.run_id}'")
+    assert again.data.tags["datamodels.stage"] == "evaluate"
+    assert again.info.run_name == stages["evaluate"].info.run_name  # the same fit, the same name
+    assert search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{second.info.run_id}'", training=True) == []
+    for stage in STAGES:
+        assert second.data.tags[f"pipeline.{stage}"] == "reused" and second.data.tags[f"pipeline.{stage}_note"]
+    assert second.data.metrics["lds"] == pytest.approx(again.data.metrics["lds"])
+    assert all("reused" not in r.info.run_name for r in search_runs(cwd) + search_runs(cwd, training=True))
+    first_train = search_runs(cwd, f"tags.`pipeline.parent_run_id` = '{first.info.run_id}'", training=True)[0]
     assert first_train.info.run_name == "train-60"
     models = search_runs(cwd, f"tags.mlflow.parentRunId = '{first_train.info.run_id}'", training=True)
     assert sorted(m.info.run_name for m in models) == sorted(f"model-{i}" for i in range(60))

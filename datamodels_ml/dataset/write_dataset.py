@@ -328,6 +328,12 @@ def write_dataset(cfg: WriteDatasetConfig) -> int:
     """Write a store's completed models to an FFCV .beton (fields mask, targets, idx) plus a manifest."""
     # Every cheap check before MLflow starts: a refused command is quick and leaves no run behind.
     select = {"completed_name": cfg.completed_name, "ignore_completed": cfg.ignore_completed, "y_slice": cfg.y_slice}
+    from datamodels_ml.dataset.reuse import current_manifest
+
+    if not cfg.force and (done := current_manifest(cfg.store, cfg.out, cfg.x_name, cfg.y_name, select)):
+        print(f"{cfg.out} already holds the completed models of {cfg.store} ({done['num_rows']} rows) with these "
+              "keys: kept, nothing written (force=true writes it again)")
+        return 0
     out, inputs, keep, dropped = _prepare(cfg.store, cfg.out, cfg.x_name, cfg.y_name, cfg.force, cfg.chunk,
                                           cfg.progress, cfg.num_workers, **select)
     from datamodels_ml.tracking import runs as tracking

@@ -207,10 +207,14 @@ def _check_out(out: str) -> None:
 
 
 def _run_name(dm: Datamodels) -> str:
-    """``evaluate-fista-k50`` after the regression's settings, else after the results directory."""
-    solver = (dm.meta.get("config") or {}).get("cfg") or {}
+    """``evaluate-fista-k50-n1100-3fa2c1`` after the regression's run name (``run_names``), else
+    after the results directory."""
+    config = dm.meta.get("config") or {}
+    solver = config.get("cfg") or {}
     if "method" in solver and "k" in solver:
-        return f"evaluate-{solver['method']}-k{solver['k']}"
+        from datamodels_ml.tracking.run_names import fit_name
+
+        return f"evaluate-{fit_name(config)}"
     return f"evaluate-{dm.path.parent.name if dm.path else 'datamodels'}"
 
 

@@ -113,7 +113,8 @@ def check_out_dir(cfg) -> Path:
         raise UserError(f"cfg.out_dir {out} is not empty and holds no regression of ours (no {MANIFEST_FILE} "
                         f"written by regress): choose another cfg.out_dir; cfg.force=true never replaces such a directory")
     if not cfg.cfg.force and (out / RESULTS_FILE).exists():
-        raise UserError(f"cfg.out_dir {out} already exists; use cfg.force=true to overwrite it")
+        raise UserError(f"cfg.out_dir {out} already holds a fit with other settings or data: give this one its own "
+                        f"cfg.out_dir=..., or cfg.force=true to replace it")
     return out
 
 
@@ -137,12 +138,29 @@ def targets_csv(result: dict[str, Any]) -> str:
 
 
 def path_curves(result: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """Per λ index, the means over the targets still on the path: λ/λ_max, val MSE, train MSE, nnz."""
-    with warnings.catch_warnings():  # λ indices where every target had stopped are all-NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        curves = [np.nanmean(result[key].numpy(), axis=1) if result[key].numel() else np.array([])
-                  for key in ("val_mse", "train_mse", "nnz")]
+    """Per λ index, the means over ALL targets: λ/λ_max, val MSE, train MSE, nnz. A target past its
+    early stop counts with its values at its selected λ, so the curves compare across runs (a mean
+    over the targets still on the path falls as the hard ones stop, and ranks paths wrongly)."""
+    best = result["best_index"].numpy().astype(np.int64)
+    curves = []
+    for key in ("val_mse", "train_mse", "nnz"):
+        values = result[key].numpy().astype(np.float64)
+        if not values.size:
+            curves.append(np.array([]))
+            continue
+        at_best = values[np.clip(best, 0, values.shape[0] - 1), np.arange(values.shape[1])]
+        filled = np.where(np.isnan(values), at_best[None, :], values)
+        with warnings.catch_warnings():  # a target whose selected value is NaN stays out
+            warnings.simplefilter("ignore", RuntimeWarning)
+            curves.append(np.nanmean(filled, axis=1))
     return (result["lam_ratio"].numpy().mean(axis=1), *curves)
+
+
+def selected_lam_ratios(result: dict[str, Any]) -> np.ndarray:
+    """Each target's selected λ as a fraction of its λ_max (the ticks of ``path.png``)."""
+    lam, lam_max = result["lam"].numpy().astype(np.float64), result["lam_path"][0].numpy().astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lam_max > 0, lam / lam_max, np.nan)
 
 
 def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None = None) -> None:
@@ -152,7 +170,7 @@ def write_results(result: dict[str, Any], cfg, out: Path, *, run_id: str | None 
 
     from datamodels_ml.figures import path_figure, save_figure
 
-    fig = path_figure(*path_curves(result), title=f"{result['y_name'] or 'targets'} "
+    fig = path_figure(*path_curves(result), selected=selected_lam_ratios(result), title=f"{result['y_name'] or 'targets'} "
                       f"[{result['target_start']}:{result['target_end']}], {cfg.cfg.method}")
     manifest = {"format_version": FORMAT_VERSION, "inputs": rerun_key(cfg), "config": config_dict(cfg),
                 "summary": summary(result), "train_indices": result["train_indices"].tolist(),

@@ -287,7 +287,8 @@ def path_step(lam_ratio: float) -> int:
 
 def _log_path(result: dict[str, Any]) -> None:
     """The path as MLflow metrics (step: ``path_step``) and as a table (``path_table.json``): means
-    over the targets still on the path."""
+    over all targets, a target past its early stop counting with its selected values
+    (``output_dir.path_curves``); ``active_fraction`` is the share still on the path."""
     from datamodels_ml.tracking import runs as tracking
 
     lam_ratio, val, train, nnz = path_curves(result)
@@ -313,7 +314,8 @@ def fit_plan(p: Plan, *, progress: bool = True, log: bool = True, store: Any = N
     from datamodels_ml.tracking import runs as tracking
 
     c = p.cfg.cfg
-    bar = PathBar(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress)
+    bar = PathBar(c.k + (c.grid == "fast_l1"), p.target_end - p.target_start, p.memory.n_blocks, progress=progress,
+                  unit="epoch" if c.method == "saga" else "iteration")
     try:
         result = _result(p, _fit_blocks(p, bar, store, started))
     finally:
@@ -348,6 +350,10 @@ def regress(cfg: RegressConfig) -> int:
     check(cfg)
     for line in notes(cfg):
         print(f"regress: {line}", file=sys.stderr)
+    from datamodels_ml.regression.fit_reuse import reuse_finished_fit
+
+    if reuse_finished_fit(cfg):  # out_dir holds this very fit (make demo's, say): nothing to refit
+        return 0
     out = check_out_dir(cfg)
     p = plan(cfg)  # every check before MLflow starts: a refused command leaves no run behind
     print(f"regress: {cfg.data.num_train} train + {cfg.data.num_val} val models of {p.info.num_rows}, "
@@ -377,7 +383,10 @@ def _fit_and_write(cfg: RegressConfig, p: Plan, out: Any, kernels: Any) -> int:
     from datamodels_ml.tracking import runs as tracking
     tags = {"method": cfg.cfg.method, "k": cfg.cfg.k, "eps": cfg.cfg.eps, "num_train": cfg.data.num_train,
             "num_val": cfg.data.num_val, "targets": f"{p.target_start}:{p.target_end}", "devices": ",".join(p.devices)}
-    with tracking.run("regress", name=f"regress-{cfg.cfg.method}-k{cfg.cfg.k}", tags=tags) as active:
+    from datamodels_ml.tracking.run_names import NOTE_TAG, fit_name, regress_description
+
+    tags[NOTE_TAG] = regress_description(config_dict(cfg), p.target_end - p.target_start)
+    with tracking.run("regress", name=f"regress-{fit_name(config_dict(cfg))}", tags=tags) as active:
         tracking.log_params({**to_flat_dict(cfg), **kernels.params()})
         result = fit_plan(p, progress=cfg.cfg.progress, log=True, store=store, started=started)
         write_results(result, cfg, out, run_id=active.info.run_id if active else None)

@@ -367,8 +367,16 @@ def status_report(store: Store) -> str:
     done = store.completed
     missing = np.flatnonzero(~done)
     layout = " (original layout: spec read from the .npy headers)" if store.original_layout else ""
-    lines = [f"store: {store.path}{layout}", f"completed: {int(done.sum())}/{store.num_models}"]
+    lines = [f"store: {store.path}{layout}", f"completed: {int(done.sum())}/{store.num_models} (num_models of the spec)"]
     lines.append("missing: none" if missing.size == 0 else f"missing ({missing.size}): {compress_ranges(missing)}")
+    from datamodels_ml.store.train_record import last_train
+
+    last = last_train(store.path)
+    if last is not None and last["n"] < store.num_models:  # what the last train asked for, too
+        below = np.flatnonzero(~done[: last["n"]])
+        lines.append(f"last train: n={last['n']} of num_models={store.num_models}: {last['n'] - below.size}/"
+                     f"{last['n']} complete, " + ("none missing below n" if below.size == 0 else
+                                                  f"missing below n ({below.size}): {compress_ranges(below)}"))
     bad = nonfinite_counts(store)
     if bad:
         lines.append("completed rows with NaN/inf: " + ", ".join(f"{k} {n}" for k, n in bad.items())

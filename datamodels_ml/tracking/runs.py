@@ -69,7 +69,7 @@ def _as_param(value: Any) -> str:
 EXPERIMENT = "datamodels"  # regressions, evaluations, budgets, the demo pipeline, init, write_dataset
 TRAIN_SUFFIX = "-train"  # "datamodels-train": train runs with their model-N child runs, worker runs
 TRAINING_STAGES = frozenset({"train", "worker"})
-KIND_TAG = "mlflow.experimentKind"  # MLflow 3's experiment type; without it the UI may open on GenAI pages
+KIND_TAG = "mlflow.experimentKind"  # MLflow 3's experiment type (3.17's UI reads workflowType instead: see ui)
 KIND = "custom_model_development"  # "machine learning": the UI opens on the runs table
 DEFAULT_EXPERIMENT_ID = "0"
 _EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking URI, name) -> experiment id, checked once per process
@@ -188,6 +188,10 @@ def run(stage: str, *, name: str | None = None, params: Mapping[str, Any] | None
         raise
     finally:
         safe(lambda: mlflow.end_run(status=status), "end run")
+        if parent is None:  # the command prints its UI link at the end (links.print_links)
+            from datamodels_ml.tracking import links
+
+            links.remember(active.info.experiment_id, active.info.run_id, name)
 
 
 def _start_linked(exp_id: str, name: str, tags: dict[str, str], parent: Any, stage: str) -> mlflow.ActiveRun:

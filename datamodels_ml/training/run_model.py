@@ -101,6 +101,9 @@ def load_main(target: str, argv: Sequence[str] = ()) -> Callable[..., Any]:
     fn = getattr(module, "main", None)
     if not callable(fn):
         raise UserError(f"module '{target}' has no function main(*, index, logdir, ...)")
+    from datamodels_ml.training.script_options import collect_declared
+
+    collect_declared()  # the script's fastargs options, as the original worker collects them
     return fn
 
 

@@ -228,11 +228,19 @@ def train(cfg: TrainConfig) -> int:
 
 
 def _train(cfg: TrainConfig, store: Store) -> int:
+    from datamodels_ml.store.train_record import record_train
+
     done = store.completed[: cfg.n]
     todo = [int(i) for i in np.flatnonzero(~done)]
     if not todo:
+        if not (cfg.scheduler or cfg.cluster):  # a misspelt main is an error, not "nothing to do"
+            from datamodels_ml.training.run_model import load_main
+
+            load_main(cfg.main, cfg.argv)
+        record_train(store.path, n=cfg.n, main=cfg.main)
         print(f"all {cfg.n} models are already complete in {store.path}: nothing to do")
         return 0
+    record_train(store.path, n=cfg.n, main=cfg.main)
     job = {"store": str(store.path), "main": cfg.main, "args": dict(cfg.args), "argv": list(cfg.argv)}
     fan = _backend(cfg, store, job, todo)
     try:

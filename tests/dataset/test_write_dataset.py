@@ -221,8 +221,13 @@ def test_write_dataset_cli_end_to_end(small_store, tmp_path):
     assert run.data.metrics == {"rows_written": 8.0, "rows_dropped": 2.0}
     assert run.data.params["x_name"] == "masks" and run.data.params["store"] == str(store.path)
 
-    before = _digest(out)
-    proc = run_cli("write_dataset", f"store={store.path}", f"out={out}", "progress=false", cwd=tmp_path, check=False)
+    before = _digest(out)  # the same store again: kept as it is, no new run
+    proc = run_cli("write_dataset", f"store={store.path}", f"out={out}", "progress=false", cwd=tmp_path, check=True)
+    assert proc.stdout.strip() == (f"{out} already holds the completed models of {store.path} (8 rows) with these "
+                                   "keys: kept, nothing written (force=true writes it again)")
+    assert _digest(out) == before and len(search_runs(tmp_path, training=False)) == 1
+    proc = run_cli("write_dataset", f"store={store.path}", f"out={out}", "y_name=acc", "progress=false",
+                   cwd=tmp_path, check=False)  # other keys: refused, kept
     assert proc.returncode == 2 and _digest(out) == before
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,7 +83,10 @@ def test_regress_end_to_end(digits, tmp_path):
 
     client = tracking_client(tmp_path)
     [run] = search_runs(tmp_path)
-    assert run.info.run_name == f"regress-saga-k{K}" and run.info.status == "FINISHED"
+    assert re.fullmatch(rf"regress-saga-k{K}-n30-[0-9a-f]{{6}}", run.info.run_name), run.info.run_name
+    assert run.info.status == "FINISHED"
+    note = run.data.tags["mlflow.note.content"]
+    assert "step = round(100·log10(λ_max/λ))" in note and "**best_val_mse**" in note
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == EXPERIMENT and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert {k: run.data.tags[k] for k in ("datamodels.stage", "method", "k", "num_train")} == \
@@ -119,7 +124,8 @@ BAD = {
     "too many models": (["data.num_train=40", "data.num_val=10"],
                         "data.num_train + data.num_val = 50 exceeds the 48 models in {beton}"),
     "bad k": (["cfg.k=0"], "cfg.k must be >= 1, got 0"),
-    "existing out_dir": (["cfg.force=false"], "cfg.out_dir {out} already exists; use cfg.force=true to overwrite it"),
+    "existing out_dir": (["cfg.force=false"], "cfg.out_dir {out} already holds a fit with other settings or data: "
+                                              "give this one its own cfg.out_dir=..., or cfg.force=true to replace it"),
 }
 
 
@@ -143,6 +149,59 @@ def test_bad_inputs_keep_existing_out_dir(digits, tmp_path, case):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: " + message.format(beton=digits / "reg.beton", out=out)
     assert _tree_digest(out) == before
+
+
+def test_the_same_fit_again_is_reused_not_refused(digits, tmp_path):
+    """``make regress`` after ``make demo``: the out_dir holds this very fit, so it is reused (exit 0,
+    no new run, nothing written); a fit with other settings there is refused in one line."""
+    out = tmp_path / "results"
+    args = [f"config={TINY}", f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}", "cfg.progress=false"]
+    run_cli("regress", *args, cwd=tmp_path, check=True)
+    before = _tree_digest(out)
+    [fitted] = search_runs(tmp_path)
+    again = run_cli("regress", *args, cwd=tmp_path, check=True)
+    assert f"regress: {out} already holds this fit (same config and data, MLflow run {fitted.info.run_id}): " \
+           "reused, nothing refitted (cfg.force=true fits again)" in again.stderr
+    assert _tree_digest(out) == before and len(search_runs(tmp_path)) == 1
+    other = run_cli("regress", *args, "cfg.k=7", cwd=tmp_path, check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: cfg.out_dir {out} already holds a fit with other settings or data: give this one its own "
+        "cfg.out_dir=..., or cfg.force=true to replace it")
+
+
+def test_mlflow_run_of_the_same_fit_is_reused(digits, tmp_path):
+    """The README's ``mlflow run . -e regress -P config=... --env-manager local`` after the demo: the
+    run MLflow made ends FINISHED, named after the fit, linked to the run that fitted it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "results"
+    config = tmp_path / "reg.yaml"
+    config.write_text((CONFIGS / "reg_tiny.yaml").read_text())
+    args = [f"data.data_path={digits / 'reg.beton'}", f"cfg.out_dir={out}"]
+    run_cli("regress", f"config={config}", *args, cwd=tmp_path, check=True)
+    import yaml
+
+    doc = yaml.safe_load(config.read_text())
+    doc["data"]["data_path"], doc["cfg"]["out_dir"] = str(digits / "reg.beton"), str(out)
+    config.write_text(yaml.safe_dump(doc))
+    [fitted] = search_runs(tmp_path)
+    env = cli_env(tmp_path)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
+    proc = subprocess.run([mlflow_cli, "run", str(ROOT), "-e", "regress", "-P", f"config={config}",
+                           "--env-manager", "local"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    runs = tracking_client(tmp_path).search_runs(
+        [e.experiment_id for e in tracking_client(tmp_path).search_experiments()])
+    [made] = [r for r in runs if r.info.run_id != fitted.info.run_id]
+    assert made.info.status == "FINISHED" and made.info.run_name == fitted.info.run_name
+    assert made.data.tags["datamodels.reused_run_id"] == fitted.info.run_id
 
 
 # -- fit on a planted sparse model -----------------------------------------------------------------
@@ -318,3 +377,38 @@ def test_evaluate_refuses_to_overwrite_files_it_did_not_write(tmp_path):
         f"error: out {out} holds scatter.png, which evaluate did not write (no metrics.json of an evaluation "
         "there): choose another out directory")
     assert (out / "scatter.png").read_bytes() == b"the user's figure"
+
+
+def _path_result(val, best):
+    val = torch.tensor(val, dtype=torch.float32)
+    k, t = val.shape
+    nnz = torch.arange(k * t, dtype=torch.float32).reshape(k, t)
+    nnz[val.isnan()] = float("nan")  # the solver leaves a stopped target's entries NaN
+    return {"val_mse": val, "train_mse": val / 2, "nnz": nnz,
+            "best_index": torch.tensor(best), "lam_ratio": torch.tensor([[1.0] * t, [0.1] * t, [0.01] * t])}
+
+
+def test_path_metric_is_the_mean_over_all_targets():
+    """A target past its early stop counts with its selected value: the mean does not fall as
+    targets stop (target 1 stops after index 1, having selected index 0)."""
+    from datamodels_ml.regression.output_dir import path_curves
+
+    nan = float("nan")
+    lam, val, train, nnz = path_curves(_path_result([[2.0, 1.0], [1.0, 3.0], [0.5, nan]], [2, 0]))
+    np.testing.assert_allclose(lam, [1.0, 0.1, 0.01])
+    np.testing.assert_allclose(val, [1.5, 2.0, (0.5 + 1.0) / 2])  # not 0.5, the mean over target 0 alone
+    np.testing.assert_allclose(train, val / 2)
+    np.testing.assert_allclose(nnz, [0.5, 2.5, (4 + 1) / 2])
+
+
+def test_two_fits_that_differ_get_different_names():
+    """120 vs 30 training models (here 30 vs 20): never the same run name; the same fit again: the same."""
+    from datamodels_ml.tracking.run_names import fit_name
+
+    from datamodels_ml.evaluation.budget import load_regress_config
+    from datamodels_ml.regression.output_dir import config_dict
+
+    names = [fit_name(config_dict(load_regress_config(TINY, ["data.data_path=reg.beton", f"data.num_train={n}", f"cfg.out_dir=o{n}"])))
+             for n in (30, 20, 30)]
+    assert names[0] != names[1] and names[0] == names[2]
+    assert names[0].startswith(f"saga-k{K}-n30-") and names[1].startswith(f"saga-k{K}-n20-")

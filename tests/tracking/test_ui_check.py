@@ -1,4 +1,4 @@
-"""The MLflow UI check (benchmarks/ui_check.py): its chart verdict on known charts, and, where
+"""The MLflow UI check (benchmarks/ui_check.py): its verdicts on known pages and charts, and, where
 Debian's chromium and playwright are installed (make ui-setup), the whole check in a real browser."""
 
 import importlib.util
@@ -44,12 +44,33 @@ def test_chart_verdict(charts, problem):
         assert any(p.startswith(problem) for p in problems), problems
 
 
+RUNS_PAGE = {"url": "http://h/#/experiments/2/runs?workflowType=machine_learning&orderByKey=x",
+             "text": "Runs\nregress-saga-k50\nregress-fista-k20\nTraces", "rows": ["regress-saga-k50 ...", "regress-fista-k20"]}
+BEST = {"a": 1.3, "b": 1.2}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({}, None),
+    ({"url": "http://h/#/experiments/2/overview/usage?workflowType=genai"}, "the address led to /experiments/2/overview"),
+    ({"text": RUNS_PAGE["text"] + "\nDetect Issues"}, "the page shows GenAI pages ('Detect Issues')"),
+    ({"text": "Runs\nregress-saga-k50"}, "the runs table does not list run regress-fista-k20"),
+    ({"rows": ["regress-fista-k20", "regress-saga-k50"]}, "the first run listed is regress-fista-k20, not regress-saga-k50"),
+])
+def test_runs_page_verdict(change, problem):
+    problems = ui_check.check_runs_page({**RUNS_PAGE, **change}, RUNS, BEST)
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(p.startswith(problem) for p in problems), problems
+
+
 @pytest.mark.ui
 @pytest.mark.skipif(not Path(ui_check.CHROMIUM).exists() or importlib.util.find_spec("playwright") is None,
                     reason="needs Debian's chromium at /usr/bin/chromium and playwright (make ui-setup)")
-def test_the_mlflow_ui_overlays_two_regression_paths(tmp_path):
+def test_make_ui_opens_the_runs_table_and_overlays_two_regression_paths(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ui_check.py"), "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "ui-check: ok" in proc.stdout
-    assert (tmp_path / "compare.png").stat().st_size > 10_000 and (tmp_path / "metric.png").stat().st_size > 10_000
+    for shot in ("runs.png", "compare.png", "metric.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000, shot
