@@ -1,5 +1,5 @@
 """A ``regress`` whose ``cfg.out_dir`` already holds the same fit (same config less output-only keys,
-same dataset: ``results.is_up_to_date``) reuses it instead of refusing the directory, as the demo
+same dataset: ``regression.output_dir.is_up_to_date``) reuses it instead of refusing the directory, as the demo
 does: ``make regress`` and the README's ``mlflow run . -e regress`` work right after ``make demo``.
 
 Nothing is refitted or written, and no new run is made, except under ``mlflow run``, which made a
