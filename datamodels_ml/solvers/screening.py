@@ -278,7 +278,7 @@ def _solve_round(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv
     Wn = torch.zeros_like(W)
     if U.numel() == 0:
         return Wn, wGw, 0, None
-    plan = _plan(keep.sum(0).to(torch.float64), U.numel(), p)
+    plan = _plan(keep.sum(0, dtype=torch.int32).to(torch.float64), U.numel(), p)
     if plan[0] == "batched":
         most = 0
         for sl in plan[1]:

@@ -20,12 +20,15 @@ def padded_support(S: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:
     """``(idx [m, n], valid [m, n])`` for the sets ``S`` [p, n] (bool): column ``t`` lists its
     features first, in feature order, then padding (feature 0, ``valid`` False); ``m`` is the
     largest set, at most ``cap`` (a larger set keeps its first ``cap`` features)."""
-    a = S.sum(0)
+    # the members in column-major order (column, then feature): a row-major scan (a scan of the
+    # transposed view is ~3x slower) and a stable sort by column; the column counts from them
+    feat, col = S.nonzero(as_tuple=True)
+    col, order = torch.sort(col, stable=True)
+    feat = feat[order]
+    a = torch.bincount(col, minlength=S.shape[1])
     m = int(a.max()) if a.numel() else 0
     if cap is not None:
         m = min(m, cap)
-    # the members in column-major order (column, then feature): one scan, no sort
-    col, feat = S.T.nonzero(as_tuple=True)
     pos = torch.arange(col.numel(), device=S.device) - (a.cumsum(0) - a)[col]  # rank within the column
     keep = pos < m
     idx = torch.zeros(m, S.shape[1], dtype=torch.long, device=S.device)
