@@ -16,10 +16,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from datamodels_ml.config import MISSING
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
 from datamodels_ml.metrics import (Scores, lds, mse, pearson, pearson_per_target, r2, r2_per_target, score,  # noqa: F401
@@ -181,7 +181,8 @@ def scatter_figure(pred: np.ndarray, actual: np.ndarray, scores: Scores, *, max_
 # -- the evaluate command --------------------------------------------------------------------------
 @dataclass
 class EvaluateConfig:
-    datamodels: str = field(default=MISSING, metadata={"help": "datamodels.pt written by regress (or its directory)"})
+    datamodels: str = field(default="", metadata={
+        "help": "datamodels.pt written by regress (or its directory); with scores=: its held-out models are used"})
     store: str = field(default="", metadata={"help": "store of the models (default: the one recorded in datamodels.pt)"})
     heldout_store: str = field(default="", metadata={
         "help": "a second store whose completed models are the held-out set (default: the store's models the regression did not use)"})
@@ -194,6 +195,21 @@ class EvaluateConfig:
         "help": "for a datamodels.pt of the original tools: the regression config it was fitted with"})
     original_beton: str = field(default="", metadata={
         "help": "with original_config: the .beton it was fitted on, when not where the config says"})
+    # another attribution method's scores, ground truth from a directory, intervals (evaluate_method)
+    scores: str = field(default="", metadata={
+        "help": "score matrix [training examples, targets] of any method: .npy, .pt, .safetensors, a TRAK save_dir"})
+    method: str = field(default="", metadata={"help": "name of the method behind scores= (tag 'method'; default: the file's name)"})
+    scores_format: str = field(default="auto", metadata={"help": "auto | npy | pt | safetensors | trak"})
+    key: str = field(default="", metadata={"help": "the array's key in a dict-like scores file (default: all_modules or the only one)"})
+    experiment: str = field(default="", metadata={"help": "TRAK experiment name (default: the only finalized one)"})
+    transpose: bool = field(default=False, metadata={"help": "scores are [targets, training examples] (kronfluence)"})
+    sign: float = field(default=1.0, metadata={"help": "-1 for scores of a loss (positive: the example raises the loss)"})
+    scale: bool = field(default=False, metadata={
+        "help": "scores are in the output's units: report R^2 and MSE after the best per-target offset"})
+    ground_truth: str = field(default="", metadata={"help": "held-out models from a directory written by export_lds (or the tools)"})
+    format: str = field(default="auto", metadata={"help": "layout of ground_truth: auto | npz | trak | kronfluence | dattri"})
+    bootstrap: int = field(default=300, metadata={"help": "bootstrap replicates for the LDS's 95% interval (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
 
 @dataclass
@@ -206,6 +222,7 @@ class EvaluationResult:
     run_id: str | None
     model_uri: str | None
     seconds: float
+    interval: Any = None  # bootstrap.Interval of the LDS, or None
 
 
 def format_scores(s: Scores) -> str:
@@ -253,6 +270,12 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
     """Score the datamodels on the held-out models, write/log the artifacts; the core of ``evaluate``."""
     from datamodels_ml import tracking
 
+    from datamodels_ml.evaluate_method import heldout_from_ground_truth, interval_metrics, interval_report, run_method
+
+    if cfg.scores:  # another attribution method (evaluate_method)
+        return run_method(cfg, quiet=quiet)
+    if not cfg.datamodels:
+        raise UserError("nothing to evaluate: give datamodels=PATH, or scores=FILE for another attribution method")
     if cfg.out:
         _check_out(cfg.out)
     start = time.perf_counter()
@@ -260,29 +283,36 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
                          original_beton=cfg.original_beton or None)
     source = str(dm.path)
     store = cfg.store or dm.store or ""
-    if not store and not cfg.heldout_store:
-        raise UserError(f"{source} records no store: give store=DIR")
-    if not cfg.store and store and not os.path.isdir(store) and not cfg.heldout_store:
-        raise UserError(f"the store recorded in {source} does not exist: {store}; give store=DIR")
-    held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name, y_name=cfg.y_name,
-                        source=source)
+    if cfg.ground_truth:
+        _check_targets(dm, source)
+        held = heldout_from_ground_truth(cfg.ground_truth, cfg.format, n_train=dm.n_features,
+                                         target_start=dm.target_start, n_targets=dm.n_targets, source=source)
+    else:
+        if not store and not cfg.heldout_store:
+            raise UserError(f"{source} records no store: give store=DIR")
+        if not cfg.store and store and not os.path.isdir(store) and not cfg.heldout_store:
+            raise UserError(f"the store recorded in {source} does not exist: {store}; give store=DIR")
+        held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name, y_name=cfg.y_name,
+                            source=source)
     pred = dm.predict(held.masks)
     scores = score(pred, held.actual)
     if not quiet:
         print(format_scores(scores))
+    interval = interval_report(pred, held.actual, cfg, quiet=quiet)
 
-    params = {"datamodels": source, "store": store, "heldout_store": cfg.heldout_store, "x_name": held.x_name,
+    params = {"datamodels": source, "store": store, "heldout_store": cfg.heldout_store,
+              "ground_truth": cfg.ground_truth, "x_name": held.x_name,
               "y_name": held.y_name, "target_start": dm.target_start, "target_end": dm.target_end,
               "n_features": dm.n_features}
     files: dict[str, str] = {}
     model_uri = None
-    tags = {"datamodels": source, "heldout_models": scores.n_models, "targets": f"{dm.target_start}:{dm.target_end}"}
+    tags = {"method": "datamodels", "datamodels": source, "heldout_models": scores.n_models, "targets": f"{dm.target_start}:{dm.target_end}"}
     with tempfile.TemporaryDirectory() as tmp, \
             tracking.run("evaluate", name=_run_name(dm), params=params, tags=tags) as active:
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        tracking.log_metrics(scores.metrics())
-        metrics_doc = {**scores.metrics(), **params, "heldout_indices": [int(i) for i in held.indices]}
+        tracking.log_metrics({**scores.metrics(), **interval_metrics(interval)})
+        metrics_doc = {**scores.metrics(), **interval_metrics(interval), **params, "heldout_indices": [int(i) for i in held.indices]}
         (out / "metrics.json").write_text(json.dumps(metrics_doc, indent=1) + "\n")
         files["metrics"] = str(out / "metrics.json")
         files["per_target"] = str(write_per_target_csv(out / "per_target.csv", scores, dm, pred, held.actual))
@@ -295,7 +325,7 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
         files["scatter"] = str(out / "scatter.png")
         tracking.log_figure(fig, "evaluate/scatter.png")
         plt.close(fig)
-        if cfg.figure:
+        if cfg.figure and not cfg.ground_truth:
             from datamodels_ml.examples import digits_figure
 
             st = _open_store(held.store, "store")
@@ -321,11 +351,11 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
         print(f"MLflow run {run_id} ({seconds:.1f} s)")
     if not cfg.out:
         files = {}
-    return EvaluationResult(scores, held, files, run_id, model_uri, seconds)
+    return EvaluationResult(scores, held, files, run_id, model_uri, seconds, interval)
 
 
 def evaluate(cfg: EvaluateConfig) -> int:
-    """Score datamodels on held-out models: LDS, mean Pearson, R², MSE, per-target CSV and plots, in MLflow."""
+    """Score datamodels (or any method's scores=FILE) on held-out models: LDS with its interval, Pearson, R², in MLflow."""
     run_evaluation(cfg)
     return 0
 
