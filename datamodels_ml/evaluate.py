@@ -85,11 +85,12 @@ def _warn_unchecked_masks(st, dm: Datamodels, source: str) -> None:
 
 
 def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name: str = "", y_name: str = "",
-                 source: str = "the datamodels", exclude: np.ndarray | None = None) -> HeldOut:
+                 source: str = "the datamodels", exclude: np.ndarray | None = None, warn: bool = True) -> HeldOut:
     """Masks and actual outputs of the held-out models (see the module docstring for which models).
 
     ``exclude`` adds store indices to leave out besides the datamodels' own train/val indices
-    (``budget`` passes the union over all its fits).
+    (``budget`` passes the union over all its fits). ``warn=False``: the caller says ``warn_unchecked``
+    itself, after its own refusals.
     """
     _check_targets(dm, source)
     x_name = x_name or dm.x_name or "masks"
@@ -125,7 +126,7 @@ def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name:
         if idx.size < MIN_HELDOUT:
             raise UserError(f"only {idx.size} held-out models with finite outputs; at least {MIN_HELDOUT} are needed")
     masks = np.asarray(x[idx])
-    if not heldout_store:  # said once every refusal is past, so a refused command prints one line
+    if not heldout_store and warn:  # said once every refusal is past, so a refused command prints one line
         _warn_unchecked_masks(st, dm, source)
     return HeldOut(str(st.path), idx, masks, actual, x_name, y_name, tuple(y.shape[1:]))
 

@@ -78,21 +78,22 @@ def heldout_from_ground_truth(directory: str, fmt: str, *, n_train: int, target_
 
 
 def _heldout(cfg: Any, n_train: int):
-    """Held-out models for a score matrix (module docstring); returns (HeldOut, target_start, where)."""
+    """Held-out models for a score matrix (module docstring): (HeldOut, target_start, where, pending warning)."""
     from datamodels_ml import ground_truth
     from datamodels_ml.evaluate import MIN_HELDOUT, HeldOut, load_heldout
 
     if cfg.ground_truth:
         held = heldout_from_ground_truth(cfg.ground_truth, cfg.format, n_train=n_train, source=f"scores {cfg.scores}")
-        return held, 0, f"the ground truth in {cfg.ground_truth}"
+        return held, 0, f"the ground truth in {cfg.ground_truth}", None
     if cfg.datamodels:
         from datamodels_ml.datamodel import Datamodels
 
         dm = Datamodels.load(cfg.datamodels)
         store = cfg.store or dm.store or ""
         held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name, y_name=cfg.y_name,
-                            source=str(dm.path))
-        return held, dm.target_start, f"the held-out models of {dm.path} in {held.store}"
+                            source=str(dm.path), warn=False)
+        later = None if cfg.heldout_store else (dm, str(dm.path))  # the fingerprint warning, after the shape checks
+        return held, dm.target_start, f"the held-out models of {dm.path} in {held.store}", later
     store = cfg.heldout_store or cfg.store
     if not store:
         raise UserError("no held-out models: give datamodels=PATH (its held-out models), heldout_store=DIR, store=DIR "
@@ -102,7 +103,7 @@ def _heldout(cfg: Any, n_train: int):
         raise UserError(f"only {gt.indices.size} completed models in {store}; at least {MIN_HELDOUT} are needed")
     held = HeldOut(gt.meta["store"], gt.indices, gt.masks, gt.outputs.astype(np.float64), gt.meta["x_name"],
                    gt.meta["y_name"], (gt.outputs.shape[1],))
-    return held, 0, f"the completed models of {gt.meta['store']}"
+    return held, 0, f"the completed models of {gt.meta['store']}", None
 
 
 def method_name(cfg: Any) -> str:
@@ -135,9 +136,13 @@ def run_method(cfg: Any, *, quiet: bool = False):
     method = method_name(cfg)
     raw = read_scores(cfg.scores, fmt=cfg.scores_format, key=cfg.key, experiment=cfg.experiment,
                       transpose=cfg.transpose, sign=float(cfg.sign))
-    held, target_start, where = _heldout(cfg, raw.shape[0])
+    held, target_start, where, later = _heldout(cfg, raw.shape[0])
     mat = check_shapes(raw, held.masks.shape, held.actual.shape, source=str(cfg.scores), where=where,
                        target_start=target_start, all_targets=int(np.prod(held.y_shape)))
+    if later:
+        from datamodels_ml.evaluate import _open_store, _warn_unchecked_masks
+
+        _warn_unchecked_masks(_open_store(held.store, "store"), *later)
     pred = held.masks.astype(np.float64) @ mat
     if cfg.scale:  # the per-target offset that fits best; it moves no rank
         pred = pred + (held.actual - pred).mean(axis=0)
