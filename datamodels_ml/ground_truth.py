@@ -173,7 +173,7 @@ def read(directory: str | os.PathLike, fmt: str = "auto", *, n_train: int = 0) -
         except ValueError as exc:
             raise UserError(f"{directory / META}: not valid JSON ({exc})") from None
     n_train = int(meta.get("n_train") or n_train)
-    a, b = (directory / n for n in FILES[fmt])
+    a, b = directory / FILES[fmt][0], directory / FILES[fmt][-1]
     try:
         if fmt == "npz":
             with np.load(a, allow_pickle=False) as z:
