@@ -22,6 +22,7 @@ CONFIG  ?= configs/reg.yaml
 BETON   ?= data/digits/reg_data.beton
 RESULTS ?= data/digits/reg_results
 DEMO    ?= configs/demo.yaml
+FORMAT  ?= npz
 ARGS    ?=
 # Scaling out (README "Scaling out"): a running Dask scheduler, or a dask-jobqueue cluster YAML
 SCHEDULER ?=
@@ -34,7 +35,7 @@ SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate export_lds budget bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
@@ -86,6 +87,9 @@ regress: setup ## fit the datamodels with CONFIG (lasso paths, tracked in MLflow
 
 evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STORE
 	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) out=data/digits/evaluate $(ARGS)
+
+export_lds: setup ## held-out models' masks and outputs as LDS ground truth for other tools (FORMAT=npz|trak|kronfluence|dattri)
+	$(DM) export_lds store=$(STORE) out=data/digits/ground_truth_$(FORMAT) format=$(FORMAT) datamodels=$(RESULTS)/datamodels.pt $(ARGS)
 
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)
