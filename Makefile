@@ -35,7 +35,7 @@ SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate export_lds budget bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate export_lds budget compare bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
 
 help: ## list the targets and the variables they take
 	@echo "usage: make <target> [N=$(N)] [GPUS=$(GPUS)] [JOBS=$(JOBS)] [STORE=$(STORE)] [SPEC=$(SPEC)] [MAIN=$(MAIN)] [CONFIG=$(CONFIG)]"
@@ -93,6 +93,10 @@ export_lds: setup ## held-out models' masks and outputs as LDS ground truth for 
 
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)
+
+compare: setup ## TRAK (traker, CPU; installs the [compare] extra) vs datamodels on the demo's held-out models: LDS vs compute
+	@$(PY) -c "import trak" 2>/dev/null || $(PY) -m pip install -q -e '.[compare]'
+	$(DM) compare config=configs/compare.yaml $(ARGS)
 
 bench: setup ## benchmarks (~15 min; each names the CPU and kernels): train overhead, regress vs sklearn (1k and 5k features), kernels, scale at p=5k
 	$(PY) benchmarks/bench_train.py

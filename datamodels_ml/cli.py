@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str, str, str, str | None]] = {
                  "score datamodels, or any method's scores=FILE, on held-out models (LDS, correlations)", None),
     "export_lds": ("datamodels_ml.ground_truth", "ExportConfig", "export_lds",
                    "write held-out models' masks and outputs as LDS ground truth for dattri, TRAK, kronfluence", None),
+    "compare": ("datamodels_ml.compare", "CompareConfig", "compare",
+                "TRAK (traker, CPU) vs datamodels on the digits demo: LDS with intervals against compute", "config"),
     "budget": ("datamodels_ml.budget", "BudgetConfig", "budget",
                "LDS against the number of models used for the regression", "config"),
     "demo": ("datamodels_ml.pipeline", "DemoConfig", "demo",
