@@ -1,7 +1,9 @@
 """TRAK against datamodels on the digits example, on the same held-out models: ``make compare``.
 
 TRAK (the ``traker`` package, optional: ``pip install -e '.[compare]'``; its CPU projector) scores
-the example's MLP with 1, 2, 4, ... checkpoints, each an MLP trained on the whole training set;
+the example's MLP with 1, 4, 16, ... checkpoints, each an MLP trained on a random half of the training
+set (``checkpoint_fraction``; on all of it, the LDS was lower at every count), projected to 128
+dimensions (``proj_dim``; it must stay below the 1000 training examples);
 datamodels are fitted on growing numbers of the store's models (``budget``'s fits). Each point is
 scored on the held-out models the largest fit leaves (``evaluate``'s held-out set), with bootstrap
 intervals from shared replicates, and placed at its compute in core-seconds (CPU time of this process
@@ -12,8 +14,10 @@ table says which is ahead at each compute. Everything is logged as one ``compare
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,17 +36,21 @@ class CompareConfig:
     reg: dict[str, Any] = field(default_factory=dict, metadata={"help": "overrides of the regression config"})
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0], metadata={
         "help": "fractions of data.num_train for the datamodels' fits"})
-    checkpoints: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={
+    checkpoints: list[int] = field(default_factory=lambda: [1, 4, 16, 64, 128], metadata={
         "help": "numbers of MLP checkpoints for TRAK"})
-    proj_dim: int = field(default=1024, metadata={"help": "TRAK's projection dimension"})
+    checkpoint_fraction: float = field(default=0.5, metadata={
+        "help": "each TRAK checkpoint is trained on this random fraction of the training set (1: all of it)"})
+    proj_dim: int = field(default=128, metadata={
+        "help": "TRAK's projection dimension (below the 1000 training examples, or TRAK's inverse is singular)"})
     store: str = field(default="", metadata={"help": "store of the models (default: the regression's)"})
     bootstrap: int = field(default=300, metadata={"help": "bootstrap replicates for the intervals"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap and of the checkpoints"})
     out: str = field(default="data/digits/compare", metadata={"help": "compare.csv, compare.png, TRAK's save_dir"})
 
 
-def _train_full(seed: int, epochs: int = 60, hidden: int = 64, lr: float = 0.01):
-    """The digits example's MLP, trained as ``examples.digits.main`` trains it, on the whole training set."""
+def _train_full(seed: int, fraction: float = 1.0, epochs: int = 60, hidden: int = 64, lr: float = 0.01):
+    """The digits example's MLP, trained as ``examples.digits.main`` trains it, on the whole training set
+    (or on a random ``fraction`` of it, drawn with ``seed``)."""
     import torch
 
     from datamodels_ml.examples.digits import load_split
@@ -51,7 +59,8 @@ def _train_full(seed: int, epochs: int = 60, hidden: int = 64, lr: float = 0.01)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    keep = np.random.default_rng(seed).random(len(x_train)) < fraction if fraction < 1 else slice(None)
+    xs, ys = torch.from_numpy(x_train[keep]), torch.from_numpy(y_train[keep])
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(xs), ys).backward()
@@ -59,29 +68,31 @@ def _train_full(seed: int, epochs: int = 60, hidden: int = 64, lr: float = 0.01)
     return model.eval()
 
 
-def trak_scores(counts: list[int], *, proj_dim: int, save_dir: Path, seed: int = 0,
+def trak_scores(counts: list[int], *, proj_dim: int, save_dir: Path, seed: int = 0, fraction: float = 1.0,
                 batch: int = 250) -> list[tuple[int, float, np.ndarray]]:
     """TRAK's scores [1000, 797] from the first k checkpoints, for each k: (k, core-seconds, scores)."""
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # traker's progress bars
     try:
         from trak import TRAKer
     except ImportError:
         raise UserError("compare needs the traker package: pip install -e '.[compare]' (or pip install traker)") from None
-    import logging
-
     import torch
 
     from datamodels_ml.examples.digits import load_split
 
     x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_split())
+    with contextlib.redirect_stderr(io.StringIO()):  # traker's progress bars
+        return _trak(TRAKer, counts, proj_dim, save_dir, seed, fraction, batch, x_train, y_train, x_test, y_test)
+
+
+def _trak(TRAKer, counts, proj_dim, save_dir, seed, fraction, batch, x_train, y_train, x_test, y_test):
+    import logging
+
     k_max = max(counts)
     cost = np.zeros(k_max)  # core-seconds per checkpoint: training, featurizing, scoring
     models = []
     for c in range(k_max):
         t0 = time.process_time()
-        models.append(_train_full(seed * 1000 + 100_000 + c))
+        models.append(_train_full(seed * 1000 + 100_000 + c, fraction))
         cost[c] += time.process_time() - t0
     t0 = time.process_time()
     traker = TRAKer(model=models[0], task="image_classification", train_set_size=len(x_train), save_dir=str(save_dir),
@@ -186,6 +197,10 @@ def compare(cfg: CompareConfig) -> int:
 
     if not cfg.checkpoints or min(cfg.checkpoints) < 1:
         raise UserError(f"checkpoints must be positive counts, got {list(cfg.checkpoints)}")
+    if not 0 < cfg.checkpoint_fraction <= 1:
+        raise UserError(f"checkpoint_fraction must be in (0, 1], got {cfg.checkpoint_fraction}")
+    if not 0 < cfg.proj_dim < 1000:
+        raise UserError(f"proj_dim must be between 1 and 999 (below the 1000 training examples), got {cfg.proj_dim}")
     start = time.perf_counter()
     fits, store = datamodel_fits(cfg)
     used = np.unique(np.concatenate([np.concatenate([d.indices("train_indices"), d.indices("val_indices")])
@@ -197,7 +212,8 @@ def compare(cfg: CompareConfig) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        traks = trak_scores(list(cfg.checkpoints), proj_dim=cfg.proj_dim, save_dir=Path(tmp) / "trak", seed=cfg.seed)
+        traks = trak_scores(list(cfg.checkpoints), proj_dim=cfg.proj_dim, save_dir=Path(tmp) / "trak", seed=cfg.seed,
+                            fraction=cfg.checkpoint_fraction)
     masks = held.masks.astype(np.float64)
     points = [("datamodels", n, s, dm.predict(held.masks)) for n, s, dm in fits]
     points += [("trak", k, s, masks @ scores) for k, s, scores in traks]
