@@ -6,9 +6,10 @@ set (``checkpoint_fraction``; on all of it, the LDS was lower at every count), p
 dimensions (``proj_dim``; it must stay below the 1000 training examples);
 datamodels are fitted on growing numbers of the store's models (``budget``'s fits). Each point is
 scored on the held-out models the largest fit leaves (``evaluate``'s held-out set), with bootstrap
-intervals from shared replicates, and placed at its compute in core-seconds (CPU time of this process
-and its threads, ``time.process_time``; for the datamodels, the recorded slot seconds of the models
-used, one-thread models, plus the regression). The plot shows LDS against compute for both; the
+intervals from shared replicates, and placed at its compute in core-seconds, CPU time
+(``time.process_time``) for both: TRAK's checkpoints trained, featurized and scored here; for the
+datamodels, the models used (train + validation) at the measured CPU time of one digits model, plus
+the regression. The plot shows LDS against compute for both; the
 table says which is ahead at each compute. Everything is logged as one ``compare`` run.
 """
 
@@ -123,10 +124,29 @@ def _trak(TRAKer, counts, proj_dim, save_dir, seed, fraction, batch, x_train, y_
     return out
 
 
+def model_core_seconds(n: int = 8) -> float:
+    """CPU seconds of one of the store's digits models, trained here as ``train`` trains it (mean of ``n``)."""
+    import torch
+
+    from datamodels_ml.examples import digits
+
+    threads = torch.get_num_threads()  # main() sets one thread, as in its slot
+    digits.main(index=9_999, logdir="")  # warm-up: the data set, torch's first calls
+    t0 = time.process_time()
+    for i in range(n):
+        digits.main(index=10_000 + i, logdir="")
+    seconds = (time.process_time() - t0) / n
+    torch.set_num_threads(threads)
+    return seconds
+
+
 def datamodel_fits(cfg: CompareConfig):
-    """Datamodels fitted on each fraction (as ``budget``): [(models used, core-seconds, Datamodels)], store."""
-    from datamodels_ml import run_history
-    from datamodels_ml.budget import consumed, load_regress_config
+    """Datamodels fitted on each fraction (as ``budget``): [(models used, core-seconds, Datamodels)], store.
+
+    A point's compute: its models (train + validation) at the CPU time of one digits model measured
+    here (``train``'s recorded slot seconds are wall time, which a busy machine inflates; TRAK's are
+    CPU time), plus the regression's CPU time."""
+    from datamodels_ml.budget import load_regress_config
     from datamodels_ml.datamodel import Datamodels
     from datamodels_ml.regress import fit
 
@@ -141,11 +161,12 @@ def datamodel_fits(cfg: CompareConfig):
         fits.append((n, time.process_time() - t0, dm))
         print(f"compare: datamodels fitted on {n} models", flush=True)
     store = cfg.store or fits[-1][2].store or ""
-    durations, _ = run_history.model_durations(store) if store else ({}, 0)
+    per_model = model_core_seconds()
+    print(f"compare: one digits model takes {per_model:.3f} core-seconds to train here")
     out = []
     for n, fit_seconds, dm in fits:
-        used, train_seconds = consumed(dm, durations)
-        out.append((used, train_seconds + fit_seconds, dm))
+        used = int(np.union1d(dm.indices("train_indices"), dm.indices("val_indices")).size)
+        out.append((used, used * per_model + fit_seconds, dm))
     return out, store
 
 
