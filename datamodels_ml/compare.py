@@ -10,7 +10,8 @@ intervals from shared replicates, and placed at its compute in core-seconds, CPU
 (``time.process_time``) for both: TRAK's checkpoints trained, featurized and scored here; for the
 datamodels, the models used (train + validation) at the measured CPU time of one digits model, plus
 the regression. The plot shows LDS against compute for both; the
-table says which is ahead at each compute. Everything is logged as one ``compare`` run.
+table says which is ahead at each compute. Everything is logged as one ``compare`` run; TRAK's
+save_dir stays in ``out/trak_results`` (scores of all the checkpoints), for ``evaluate scores=``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import csv
 import dataclasses
 import io
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,9 +233,10 @@ def compare(cfg: CompareConfig) -> int:
                         f"{held.store} has masks {list(held.masks.shape)} and outputs {list(held.actual.shape)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        traks = trak_scores(list(cfg.checkpoints), proj_dim=cfg.proj_dim, save_dir=Path(tmp) / "trak", seed=cfg.seed,
-                            fraction=cfg.checkpoint_fraction)
+    save_dir = out / "trak_results"  # ours: replaced on every run; the last scores (all checkpoints) stay
+    shutil.rmtree(save_dir, ignore_errors=True)
+    traks = trak_scores(list(cfg.checkpoints), proj_dim=cfg.proj_dim, save_dir=save_dir, seed=cfg.seed,
+                        fraction=cfg.checkpoint_fraction)
     masks = held.masks.astype(np.float64)
     points = [("datamodels", n, s, dm.predict(held.masks)) for n, s, dm in fits]
     points += [("trak", k, s, masks @ scores) for k, s, scores in traks]
