@@ -130,7 +130,7 @@ def narrow_enough(iv: Interval, target: float = TARGET_WIDTH) -> str | None:
     if iv.models_only_width >= target:
         need = int(np.ceil(iv.n_models * (iv.models_only_width / target) ** 2))
         return line + f": about {need} held-out models would narrow it to {target} (width falls as 1/sqrt(models))"
-    return line + ": the held-out models are enough; the spread over targets makes it wide (score more targets)"
+    return line + ": the held-out models are enough; the spread over targets makes it wide (only more targets would narrow it)"
 
 
 def slope_per_doubling(models: list[int], lds_points: list[float], intervals: list[Interval],
