@@ -270,7 +270,6 @@ def _run_name(dm: Datamodels) -> str:
 def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationResult:
     """Score the datamodels on the held-out models, write/log the artifacts; the core of ``evaluate``."""
     from datamodels_ml import tracking
-
     from datamodels_ml.evaluate_method import heldout_from_ground_truth, interval_metrics, interval_report, run_method
 
     if cfg.scores:  # another attribution method (evaluate_method)
@@ -307,7 +306,8 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
               "n_features": dm.n_features}
     files: dict[str, str] = {}
     model_uri = None
-    tags = {"method": "datamodels", "datamodels": source, "heldout_models": scores.n_models, "targets": f"{dm.target_start}:{dm.target_end}"}
+    tags = {"method": "datamodels", "datamodels": source, "heldout_models": scores.n_models,
+            "targets": f"{dm.target_start}:{dm.target_end}"}
     with tempfile.TemporaryDirectory() as tmp, \
             tracking.run("evaluate", name=_run_name(dm), params=params, tags=tags) as active:
         out = Path(cfg.out) if cfg.out else Path(tmp)
