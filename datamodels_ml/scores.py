@@ -129,6 +129,8 @@ def read_trak(path: Path, experiment: str = "") -> np.ndarray:
         experiment = experiment or path.stem
     if not experiment:
         done = [name for name, e in experiments.items() if e.get("scores_finalized")]
+        if not done and len(experiments) == 1:  # the only one, refused below as not finalized
+            done = list(experiments)
         if len(done) != 1:
             raise UserError(f"{save_dir} holds {len(done)} finalized TRAK experiments ({', '.join(done) or 'none'}): "
                             "name one with experiment=NAME")
