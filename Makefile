@@ -19,6 +19,7 @@ SPEC    ?= configs/digits_spec.json
 MAIN    ?= datamodels_ml.examples.digits
 CONFIG  ?= configs/reg.yaml
 DEMO    ?= configs/demo.yaml
+FORMAT  ?= npz
 ARGS    ?=
 # Every path of a run comes from one name: data/<NAME>/store, .../reg_data.beton, .../reg_results,
 # .../evaluate. STORE elsewhere (STORE=/scratch/me/store) moves the others beside it.
@@ -41,7 +42,7 @@ SERVER_PORT ?= 5000
 
 DM := $(PY) -m datamodels_ml
 
-.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate budget bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
+.PHONY: help setup test test-fast demo init train status write_dataset regress evaluate export_lds budget compare bench bench-regression bench-paper bench-scale gpu-check ui ui-setup ui-check server lint clean distclean
 
 help: ## list the targets and the variables they take (colours only on a terminal)
 	@if [ -t 1 ]; then on='\033[36m'; off='\033[0m'; else on=; off=; fi; \
@@ -121,8 +122,15 @@ regress: setup ## fit the datamodels of BETON with CONFIG into RESULTS (a finish
 evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STORE, files in EVAL
 	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) out=$(EVAL) $(ARGS)
 
+export_lds: setup ## held-out models' masks and outputs as LDS ground truth for other tools (FORMAT=npz|trak|kronfluence|dattri)
+	$(DM) export_lds store=$(STORE) out=data/digits/ground_truth_$(FORMAT) format=$(FORMAT) datamodels=$(RESULTS)/datamodels.pt $(ARGS)
+
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)
+
+compare: setup ## TRAK (traker, CPU; installs the [compare] extra) vs datamodels on the demo's held-out models: LDS vs compute
+	@$(PY) -c "import trak" 2>/dev/null || $(PY) -m pip install -q -e '.[compare]'
+	$(DM) compare config=configs/compare.yaml $(ARGS)
 
 bench: setup ## benchmarks (~15 min; each names the CPU and kernels): train overhead, regress vs sklearn (1k and 5k features), kernels, scale at p=5k
 	$(PY) benchmarks/bench_train.py

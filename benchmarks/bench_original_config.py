@@ -35,7 +35,7 @@ def main() -> None:
     from datamodels_ml.dataset.write_dataset import write_beton
     from datamodels_ml.regression.original_config import load_config
     from datamodels_ml.regression.regress import fit
-    from test_evaluate import make_store
+    from conftest import make_store
     from test_original_config import NUM_TRAIN, NUM_VAL, N, P, T, EPS, K, fast_l1_fit, heldout_mse, ours
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

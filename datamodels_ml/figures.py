@@ -101,6 +101,9 @@ def budget_figure(rows: list[dict[str, Any]], unit: str = "core-seconds"):
     fig, axes = plt.subplots(1, len(axes_x), figsize=(6 * len(axes_x), 4.2), squeeze=False, sharey=True)
     for ax, (key, label) in zip(axes[0], axes_x):
         xs = [r[key] for r in rows]
+        if all("lds_low" in r for r in rows):  # the bootstrap's 95% interval (evaluation.bootstrap)
+            ax.fill_between(xs, [r["lds_low"] for r in rows], [r["lds_high"] for r in rows], alpha=0.2,
+                            label="LDS 95% interval")
         ax.plot(xs, [r["lds"] for r in rows], marker="o", label="LDS (mean Spearman)")
         ax.plot(xs, [r["pearson"] for r in rows], marker="s", ls="--", label="mean Pearson")
         ax.set_xscale("log")

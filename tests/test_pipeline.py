@@ -141,7 +141,13 @@ def test_budget_curve_on_the_demo_data(demo_runs):
     assert float(table[1]["compute_seconds"]) == pytest.approx(expected, rel=1e-6)
     assert 0 < float(table[0]["compute_seconds"]) < float(table[1]["compute_seconds"])
     assert (cwd / "budget" / "budget.png").is_file()
+    # each point's bootstrap interval, and one line on whether more models still pay
+    assert all(float(r["lds_low"]) <= float(r["lds"]) <= float(r["lds_high"]) for r in table)
+    assert re.search(r"^(more models still pay|more models do not pay \(the LDS falls\)|no clear gain from more "
+                     r"models): [+-]0\.\d+ LDS per doubling of the models \(95% interval [+-]0\.\d+ to [+-]0\.\d+\)",
+                     proc.stdout, re.M), proc.stdout
     [run] = search_runs(cwd, "tags.`datamodels.stage` = 'budget'")
+    assert {"lds_low", "lds_high", "lds_slope_per_doubling"} <= set(run.data.metrics)
     assert run.info.run_name == "budget-fista-n15-30"
     history = tracking_client(cwd).get_metric_history(run.info.run_id, "lds")
     assert sorted(m.step for m in history) == [25, 40]  # step: models used

@@ -7,6 +7,10 @@ as ``train`` recorded it (the ``duration`` metric of its MLflow child run: GPU-s
 CPU-slot seconds otherwise, which are core-seconds for one-thread models such as the digits
 example). The store keeps no times, so models trained with another tracking store, or with tracking
 failures, leave the compute unknown (NaN), never guessed.
+
+Every point's LDS comes with its bootstrap 95% interval (``bootstrap``: held-out models and targets
+resampled, the same replicates for every point), drawn as a band; the slope of the LDS against
+log2(models used), with its interval from those replicates, says in one line whether more models pay.
 """
 
 import csv
@@ -18,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from datamodels_ml.evaluation import bootstrap
 from datamodels_ml.config import to_dotlist
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
-from datamodels_ml.evaluation.evaluate import load_heldout
+from datamodels_ml.evaluation.heldout import load_heldout
 from datamodels_ml.evaluation.metrics import score
 
 
@@ -38,6 +43,8 @@ class BudgetConfig:
     y_name: str = field(default="", metadata={"help": "output key (default: from the regression)"})
     out: str = field(default="", metadata={"help": "directory for budget.csv and budget.png (default: MLflow only)"})
     progress: bool = field(default=False, metadata={"help": "show the regressions' progress bars"})
+    bootstrap: int = field(default=300, metadata={"help": "bootstrap replicates for the LDS intervals and the slope (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
 
 def load_regress_config(path: str, overrides: dict[str, Any] | list[str]):
@@ -90,14 +97,19 @@ def budget(cfg: BudgetConfig) -> int:
     unit = "GPU-seconds" if gpus else "core-seconds"
     rows: list[dict[str, Any]] = []
     held = None
+    preds = []
     for n, dm in fits:
         held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name,
                             y_name=cfg.y_name, source=f"the fit on {n} models", exclude=used)
-        s = score(dm.predict(held.masks), held.actual)
+        preds.append(dm.predict(held.masks))
+        s = score(preds[-1], held.actual)
         n_used, compute = consumed(dm, durations)
         rows.append({"num_models": n, "models_used": n_used, "compute_seconds": compute, "lds": s.lds,
                      "pearson": s.pearson, "r2": s.r2, "mse": s.mse, "n_heldout": s.n_models, "n_targets": s.n_targets})
+    slope = _intervals(rows, preds, held.actual, cfg)
     _print_table(rows, unit, int(held.indices.size))
+    if slope:
+        print(bootstrap.slope_line(*slope))
     missing = int(np.count_nonzero([int(i) not in durations for i in used]))
     if missing:
         print(f"note: no training time recorded for {missing} of the {used.size} models used (train runs on "
@@ -112,8 +124,10 @@ def budget(cfg: BudgetConfig) -> int:
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         for r in rows:  # step: the models the point consumes (train + validation)
-            keys = ("lds", "pearson", "r2", "mse", "num_models", "compute_seconds")
-            tracking.log_metrics({k: r[k] for k in keys}, step=r["models_used"])
+            keys = ("lds", "pearson", "r2", "mse", "num_models", "compute_seconds", "lds_low", "lds_high")
+            tracking.log_metrics({k: r[k] for k in keys if k in r}, step=r["models_used"])
+        if slope:
+            tracking.log_metrics(dict(zip(("lds_slope_per_doubling", "lds_slope_low", "lds_slope_high"), slope)))
         with open(out / "budget.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -130,11 +144,27 @@ def budget(cfg: BudgetConfig) -> int:
     return 0
 
 
+def _intervals(rows: list[dict[str, Any]], preds: list, actual, cfg: BudgetConfig):
+    """Each point's LDS interval (added to ``rows``) and the slope against log2(models used), from the
+    same bootstrap replicates of the held-out models and targets; None without replicates or with one point."""
+    if cfg.bootstrap <= 0:
+        return None
+    ivs = bootstrap.lds_intervals(preds, actual, n_boot=int(cfg.bootstrap), seed=int(cfg.seed))
+    for r, iv in zip(rows, ivs):
+        r["lds_low"], r["lds_high"] = iv.low, iv.high
+    if len({r["models_used"] for r in rows}) < 2:
+        return None
+    return bootstrap.slope_per_doubling([r["models_used"] for r in rows], [r["lds"] for r in rows], ivs)
+
+
 def _print_table(rows: list[dict[str, Any]], unit: str, n_heldout: int) -> None:
-    print(f"{'train':>7} {'used':>6} {unit:>13} {'LDS':>8} {'Pearson':>8} {'R^2':>8} {'MSE':>10}   "
+    band = "lds_low" in rows[0]
+    head = f" {'LDS 95% interval':>18}" if band else ""
+    print(f"{'train':>7} {'used':>6} {unit:>13} {'LDS':>8}{head} {'Pearson':>8} {'R^2':>8} {'MSE':>10}   "
           f"({n_heldout} held-out models; used = train + validation models)")
     for r in rows:
-        print(f"{r['num_models']:>7} {r['models_used']:>6} {r['compute_seconds']:>13.1f} {r['lds']:>8.4f} "
+        iv = " " + f"[{r['lds_low']:.4f}, {r['lds_high']:.4f}]".rjust(18) if band else ""
+        print(f"{r['num_models']:>7} {r['models_used']:>6} {r['compute_seconds']:>13.1f} {r['lds']:>8.4f}{iv} "
               f"{r['pearson']:>8.4f} {r['r2']:>8.4f} {r['mse']:>10.4g}")
 
 

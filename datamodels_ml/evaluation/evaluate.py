@@ -16,120 +16,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from omegaconf import MISSING
 
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
+from datamodels_ml.evaluation.heldout import (check_targets, heldout_from_ground_truth, load_heldout, open_store,
+                                               warn_unchecked_masks)
 from datamodels_ml.evaluation.metrics import Scores, score
+from datamodels_ml.evaluation.outputs import EvaluationResult, check_out, format_scores
 from datamodels_ml.provenance import check_store
 
-MIN_HELDOUT = 3
-
-
-# -- inputs ----------------------------------------------------------------------------------------
-@dataclass
-class HeldOut:
-    """The held-out models' masks and actual outputs (the fitted slice of y), read from a store."""
-
-    store: str
-    indices: np.ndarray
-    masks: np.ndarray
-    actual: np.ndarray
-    x_name: str
-    y_name: str
-    y_shape: tuple[int, ...]
-
-
-def _open_store(path: str, what: str):
-    from datamodels_ml.store.store import Store
-
-    if not path:
-        raise UserError(f"no {what}: give store=DIR")
-    if not os.path.isdir(path):
-        raise UserError(f"{what} not found: {path}")
-    return Store(path, writable=False)
-
-
-def _check_arrays(store, dm: Datamodels, x_name: str, y_name: str, source: str):
-    x = store.array(x_name)
-    y = store.array(y_name)
-    n_x = int(np.prod(x.shape[1:], dtype=np.int64))
-    if x.ndim != 2 or n_x != dm.n_features:
-        raise UserError(f"{source} has {dm.n_features} features but '{x_name}' in the store at {store.path} "
-                        f"has shape {list(x.shape[1:])} per model; evaluate the datamodels on the store they were fitted on")
-    n_y = int(np.prod(y.shape[1:], dtype=np.int64))
-    if dm.target_end > n_y or dm.target_end - dm.target_start != dm.n_targets:
-        raise UserError(f"{source} covers targets {dm.target_start}..{dm.target_end - 1} but '{y_name}' in the store "
-                        f"at {store.path} has {n_y} targets per model")
-    return x, y
-
-
-def _check_targets(dm: Datamodels, source: str) -> None:
-    """The fitted slice of targets must be a real one: at least one target, starting at 0 or later."""
-    if dm.n_targets == 0:
-        raise UserError(f"{source} holds no targets ('weight' has shape [{dm.n_features}, 0]): nothing to evaluate")
-    if dm.target_start < 0:
-        raise UserError(f"{source} records target_start={dm.target_start}, below 0: the fitted targets must be "
-                        f"a slice of the store's outputs starting at 0 or later")
-
-
-def _warn_unchecked_masks(st, dm: Datamodels, source: str) -> None:
-    """One warning line when ``dm`` carries no fingerprint, so ``check_store`` could not check the masks."""
-    if not dm.meta.get("store_fingerprint"):
-        print(f"warning: {source} records no store fingerprint (fitted before fingerprints were recorded, or by "
-              f"the original tools): the store at {st.path} is checked by its sizes and completed models only, "
-              f"not by its masks; make sure it is the store the datamodels were fitted on", file=sys.stderr)
-
-
-def load_heldout(dm: Datamodels, *, store: str, heldout_store: str = "", x_name: str = "", y_name: str = "",
-                 source: str = "the datamodels", exclude: np.ndarray | None = None) -> HeldOut:
-    """Masks and actual outputs of the held-out models (see the module docstring for which models).
-
-    ``exclude`` adds store indices to leave out besides the datamodels' own train/val indices
-    (``budget`` passes the union over all its fits).
-    """
-    _check_targets(dm, source)
-    x_name = x_name or dm.x_name or "masks"
-    y_name = y_name or dm.y_name or "margins"
-    if heldout_store:
-        st = _open_store(heldout_store, "held-out store")
-        _check_arrays(st, dm, x_name, y_name, source)
-        idx = st.completed_indices()
-        where = f"the held-out store {st.path} has no completed models"
-    else:
-        st = _open_store(store, "store")
-        _check_arrays(st, dm, x_name, y_name, source)
-        check_store(st, x_name, dm, source=source)
-        used = np.concatenate([dm.indices("train_indices"), dm.indices("val_indices"),
-                               np.asarray(exclude if exclude is not None else [], dtype=np.int64)])
-        if dm.indices("train_indices").size == 0:
-            raise UserError(f"{source} does not record which models the regression used (train_indices); "
-                            "give heldout_store=DIR with models trained apart from the regression")
-        idx = np.setdiff1d(st.completed_indices(), used)
-        where = (f"all {st.completed_indices().size} completed models of {st.path} were used by the regression "
-                 f"(train/val); train more models (train n=...) or give heldout_store=DIR")
-    if idx.size == 0:
-        raise UserError(f"no held-out models: {where}")
-    if idx.size < MIN_HELDOUT:
-        raise UserError(f"only {idx.size} held-out models; at least {MIN_HELDOUT} are needed for rank correlations")
-    x = st.array(x_name)
-    y = st.array(y_name)
-    actual = np.asarray(y[idx], dtype=np.float64).reshape(idx.size, -1)[:, dm.target_start: dm.target_end]
-    finite = np.isfinite(actual).all(axis=1)
-    if not finite.all():  # as write_dataset does: a model whose outputs hold NaN/inf cannot be scored
-        print(f"note: left out {int((~finite).sum())} held-out models whose '{y_name}' holds NaN or inf")
-        idx, actual = idx[finite], actual[finite]
-        if idx.size < MIN_HELDOUT:
-            raise UserError(f"only {idx.size} held-out models with finite outputs; at least {MIN_HELDOUT} are needed")
-    masks = np.asarray(x[idx])
-    if not heldout_store:  # said once every refusal is past, so a refused command prints one line
-        _warn_unchecked_masks(st, dm, source)
-    return HeldOut(str(st.path), idx, masks, actual, x_name, y_name, tuple(y.shape[1:]))
-
-
-# -- artifacts -------------------------------------------------------------------------------------
 def write_per_target_csv(path: Path, scores: Scores, dm: Datamodels, pred: np.ndarray, actual: np.ndarray) -> Path:
     """One row per target: absolute index, the four metrics, spreads and the datamodel's non-zeros."""
     nnz = dm.nnz()
@@ -146,7 +44,8 @@ def write_per_target_csv(path: Path, scores: Scores, dm: Datamodels, pred: np.nd
 # -- the evaluate command --------------------------------------------------------------------------
 @dataclass
 class EvaluateConfig:
-    datamodels: str = field(default=MISSING, metadata={"help": "datamodels.pt written by regress (or its directory)"})
+    datamodels: str = field(default="", metadata={
+        "help": "datamodels.pt written by regress (or its directory); with scores=: its held-out models are used"})
     store: str = field(default="", metadata={"help": "store of the models (default: the one recorded in datamodels.pt)"})
     heldout_store: str = field(default="", metadata={
         "help": "a second store whose completed models are the held-out set (default: the store's models the regression did not use)"})
@@ -159,51 +58,21 @@ class EvaluateConfig:
         "help": "for a datamodels.pt of the original tools: the regression config it was fitted with"})
     original_beton: str = field(default="", metadata={
         "help": "with original_config: the .beton it was fitted on, when not where the config says"})
-
-
-@dataclass
-class EvaluationResult:
-    """What ``run_evaluation`` found; ``files`` are the artifacts written (name -> path)."""
-
-    scores: Scores
-    heldout: HeldOut
-    files: dict[str, str]
-    run_id: str | None
-    model_uri: str | None
-    seconds: float
-
-
-def format_scores(s: Scores) -> str:
-    lines = [f"held-out models: {s.n_models}   targets: {s.n_targets}",
-             f"LDS (mean Spearman): {s.lds:.4f}",
-             f"mean Pearson:        {s.pearson:.4f}",
-             f"mean R^2:            {s.r2:.4f}",
-             f"MSE:                 {s.mse:.6g}"]
-    if s.n_constant:
-        lines.append(f"({s.n_constant} targets constant over the held-out models: left out of the means)")
-    if s.n_constant_pred:
-        lines.append(f"({s.n_constant_pred} targets with a constant prediction: correlation counted as 0)")
-    return "\n".join(lines)
-
-
-EVALUATE_FILES = ("metrics.json", "per_target.csv", "scatter.png", "digits_influence.png")
-
-
-def _check_out(out: str) -> None:
-    """``out`` may gain our files; refuse to overwrite files of those names that an evaluation did not write."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"out {path} exists and is not a directory")
-    clashes = [name for name in EVALUATE_FILES if (path / name).exists()]
-    if not clashes:
-        return
-    try:
-        ours = "lds" in json.loads((path / "metrics.json").read_text())
-    except (OSError, ValueError, TypeError):
-        ours = False
-    if not ours:
-        raise UserError(f"out {path} holds {clashes[0]}, which evaluate did not write (no metrics.json of an "
-                        "evaluation there): choose another out directory")
+    # another attribution method's scores, ground truth from a directory, intervals (evaluate_method)
+    scores: str = field(default="", metadata={
+        "help": "score matrix [training examples, targets] of any method: .npy, .pt, .safetensors, a TRAK save_dir"})
+    method: str = field(default="", metadata={"help": "name of the method behind scores= (tag 'method'; default: the file's name)"})
+    scores_format: str = field(default="auto", metadata={"help": "auto | npy | pt | safetensors | trak"})
+    key: str = field(default="", metadata={"help": "the array's key in a dict-like scores file (default: all_modules or the only one)"})
+    experiment: str = field(default="", metadata={"help": "TRAK experiment name (default: the only finalized one)"})
+    transpose: bool = field(default=False, metadata={"help": "scores are [targets, training examples] (kronfluence)"})
+    sign: float = field(default=1.0, metadata={"help": "-1 for scores of a loss (positive: the example raises the loss)"})
+    scale: bool = field(default=False, metadata={
+        "help": "scores are in the output's units: report R^2 and MSE after the best per-target offset"})
+    ground_truth: str = field(default="", metadata={"help": "held-out models from a directory written by export_lds (or the tools)"})
+    format: str = field(default="auto", metadata={"help": "layout of ground_truth: auto | npz | trak | kronfluence | dattri"})
+    bootstrap: int = field(default=300, metadata={"help": "bootstrap replicates for the LDS's 95% interval (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
 
 def _run_name(dm: Datamodels) -> str:
@@ -220,38 +89,52 @@ def _run_name(dm: Datamodels) -> str:
 
 def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationResult:
     """Score the datamodels on the held-out models, write/log the artifacts; the core of ``evaluate``."""
+    from datamodels_ml.evaluation.bootstrap import interval_metrics, interval_report
+    from datamodels_ml.evaluation.evaluate_method import run_method
     from datamodels_ml.tracking import runs as tracking
 
+    if cfg.scores:  # another attribution method (evaluate_method)
+        return run_method(cfg, quiet=quiet)
+    if not cfg.datamodels:
+        raise UserError("nothing to evaluate: give datamodels=PATH, or scores=FILE for another attribution method")
     if cfg.out:
-        _check_out(cfg.out)
+        check_out(cfg.out)
     start = time.perf_counter()
     dm = Datamodels.load(cfg.datamodels, original_config=cfg.original_config or None,
                          original_beton=cfg.original_beton or None)
     source = str(dm.path)
     store = cfg.store or dm.store or ""
-    if not store and not cfg.heldout_store:
-        raise UserError(f"{source} records no store: give store=DIR")
-    if not cfg.store and store and not os.path.isdir(store) and not cfg.heldout_store:
-        raise UserError(f"the store recorded in {source} does not exist: {store}; give store=DIR")
-    held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name, y_name=cfg.y_name,
-                        source=source)
+    if cfg.ground_truth:
+        check_targets(dm, source)
+        held = heldout_from_ground_truth(cfg.ground_truth, cfg.format, n_train=dm.n_features,
+                                         target_start=dm.target_start, n_targets=dm.n_targets, source=source)
+    else:
+        if not store and not cfg.heldout_store:
+            raise UserError(f"{source} records no store: give store=DIR")
+        if not cfg.store and store and not os.path.isdir(store) and not cfg.heldout_store:
+            raise UserError(f"the store recorded in {source} does not exist: {store}; give store=DIR")
+        held = load_heldout(dm, store=store, heldout_store=cfg.heldout_store, x_name=cfg.x_name, y_name=cfg.y_name,
+                            source=source)
     pred = dm.predict(held.masks)
     scores = score(pred, held.actual)
     if not quiet:
         print(format_scores(scores))
+    interval = interval_report(pred, held.actual, cfg, quiet=quiet)
 
-    params = {"datamodels": source, "store": store, "heldout_store": cfg.heldout_store, "x_name": held.x_name,
+    params = {"datamodels": source, "store": store, "heldout_store": cfg.heldout_store,
+              "ground_truth": cfg.ground_truth, "x_name": held.x_name,
               "y_name": held.y_name, "target_start": dm.target_start, "target_end": dm.target_end,
               "n_features": dm.n_features}
     files: dict[str, str] = {}
     model_uri = None
-    tags = {"datamodels": source, "heldout_models": scores.n_models, "targets": f"{dm.target_start}:{dm.target_end}"}
+    tags = {"method": "datamodels", "datamodels": source, "heldout_models": scores.n_models,
+            "targets": f"{dm.target_start}:{dm.target_end}"}
     with tempfile.TemporaryDirectory() as tmp, \
             tracking.run("evaluate", name=_run_name(dm), params=params, tags=tags) as active:
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        tracking.log_metrics(scores.metrics())
-        metrics_doc = {**scores.metrics(), **params, "heldout_indices": [int(i) for i in held.indices]}
+        tracking.log_metrics({**scores.metrics(), **interval_metrics(interval)})
+        metrics_doc = {**scores.metrics(), **interval_metrics(interval), **params, "heldout_indices": [int(i) for i in held.indices]}
         (out / "metrics.json").write_text(json.dumps(metrics_doc, indent=1) + "\n")
         files["metrics"] = str(out / "metrics.json")
         files["per_target"] = str(write_per_target_csv(out / "per_target.csv", scores, dm, pred, held.actual))
@@ -266,11 +149,11 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
         files["scatter"] = str(out / "scatter.png")
         tracking.log_figure(fig, "evaluate/scatter.png")
         plt.close(fig)
-        if cfg.figure:
+        if cfg.figure and not cfg.ground_truth:
             from datamodels_ml.digits import is_digits
             from datamodels_ml.figures import influence_figure
 
-            st = _open_store(held.store, "store")
+            st = open_store(held.store, "store")
             if is_digits(st, held.x_name, held.y_name):
                 fig = influence_figure(dm, scores.spearman_t)
                 fig.savefig(out / "digits_influence.png", dpi=110)
@@ -293,13 +176,13 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
         print(f"MLflow run {run_id} ({seconds:.1f} s)")
     if not cfg.out:
         files = {}
-    return EvaluationResult(scores, held, files, run_id, model_uri, seconds)
+    return EvaluationResult(scores, held, files, run_id, model_uri, seconds, interval)
 
 
 def evaluate(cfg: EvaluateConfig) -> int:
-    """Score datamodels on held-out models: LDS, mean Pearson, R², MSE, per-target CSV and plots, in MLflow."""
+    """Score datamodels (or any method's scores=FILE) on held-out models: LDS with its interval, Pearson, R², in MLflow."""
     run_evaluation(cfg)
     return 0
 
 
-__all__ = ["EvaluateConfig", "evaluate", "run_evaluation", "load_heldout"]
+__all__ = ["EvaluateConfig", "evaluate", "run_evaluation"]

@@ -165,7 +165,7 @@ def test_evaluate_cli_prints_and_logs(synthetic):
     own_mlflow_db(tmp_path)
     proc = run_cli("evaluate", "datamodels=dm.pt", "out=eval", cwd=tmp_path, check=True)
     # write_datamodels records no store fingerprint: evaluate says, in one line, what it could not check
-    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")] == [
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:") and "fingerprint" in ln] == [
         "warning: dm.pt records no store fingerprint (fitted before fingerprints were recorded, "
         f"or by the original tools): the store at {store.path} is checked by its sizes and completed models "
         f"only, not by its masks; make sure it is the store the datamodels were fitted on"]
@@ -174,6 +174,12 @@ def test_evaluate_cli_prints_and_logs(synthetic):
     runs = search_runs(tmp_path, "tags.`datamodels.stage` = 'evaluate'", training=False)
     assert len(runs) == 1 and runs[0].data.metrics["lds"] == pytest.approx(value, abs=1e-4)
     assert runs[0].data.metrics["n_heldout"] == N - 120
+    low, high = (float(v) for v in re.search(r"LDS 95% interval: +\[(-?[0-9.]+), (-?[0-9.]+)\]", proc.stdout).groups())
+    assert low < value < high and runs[0].data.metrics["lds_low"] == pytest.approx(low, abs=1e-4)
+    assert runs[0].data.tags["method"] == "datamodels"
+    # 40 held-out models cannot give an interval 0.02 wide: evaluate says so, with the models it would take
+    assert re.search(r"warning: the LDS's 95% interval is 0\.\d+ wide \(> 0\.02\) with 40 held-out models: "
+                     r"about \d+ held-out models would narrow it", proc.stderr)
     models = tracking_client(tmp_path).search_logged_models(experiment_ids=[runs[0].info.experiment_id])
     assert [m.source_run_id for m in models] == [runs[0].info.run_id]  # the pyfunc model of the datamodels
 
@@ -254,5 +260,6 @@ def test_no_warning_when_the_store_fingerprint_is_checked(synthetic, capsys):
     rows = fingerprint_rows(TRAIN)
     data["store_fingerprint"] = fingerprint(rows, np.asarray(store.array("masks"))[rows])
     torch.save(data, tmp_path / "dm.pt")
-    run_evaluation(EvaluateConfig(datamodels=str(tmp_path / "dm.pt"), log_model=False, figure=False), quiet=True)
+    run_evaluation(EvaluateConfig(datamodels=str(tmp_path / "dm.pt"), log_model=False, figure=False,
+                                  bootstrap=0), quiet=True)  # no interval: its width warning is tested apart
     assert "warning" not in capsys.readouterr().err
