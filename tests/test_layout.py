@@ -119,3 +119,18 @@ def test_imports_come_from_the_defining_module():
                         if name not in defined and not is_module(f"{module}.{name}"):
                             wrong.append(f"{path.relative_to(root)}:{node.lineno}: {module} does not define {name} (in a string)")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout section lists every module under its folder, with a line on what it owns."""
+    section = (PACKAGE.parent / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    folder, listed = "", set()
+    for line in section.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        if name.endswith("/") and line.startswith("  ") and not line.startswith("    "):
+            folder = name
+        elif name.endswith(".py") and len(line.strip().split(None, 1)) == 2:
+            listed.add((folder if line.startswith("    ") else "") + name)
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.name != "__init__.py" and p.parts[-2] != "examples" and "__pycache__" not in p.parts}
+    assert sorted(modules - listed) == []
