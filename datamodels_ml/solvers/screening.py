@@ -85,7 +85,7 @@ class TrainGram:
         product on it would then run several times slower)."""
         idx = idx.contiguous()
         out = self.G[idx[:, :, None], idx[:, None, :]].to(self.dtype).contiguous()
-        return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+        return zero_padding_(out, valid)
 
     def block(self, idx: Tensor) -> Tensor:
         if idx.numel() == self.n_features and self.G.dtype == self.dtype:  # all features: no copy
@@ -155,6 +155,21 @@ class RefitGram:
         return out
 
 
+def zero_padding_(out: Tensor, valid: Tensor) -> Tensor:
+    """Zero the rows and columns of ``out`` [B, m, m] where ``valid`` [B, m] is False, in place. When
+    each row of ``valid`` is a prefix (valid entries first, as ``padded_support`` makes them), only
+    the padded tail of each block is written: no pass over all ``B m²`` entries."""
+    B, m = valid.shape
+    k = valid.sum(1)
+    if B and bool((valid == (torch.arange(m, device=valid.device)[None, :] < k[:, None])).all()):
+        for b, kb in enumerate(k.tolist()):
+            if kb < m:
+                out[b, kb:].zero_()
+                out[b, :kb, kb:].zero_()
+        return out
+    return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+
+
 def subgram_batch(gram: Tensor, idx: Tensor, valid: Tensor, val_cols: Callable[[Tensor], Tensor], *, n_val: int,
                   dtype: torch.dtype, scale: float, val_scale: float, row_scale: Tensor | None = None,
                   rank1: Tensor | None = None, rank1_scale: float = 0.0) -> Tensor:
@@ -182,7 +197,7 @@ def subgram_batch(gram: Tensor, idx: Tensor, valid: Tensor, val_cols: Callable[[
     if rank1 is not None:
         e = rank1.to(dtype)[idx]
         out.add_(e[:, :, None] * e[:, None, :], alpha=rank1_scale)
-    return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+    return zero_padding_(out, valid)
 
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:

@@ -120,19 +120,27 @@ def test_too_large_is_refused_before_reading(tmp_path):
         fit(cfg, progress=False, log=False)
 
 
-@pytest.mark.parametrize("available, block, n_blocks", [(10**12, 100, 1), (6_000_000, 23, 5), (2_000_000, 1, 100)])
-def test_block_size_follows_the_memory(available, block, n_blocks):
-    # fixed: 4.5 * 1000^2 + batch 100 * 1000 * 5 = 5.0 MB; per target: 4 * (8 * 1000 + 3 * (100 + 50)) = 33.8 KB
+@pytest.mark.parametrize("room, block, n_blocks", [(10**12, 100, 1), (1_882_400, 23, 5), (-10_000, 1, 100)])
+def test_block_size_follows_the_memory(room, block, n_blocks):
+    # fixed: 4.5 * 1000^2 + batch 100 * 1000 * 5 + validation masks 2 * 50 * 1000 = 5.1 MB, plus the
+    # process itself on the CPU (RUNTIME_BYTES); per target: 4 * (20 * 1000 + 3 * (100 + 50)) = 81.8 KB
+    from datamodels_ml.regression.memory import RUNTIME_BYTES
+
+    fixed = 5_100_000 + RUNTIME_BYTES
+    available = int((fixed + room) / 0.8) + 1
     kw = dict(n_features=1000, n_targets=100, n_train=500, n_val=50, batch_size=100, method="fista",
               dtype="float32", devices=["cpu"])
-    if available < 5_000_000 / 0.8:
+    if room < 0:
         with pytest.raises(UserError, match="^not enough memory for one target block on cpu"):
             plan_memory(**kw, available=available)
         forced = plan_memory(**kw, available=available, target_block=1)  # the user's block is not checked
         assert (forced.target_block, forced.n_blocks, forced.forced) == (1, 100, True)
         return
     plan = plan_memory(**kw, available=available)
+    assert plan.fixed_bytes == fixed and plan.per_target_bytes == 81_800
     assert (plan.target_block, plan.n_blocks) == (block, n_blocks)
+    gpu = plan_memory(**{**kw, "devices": ["cuda:0"]}, available=available)  # a device's plan: no process in it
+    assert gpu.fixed_bytes == 5_100_000
 
 
 def test_remaining_fills_the_gaps_between_saved_blocks():
