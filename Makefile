@@ -62,6 +62,7 @@ help: ## list the targets and the variables they take (colours only on a termina
 	  "BETON=$(BETON)" "FFCV file beside the store (write_dataset, regress, demo)" \
 	  "RESULTS=$(RESULTS)" "regression output beside the store (regress, evaluate, demo)" \
 	  "EVAL=$(EVAL)" "evaluate's CSV and plots beside the store (evaluate, demo)" \
+	  "FORMAT=$(FORMAT)" "layout of export_lds's ground truth: npz, trak, kronfluence, dattri" \
 	  "ARGS=$(ARGS)" "more key=value for the command (args.NAME=VALUE reach main)" \
 	  "SCHEDULER=$(SCHEDULER)" "train on a running Dask scheduler (tcp://HOST:8786)" \
 	  "CLUSTER=$(CLUSTER)" "train on a dask-jobqueue cluster YAML" \
@@ -123,7 +124,7 @@ evaluate: setup ## LDS and correlations of RESULTS on the held-out models of STO
 	$(DM) evaluate datamodels=$(RESULTS)/datamodels.pt store=$(STORE) out=$(EVAL) $(ARGS)
 
 export_lds: setup ## held-out models' masks and outputs as LDS ground truth for other tools (FORMAT=npz|trak|kronfluence|dattri)
-	$(DM) export_lds store=$(STORE) out=data/digits/ground_truth_$(FORMAT) format=$(FORMAT) datamodels=$(RESULTS)/datamodels.pt $(ARGS)
+	$(DM) export_lds store=$(STORE) out=$(DATA)/ground_truth_$(FORMAT) format=$(FORMAT) datamodels=$(RESULTS)/datamodels.pt $(ARGS)
 
 budget: setup ## LDS against the number of models (model-budget curve)
 	$(DM) budget config=configs/budget.yaml $(ARGS)

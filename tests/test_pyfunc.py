@@ -21,4 +21,4 @@ def test_a_model_logged_before_the_reorganization_loads_and_predicts(tmp_path):
     assert b"datamodels_ml.pyfunc" in (model_dir / "python_model.pkl").read_bytes()
     model = mlflow.pyfunc.load_model(str(model_dir))
     masks = np.load(model_dir / "masks.npy")
-    np.testing.assert_array_equal(model.predict(masks), np.load(model_dir / "expected.npy"))
+    np.testing.assert_allclose(model.predict(masks), np.load(model_dir / "expected.npy"), rtol=1e-12, atol=1e-12)
