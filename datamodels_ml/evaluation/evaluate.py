@@ -9,24 +9,20 @@ The metrics themselves (LDS and the rest, with their conventions) are in ``metri
 """
 
 import csv
-import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from datamodels_ml.datamodel import Datamodels
 from datamodels_ml.errors import UserError
-from datamodels_ml.evaluation.heldout import (check_targets, heldout_from_ground_truth, load_heldout, open_store,
-                                               warn_unchecked_masks)
+from datamodels_ml.evaluation.heldout import check_targets, heldout_from_ground_truth, load_heldout, open_store
 from datamodels_ml.evaluation.metrics import Scores, score
-from datamodels_ml.evaluation.outputs import EvaluationResult, check_out, format_scores
-from datamodels_ml.provenance import check_store
+from datamodels_ml.evaluation.outputs import EvaluationResult, check_out, finished, format_scores, write_and_log
+
 
 def write_per_target_csv(path: Path, scores: Scores, dm: Datamodels, pred: np.ndarray, actual: np.ndarray) -> Path:
     """One row per target: absolute index, the four metrics, spreads and the datamodel's non-zeros."""
@@ -133,23 +129,11 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
             tracking.run("evaluate", name=_run_name(dm), params=params, tags=tags) as active:
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        tracking.log_metrics({**scores.metrics(), **interval_metrics(interval)})
-        metrics_doc = {**scores.metrics(), **interval_metrics(interval), **params, "heldout_indices": [int(i) for i in held.indices]}
-        (out / "metrics.json").write_text(json.dumps(metrics_doc, indent=1) + "\n")
-        files["metrics"] = str(out / "metrics.json")
-        files["per_target"] = str(write_per_target_csv(out / "per_target.csv", scores, dm, pred, held.actual))
-        for name in ("metrics", "per_target"):
-            tracking.log_artifact(files[name], "evaluate")
-        import matplotlib.pyplot as plt
-
-        from datamodels_ml.figures import scatter_figure
-
-        fig = scatter_figure(pred, held.actual, scores)
-        fig.savefig(out / "scatter.png", dpi=110)
-        files["scatter"] = str(out / "scatter.png")
-        tracking.log_figure(fig, "evaluate/scatter.png")
-        plt.close(fig)
+        files = write_and_log(out, {**scores.metrics(), **interval_metrics(interval)}, params, held, pred, scores,
+                              lambda path: write_per_target_csv(path, scores, dm, pred, held.actual))
         if cfg.figure and not cfg.ground_truth:
+            import matplotlib.pyplot as plt
+
             from datamodels_ml.digits import is_digits
             from datamodels_ml.figures import influence_figure
 
@@ -169,14 +153,7 @@ def run_evaluation(cfg: EvaluateConfig, *, quiet: bool = False) -> EvaluationRes
                 dm.save(model_file)
             model_uri = log_datamodels_model(model_file, loaded=dm)
         run_id = active.info.run_id
-    seconds = time.perf_counter() - start
-    if not quiet:
-        if cfg.out:
-            print(f"artifacts: {', '.join(sorted(files.values()))}")
-        print(f"MLflow run {run_id} ({seconds:.1f} s)")
-    if not cfg.out:
-        files = {}
-    return EvaluationResult(scores, held, files, run_id, model_uri, seconds, interval)
+    return finished(scores, held, files, run_id, model_uri, start, interval, out=cfg.out, quiet=quiet)
 
 
 def evaluate(cfg: EvaluateConfig) -> int:

@@ -19,8 +19,6 @@ the held-out set read from a ``ground_truth`` directory for datamodels.
 from __future__ import annotations
 
 import csv
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from datamodels_ml.evaluation import bootstrap
 from datamodels_ml.errors import UserError
 
 OFFSET_NOTE = ("note: predictions are mask @ scores with no intercept; a per-target offset changes no rank "
@@ -85,8 +82,7 @@ def run_method(cfg: Any, *, quiet: bool = False):
     """Score the matrix in ``cfg.scores`` on held-out models; print, write and log like ``evaluate``."""
     from datamodels_ml.tracking import runs as tracking
     from datamodels_ml.evaluation.bootstrap import interval_metrics, interval_report
-    from datamodels_ml.evaluation.outputs import EvaluationResult, check_out, format_scores
-    from datamodels_ml.figures import scatter_figure
+    from datamodels_ml.evaluation.outputs import check_out, finished, format_scores, write_and_log
     from datamodels_ml.evaluation.metrics import score
     from datamodels_ml.evaluation.scores import check_shapes, read_scores
 
@@ -129,27 +125,10 @@ def run_method(cfg: Any, *, quiet: bool = False):
             tracking.run("evaluate", name=f"evaluate-{method}", params=params, tags=tags) as active:
         out = Path(cfg.out) if cfg.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        tracking.log_metrics(metrics)
-        doc = {**metrics, **params, "heldout_indices": [int(i) for i in held.indices]}
-        (out / "metrics.json").write_text(json.dumps(doc, indent=1) + "\n")
-        _write_per_target(out / "per_target.csv", s, pred, held.actual, target_start, cfg.scale)
-        files = {"metrics": str(out / "metrics.json"), "per_target": str(out / "per_target.csv")}
-        for name in ("metrics", "per_target"):
-            tracking.log_artifact(files[name], "evaluate")
-        import matplotlib.pyplot as plt
-
-        fig = scatter_figure(pred, held.actual, s)
-        fig.savefig(out / "scatter.png", dpi=110)
-        files["scatter"] = str(out / "scatter.png")
-        tracking.log_figure(fig, "evaluate/scatter.png")
-        plt.close(fig)
+        files = write_and_log(out, metrics, params, held, pred, s,
+                              lambda path: _write_per_target(path, s, pred, held.actual, target_start, cfg.scale))
         run_id = active.info.run_id
-    seconds = time.perf_counter() - start
-    if not quiet:
-        if cfg.out:
-            print(f"artifacts: {', '.join(sorted(files.values()))}")
-        print(f"MLflow run {run_id} ({seconds:.1f} s)")
-    return EvaluationResult(s, held, files if cfg.out else {}, run_id, None, seconds, iv)
+    return finished(s, held, files, run_id, None, start, iv, out=cfg.out, quiet=quiet)
 
 
 __all__ = ["run_method", "OFFSET_NOTE"]

@@ -263,3 +263,13 @@ def test_no_warning_when_the_store_fingerprint_is_checked(synthetic, capsys):
     run_evaluation(EvaluateConfig(datamodels=str(tmp_path / "dm.pt"), log_model=False, figure=False,
                                   bootstrap=0), quiet=True)  # no interval: its width warning is tested apart
     assert "warning" not in capsys.readouterr().err
+
+
+def scored_store(tmp_path, monkeypatch, seed: int):
+    """A store, datamodels fitted on it (``write_datamodels``) and a noisy attribution of the planted
+    truth ``[training examples, targets]``, with MLflow in ``tmp_path``: what other methods are scored on."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    store, w, _ = make_store(tmp_path / "store")
+    write_datamodels(store, tmp_path / "dm.pt")
+    return tmp_path, store, w + np.random.default_rng(seed).normal(scale=0.8, size=w.shape)

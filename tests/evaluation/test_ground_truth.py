@@ -15,20 +15,14 @@ from datamodels_ml.errors import UserError
 from datamodels_ml.evaluation.evaluate import EvaluateConfig, run_evaluation
 from datamodels_ml.store.spec import parse_spec
 from datamodels_ml.store.store import create_store
-from conftest import make_store
-from test_evaluate import N, P, T, write_datamodels
+from test_evaluate import N, P, T, scored_store
 
 HELD = np.arange(120, N)
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    store, w, _ = make_store(tmp_path / "store")
-    write_datamodels(store, tmp_path / "dm.pt")
-    scores = w + np.random.default_rng(3).normal(scale=0.8, size=w.shape)
-    return tmp_path, store, scores
+    return scored_store(tmp_path, monkeypatch, 3)
 
 
 def spearman_mean(pred, actual):

@@ -16,21 +16,14 @@ from conftest import run_cli, search_runs, tracking_client
 from datamodels_ml.errors import UserError
 from datamodels_ml.evaluation.evaluate import EvaluateConfig, run_evaluation
 from datamodels_ml.evaluation.scores import read_safetensors, read_scores
-from conftest import make_store
-from test_evaluate import N, P, T, write_datamodels
+from test_evaluate import N, P, T, scored_store, write_datamodels
 
 HELD = np.arange(120, N)  # the models write_datamodels' regression did not use
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    store, w, _ = make_store(tmp_path / "store")
-    write_datamodels(store, tmp_path / "dm.pt")
-    rng = np.random.default_rng(7)
-    scores = w + rng.normal(scale=0.8, size=w.shape)  # a noisy attribution of the planted truth
-    return tmp_path, store, scores
+    return scored_store(tmp_path, monkeypatch, 7)
 
 
 def direct(store, scores, held=HELD):
