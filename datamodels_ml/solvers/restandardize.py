@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.blas import mm
-from datamodels_ml.solvers.screening import copy_budget, subgram_batch
+from datamodels_ml.solvers.screening import copy_budget
+from datamodels_ml.solvers.subgrams import subgram_batch
 from datamodels_ml.solvers.stats import FeatureStats, TargetStats, moments
 
 __all__ = ["TrainValGram", "train_val_problem"]
@@ -52,6 +53,10 @@ class TrainValGram:
         """``[n_val, |cols|]`` validation rows centred on their mean, scaled by ``1/s'``."""
         x = self.stats.x_val[:, cols].to(self.dtype)
         return (x - self.v[cols].to(self.dtype)) * self.inv[cols].to(self.dtype)
+
+    def zc_rows(self, idx: Tensor) -> Tensor:
+        """``[|idx|, n_val]`` the validation values of the features ``idx``, as :meth:`zc` (rows)."""
+        return self.stats.val_rows(idx, self.dtype, mean=self.v, inv=self.inv)
 
     def _val_part(self, out: Tensor, zy: Tensor) -> None:
         for s in range(0, self.n_features, _COLS):
@@ -102,7 +107,7 @@ class TrainValGram:
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
         """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (valid entries first)."""
-        return subgram_batch(self.stats.gram, idx, valid, self.zc, n_val=self.stats.n_val, dtype=self.dtype,
+        return subgram_batch(self.stats.gram, idx, valid, self.zc_rows, n_val=self.stats.n_val, dtype=self.dtype,
                              scale=self.a, val_scale=1.0 / self.N, row_scale=self.r, rank1=self.e,
                              rank1_scale=self.ab)
 

@@ -31,12 +31,12 @@ from datamodels_ml.solvers import kernels
 from datamodels_ml.solvers.blas import mm_rows
 from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
+from datamodels_ml.solvers.subgrams import gather, subgram_batch
 from datamodels_ml.solvers.supports import padded_support, size_groups
 
-__all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened", "subgram_batch"]
+__all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened"]
 
 _ROWS = 1024  # rows of the Gram gathered at a time
-_BATCH_ENTRIES = 2**25  # validation entries gathered at a time for batched refit sub-Grams (128 MB float32)
 _KKT_SLACK = 1e-5  # relative slack of the KKT check (float rounding must not add features)
 # the working set at λ_k: features whose gradient at the last solution is within 5% of λ_k (or the
 # strong rule's 2 λ_k - λ_{k-1}, when tighter), and the non-zero ones. The strong rule alone keeps
@@ -81,11 +81,8 @@ class TrainGram:
 
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
         """``[B, m, m]`` sub-Grams ``G[idx[b], idx[b]]``, zero where ``valid`` [B, m] is False, contiguous
-        (indices given as a transposed view would lay the result out transposed, and every batched
-        product on it would then run several times slower)."""
-        idx = idx.contiguous()
-        out = self.G[idx[:, :, None], idx[:, None, :]].to(self.dtype).contiguous()
-        return zero_padding_(out, valid)
+        (:func:`~datamodels_ml.solvers.subgrams.gather`)."""
+        return gather(self.G, idx, valid, self.dtype)
 
     def block(self, idx: Tensor) -> Tensor:
         if idx.numel() == self.n_features and self.G.dtype == self.dtype:  # all features: no copy
@@ -121,11 +118,14 @@ class RefitGram:
         return out
 
     def apply(self, W: Tensor) -> Tensor:
-        """``G_all W`` from the non-zero rows of ``W`` only: ``|A| p T + n_val (|A| + p) T``."""
+        """``G_all W`` from the non-zero rows of ``W`` only: ``nnz(W) (p + n_val) + n_val p T``."""
         st = self.stats
         out = _train_apply(st.gram, W, self.dtype).mul_(st.n_train / self.N)
         A = (W != 0).any(1).nonzero().squeeze(1)
-        zw = st.z_val(A, self.dtype) @ W[A]  # [n_val, T]
+        zw = torch.zeros(st.n_val, W.shape[1], dtype=self.dtype, device=W.device)  # Zv W, sparse while W is
+        for s in range(0, A.numel(), 4 * _ROWS):
+            a = A[s : s + 4 * _ROWS]
+            zw.add_(mm_rows(st.val_rows(a, self.dtype), W[a], rows=a.numel()))
         for s in range(0, self.n_features, 4 * _ROWS):
             out[s : s + 4 * _ROWS].addmm_(st.z_val(slice(s, s + 4 * _ROWS), self.dtype).T, zw, alpha=1.0 / self.N)
         if self.zbar is not None:
@@ -135,7 +135,7 @@ class RefitGram:
     def batch_block(self, idx: Tensor, valid: Tensor) -> Tensor:
         """``[B, m, m]`` sub-Grams, zero where ``valid`` [B, m] is False (:func:`subgram_batch`)."""
         st = self.stats
-        return subgram_batch(st.gram, idx, valid, lambda cols: st.z_val(cols, self.dtype), n_val=st.n_val,
+        return subgram_batch(st.gram, idx, valid, lambda cols: st.val_rows(cols, self.dtype), n_val=st.n_val,
                              dtype=self.dtype, scale=st.n_train / self.N, val_scale=1.0 / self.N,
                              rank1=self.zbar, rank1_scale=-1.0)
 
@@ -153,51 +153,6 @@ class RefitGram:
                 blk.sub_(self.zbar[r, None] * self.zbar[None, idx])
             out[s : s + _ROWS] = blk
         return out
-
-
-def zero_padding_(out: Tensor, valid: Tensor) -> Tensor:
-    """Zero the rows and columns of ``out`` [B, m, m] where ``valid`` [B, m] is False, in place. When
-    each row of ``valid`` is a prefix (valid entries first, as ``padded_support`` makes them), only
-    the padded tail of each block is written: no pass over all ``B m²`` entries."""
-    B, m = valid.shape
-    k = valid.sum(1)
-    if B and bool((valid == (torch.arange(m, device=valid.device)[None, :] < k[:, None])).all()):
-        for b, kb in enumerate(k.tolist()):
-            if kb < m:
-                out[b, kb:].zero_()
-                out[b, :kb, kb:].zero_()
-        return out
-    return out.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
-
-
-def subgram_batch(gram: Tensor, idx: Tensor, valid: Tensor, val_cols: Callable[[Tensor], Tensor], *, n_val: int,
-                  dtype: torch.dtype, scale: float, val_scale: float, row_scale: Tensor | None = None,
-                  rank1: Tensor | None = None, rank1_scale: float = 0.0) -> Tensor:
-    """``[B, m, m]`` sub-Grams at the index rows ``idx`` [B, m] of a Gram with a validation part,
-    zero where ``valid`` [B, m] is False (each row's valid entries first)::
-
-        scale * r_i r_j gram[i, j] + val_scale * z_i'z_j + rank1_scale * e_i e_j
-
-    with ``z`` the validation columns ``val_cols(cols)`` ([n_val, |cols|]), ``r`` the optional
-    ``row_scale`` and ``e`` the optional ``rank1``. The training part is gathered at once, the
-    validation part is one batched product per chunk of at most ``_BATCH_ENTRIES`` gathered
-    validation entries (the refit's sub-Grams, for every target at once)."""
-    idx = idx.contiguous()
-    B, m = idx.shape
-    out = gram[idx[:, :, None], idx[:, None, :]].to(dtype).contiguous()
-    if row_scale is not None:
-        r = row_scale.to(dtype)[idx]
-        out.mul_(r[:, :, None] * r[:, None, :])
-    out.mul_(scale)
-    step = max(1, _BATCH_ENTRIES // max(n_val * m, 1))
-    for s in range(0, B, step):
-        part = idx[s : s + step]
-        z = val_cols(part.reshape(-1)).reshape(n_val, part.shape[0], m).transpose(0, 1)  # [b, n_val, m]
-        out[s : s + step].baddbmm_(z.transpose(1, 2), z, alpha=val_scale)
-    if rank1 is not None:
-        e = rank1.to(dtype)[idx]
-        out.add_(e[:, :, None] * e[:, None, :], alpha=rank1_scale)
-    return zero_padding_(out, valid)
 
 
 def _train_apply(G: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:

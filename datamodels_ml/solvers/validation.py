@@ -34,7 +34,7 @@ class ValRows:
         keep = stats.x_val is not None and nbytes <= CACHE
         self.zT = stats.z_val(None, dtype).T.contiguous() if keep else None  # [p, n_val]
         # else the raw masks, transposed: the rows of the features in use are read per call
-        self.xT = stats.x_val.T.contiguous() if not keep and stats.x_val is not None else None
+        self.xT = stats.x_val_t if not keep and stats.x_val is not None else None  # shared with the refit
 
     def predict(self, W: Tensor, b: Tensor) -> Tensor:
         """Predictions ``[n_val, Ta]`` of the weights ``W`` [p, Ta] and intercepts ``b`` [Ta]."""

@@ -5,23 +5,27 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from datamodels_ml.evaluation.bootstrap import (_Ranker, _weighted_corr, lds_interval, lds_intervals, narrow_enough,
+from datamodels_ml.evaluation.bootstrap import (_COLS, _Replicates, lds_interval, lds_intervals, narrow_enough,
                                      slope_line, slope_per_doubling)
 from datamodels_ml.evaluation.metrics import lds
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_replicate_is_spearman_on_the_duplicated_sample(seed):
+@pytest.mark.parametrize("seed,ties", [(0, True), (1, True), (2, False)])
+def test_a_replicate_is_spearman_on_the_duplicated_sample(seed, ties):
     rng = np.random.default_rng(seed)
-    n, t = 30, 6
-    actual = np.round(rng.normal(size=(n, t)), 1)  # ties
+    n, t = 30, _COLS + 6  # a whole block of targets and a partial one
+    actual = rng.normal(size=(n, t))
     pred = actual + rng.normal(size=(n, t))
-    pred[:, 2] = np.round(pred[:, 2])
+    if ties:  # ties in some blocks only (each block ranks with or without tie handling)
+        actual[:, _COLS:] = np.round(actual[:, _COLS:], 1)
+        pred[:, _COLS + 2] = np.round(pred[:, _COLS + 2])
+    pred[:, 1] = 3.0  # a constant prediction counts 0
     w = rng.multinomial(n, np.full(n, 1 / n)).astype(float)
-    got = _weighted_corr(_Ranker(pred).ranks(w), _Ranker(actual).ranks(w), w)
+    got = _Replicates([pred, -pred], actual).corr(w)
     rows = np.repeat(np.arange(n), w.astype(int))
-    want = [spearmanr(pred[rows, j], actual[rows, j]).statistic for j in range(t)]
-    np.testing.assert_allclose(got, want, atol=1e-12)
+    want = np.array([spearmanr(pred[rows, j], actual[rows, j]).statistic for j in range(t)])
+    want[1] = 0.0
+    np.testing.assert_allclose(got, [want, -want], atol=1e-12)
 
 
 def _moran(rho, n):
