@@ -105,9 +105,15 @@ class PathBar:
         self.on_path = 1.0  # fraction of the block's targets still on the path
         self.blocks_done = 0
         self.bar = bar("regress", unit=unit, enabled=progress)  # fista: iterations; saga: epochs
+        self.block_start = self.refit_start = None  # perf_counter of the block's first event, of its refit
+        self.points = 0  # λ indices reached in the block
 
     def __call__(self, event: str, info: dict) -> None:
-        if event == "epoch":
+        if self.block_start is None:
+            self.block_start = time.perf_counter()
+        if event == "refit":
+            self.refit_start = time.perf_counter()
+        elif event == "epoch":
             self.bar.update(1)
             lam = "refit" if info.get("lambda_index", 0) < 0 else f"{info['lambda_index'] + 1}/{self.k}"
             blocks = f"block {self.blocks_done + 1}/{self.n_blocks}, " if self.n_blocks > 1 else ""
@@ -115,9 +121,22 @@ class PathBar:
                                      f"solving {info['n_active']}", refresh=False)
         elif event == "lambda":
             self.on_path = float(info["active"])
+            self.points = int(info["index"]) + 1
 
-    def end_block(self) -> None:
+    def end_block(self, n_targets: int | None = None) -> None:
+        """The block is over: one line on stderr with its time on the path and in the refit."""
         self.blocks_done += 1
+        if self.block_start is not None and n_targets is not None:
+            now = time.perf_counter()
+            path_end = self.refit_start or now
+            refit = f", refit {now - self.refit_start:.1f} s" if self.refit_start is not None else ""
+            blocks = f"block {self.blocks_done}/{self.n_blocks}" if self.n_blocks > 1 else "path"
+            if hasattr(self.bar, "clear"):
+                self.bar.clear()
+            print(f"regress: {blocks}: {n_targets} targets, {self.points} λ, path {path_end - self.block_start:.1f} s"
+                  f"{refit}", file=sys.stderr, flush=True)
+        self.block_start = self.refit_start = None
+        self.points = 0
 
     def close(self) -> None:
         self.bar.close()

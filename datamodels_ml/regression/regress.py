@@ -167,7 +167,7 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
                 refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, **solver)
                 epochs += refit.epochs
     finally:
-        bar.end_block()
+        bar.end_block(p.target_end - p.target_start)
     seconds = time.perf_counter() - start
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     return {"weight": cpu(refit.weight).float().contiguous(), "bias": cpu(refit.bias).float(),
@@ -206,7 +206,12 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)
     if widen is not None:
         train, val = Stepped(train, widen), Stepped(val, widen)
-    return feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
+    start = time.perf_counter()
+    stats = feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
+    what = "the Gram and moments" if c.method == "fista" else "moments"
+    print(f"regress: statistics of the masks ({what}, {p.info.n_features} features, {len(p.train_rows)} + "
+          f"{len(p.val_rows)} rows) on {device}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return stats
 
 
 def _fit_blocks(p: Plan, bar: PathBar, store: Any = None, started: Callable[[], Any] | None = None) -> dict[str, Any]:
