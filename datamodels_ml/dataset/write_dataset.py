@@ -30,6 +30,7 @@ from omegaconf import MISSING
 from datamodels_ml.dataset import writer as beton_writer
 from datamodels_ml.cpus import allotment
 from datamodels_ml.errors import UserError
+from datamodels_ml.mapped import PageRelease
 from datamodels_ml.dataset.reader import manifest_path
 from datamodels_ml.store.layout import read_header
 
@@ -69,6 +70,7 @@ class _Rows:
 
     def __init__(self, x: np.ndarray, y: np.ndarray, keep: np.ndarray):
         self.x, self.y, self.keep = x, y, keep
+        self.pages = PageRelease(x, y)  # the store's pages read leave each writer's resident set
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -77,6 +79,7 @@ class _Rows:
         i = int(self.keep[j])
         mask = np.ascontiguousarray(np.asarray(self.x[i]).reshape(-1))
         targets = np.ascontiguousarray(np.asarray(self.y[i], dtype=np.float32).reshape(-1))
+        self.pages.read(mask.nbytes + targets.nbytes)
         return mask, targets, i
 
 
@@ -112,6 +115,7 @@ def _scan(x: np.ndarray, y: np.ndarray, rows: np.ndarray, x_name: str, chunk: in
 
     finite = np.ones(len(rows), dtype=bool)
     check_x = x.dtype != np.bool_
+    pages = PageRelease(x, y)  # the pass reads the whole store: its pages leave the resident set
     with bar("write_dataset: checking rows", total=len(rows), unit="model", enabled=progress) as shown:
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
@@ -124,6 +128,7 @@ def _scan(x: np.ndarray, y: np.ndarray, rows: np.ndarray, x_name: str, chunk: in
                                     f"but model {int(part[r])} holds {xs[r, c].item()!r} (dtype {x.dtype})")
             ys = np.asarray(y[part], dtype=np.float32).reshape(len(part), -1)
             finite[start:start + len(part)] = np.isfinite(ys).all(axis=1)
+            pages.read((xs.nbytes if check_x else 0) + ys.nbytes)
             shown.update(len(part))
     return finite
 
