@@ -5,7 +5,7 @@ Shapes (50,000 features: p² is past the int32 index limit, 2³¹, from p = 46,3
 
 * ``mid``:  10k train + 2k validation models, 2,000 targets (about 10 minutes on 2 cores);
 * ``full``: 90k train + 10k validation models, 10,000 targets, the paper's evaluation set (about an
-  hour on 2 cores, 15 GB of disk).
+  hour on 2 cores: regress 48 min, evaluate 4 min on the AMD EPYC of docs/benchmarks.md; 19 GB of disk).
 
 Synthetic models with a known answer, written into the store as trained workers would write them
 (``Store.write_data`` then ``commit``): masks Bernoulli(1/2), each target ``y = z_S · w + noise + 2``
