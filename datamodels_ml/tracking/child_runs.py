@@ -26,6 +26,11 @@ goes away is one warning line; what could not be written stays queued, and the t
 server every ``RETRY_EVERY`` seconds whether it is back, then writes the backlog. ``close`` waits for
 an absent server at most ``DATAMODELS_TRACKING_WAIT`` seconds (default 30); runs that could not be
 written are counted and reported in one line.
+
+A ``create_run`` that the server committed but whose answer was lost (a server killed mid-request,
+or urllib3 retrying the POST) leaves a run with no params that is never terminated; its record is
+written again. Once everything is written, the children of this train still RUNNING are exactly those
+leftovers, and the thread deletes them (``_remove_leftovers``): each model has one run.
 """
 
 from __future__ import annotations
@@ -121,6 +126,7 @@ class ChildRunWriter:
         self.outages = 0
         self._last_ask = 0.0
         self._backlog: list[ChildRecord | ParentMetrics] = []  # taken from the queue, not written yet
+        self._api_used = False  # a child run was written through the public API (leftovers are possible)
         self._sql = _fast_sql_store(self.client)
         self.mode = "sql" if self._sql is not None else "api"
         server = not tracking_store.tracking_uri().startswith("sqlite:")
@@ -191,8 +197,33 @@ class ChildRunWriter:
     def _run(self) -> None:
         try:
             self._loop()
+            if self._api_used and not self._abandon.is_set() and not self._backlog:
+                self._remove_leftovers()
         finally:
             self._finished.set()
+
+    def _remove_leftovers(self) -> None:
+        """Delete the child runs of this train still RUNNING once every record is written: runs whose
+        create the server committed without the answer reaching this writer (see the module doc)."""
+        query = f"tags.mlflow.parentRunId = '{self.parent_run_id}' and attributes.status = 'RUNNING'"
+        try:
+            leftovers, token = [], None
+            while True:
+                page = _retry(lambda: self.client.search_runs([self.experiment_id], query, max_results=1000,
+                                                              page_token=token))
+                leftovers += [r.info.run_id for r in page]
+                token = page.token
+                if not token:
+                    break
+            for run_id in leftovers:
+                _retry(lambda: self.client.delete_run(run_id))
+        except Exception as exc:  # noqa: BLE001 - the record is complete; a leftover only clutters the UI
+            print(f"MLflow: could not look for unfinished duplicate child runs ({_one_line(exc)})", file=sys.stderr,
+                  flush=True)
+            return
+        if leftovers:
+            print(f"MLflow: deleted {len(leftovers)} unfinished duplicate child runs (created by the server while "
+                  "its answer was lost; each model's run was written again)", file=sys.stderr, flush=True)
 
     def _loop(self) -> None:
         done = False
@@ -291,6 +322,7 @@ class ChildRunWriter:
         """create_run, log_batch, set_terminated; a record cut short by the server resumes where it stopped."""
         from mlflow.entities import Metric, Param, RunTag
 
+        self._api_used = True
         tags = self._tags(rec)
         first = {k: tags.pop(k) for k in ("mlflow.parentRunId", "mlflow.runName", "mlflow.user")}
         if rec.steps_done < 1:

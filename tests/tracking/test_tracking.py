@@ -148,6 +148,41 @@ def test_child_runs_one_per_model_with_its_params_metrics_tags_and_status(own_st
         assert child.data.tags.get("error") == (f"ValueError: model {i}" if failed else None)
 
 
+def test_a_create_run_whose_answer_was_lost_leaves_no_second_run_of_that_model(own_store, monkeypatch, capsys):
+    # the server commits a create_run, then dies before answering: the writer sees a connection
+    # error, waits for the server, writes the record again, and deletes the unfinished leftover
+    from datamodels_ml.tracking import backend
+    from datamodels_ml.tracking import child_runs
+    from datamodels_ml.tracking import runs as tracking
+
+    monkeypatch.setenv("DATAMODELS_CHILD_RUNS", "api")
+    monkeypatch.setattr(child_runs, "RETRY_EVERY", 0.05)
+    monkeypatch.setattr(backend, "answers", lambda uri, timeout=3.0: True)
+    with tracking.run("train", name="train-6") as parent:
+        writer = child_runs.ChildRunWriter(parent.info.run_id, flush_every=0.05)
+        create, lost = writer.client.create_run, []
+
+        def create_then_lose_the_answer(*args, **kwargs):
+            run = create(*args, **kwargs)
+            if not lost and kwargs["run_name"] == "model-2":
+                lost.append(run.info.run_id)
+                raise ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed connection'))")
+            return run
+
+        monkeypatch.setattr(writer.client, "create_run", create_then_lose_the_answer)
+        for rec in _records(6):
+            writer.add(rec)
+        writer.close()
+    assert (writer.written, writer.failed, writer.outages) == (6, 0, 1) and len(lost) == 1
+    children = own_store.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(int(c.data.params["index"]) for c in children) == list(range(6))
+    assert lost[0] not in {c.info.run_id for c in children}
+    assert own_store.get_run(lost[0]).info.lifecycle_stage == "deleted"
+    err = capsys.readouterr().err
+    assert "MLflow: deleted 1 unfinished duplicate child runs (created by the server while its answer was lost; " \
+           "each model's run was written again)" in err
+
+
 def test_other_mlflow_tables_turn_the_fast_path_off_with_one_line(own_store, monkeypatch, capsys):
     from datamodels_ml.tracking import child_runs
     from datamodels_ml.tracking import runs as tracking
