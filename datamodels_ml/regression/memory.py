@@ -93,12 +93,20 @@ def device_available(device: str) -> int | None:
     return int(free)
 
 
+FLOAT_CHUNK_BYTES = 2**28  # the most of a read batch of 0/1 masks held as floats (solvers.stats.FLOAT_BYTES)
+
+
 def estimate(*, n_features: int, n_train: int, n_val: int, batch_size: int, method: str,
-             itemsize: int) -> tuple[int, int]:
-    """``(fixed bytes per device, bytes per target)`` of the solver for one target block."""
+             itemsize: int, binary: bool = False) -> tuple[int, int]:
+    """``(fixed bytes per device, bytes per target)`` of the solver for one target block.
+    ``binary``: 0/1 masks, read as bytes, whose products convert at most ``FLOAT_CHUNK_BYTES`` of a
+    batch to floats (or, as int8 products, take a transposed copy of it)."""
     p = n_features
     batch = min(batch_size, n_train + n_val)
-    read = batch * p * (1 + itemsize)  # a batch of masks as read (bool) and as floats
+    if binary and method != "saga":  # the batch as read, a transposed copy, a float chunk (float64 refit)
+        read = 2 * batch * p + min(batch * p * 8, FLOAT_CHUNK_BYTES)
+    else:
+        read = batch * p * (1 + itemsize)  # a batch of masks as read (bool) and as floats
     if method == "saga":
         fixed = read
         per_target = itemsize * (WEIGHT_COLUMNS * p + ROW_COLUMNS * (batch + n_val) + SAGA_TABLES * (n_train + n_val))
@@ -110,14 +118,15 @@ def estimate(*, n_features: int, n_train: int, n_val: int, batch_size: int, meth
 
 def plan_memory(*, n_features: int, n_targets: int, n_train: int, n_val: int, batch_size: int, method: str,
                 dtype: str, devices: list[str], target_block: int = 0,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, binary: bool = False) -> MemoryPlan:
     """Choose the target block (``target_block`` > 0 forces it) or raise ``UserError`` if none fits.
 
-    ``available`` overrides the measured free memory per device (tests, what-if plans).
+    ``available`` overrides the measured free memory per device (tests, what-if plans); ``binary``:
+    0/1 masks (see :func:`estimate`).
     """
     itemsize = 8 if dtype == "float64" else 4
     fixed, per_target = estimate(n_features=n_features, n_train=n_train, n_val=n_val, batch_size=batch_size,
-                                 method=method, itemsize=itemsize)
+                                 method=method, itemsize=itemsize, binary=binary)
     if devices[0] == "cpu":  # the process lives in the same memory
         fixed += RUNTIME_BYTES
     if available is None:

@@ -76,7 +76,8 @@ def plan(cfg: RegressConfig) -> Plan:
     devices = regress_devices(cfg)
     c = cfg.cfg
     memory = plan_memory(n_features=info.n_features, n_targets=end - start, n_train=d.num_train, n_val=d.num_val,
-                         batch_size=read_rows(c, info.n_features), method=c.method, dtype=c.dtype, devices=list(devices),
+                         batch_size=read_rows(c, info), method=c.method, dtype=c.dtype, devices=list(devices),
+                         binary=np.dtype(info.x_dtype) in (np.dtype(bool), np.dtype(np.uint8)),
                          target_block=c.target_block)
     return Plan(cfg, info, read_manifest(d.data_path), devices[0],
                 torch.float64 if cfg.cfg.dtype == "float64" else torch.float32,
@@ -139,7 +140,7 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
 
     cfg, c = p.cfg, p.cfg.cfg
     cores = allotment()
-    common = dict(batch_size=read_rows(c, p.info.n_features), num_workers=min(c.num_workers, cores) or cores,
+    common = dict(batch_size=read_rows(c, p.info), num_workers=min(c.num_workers, cores) or cores,
                   target_start=p.target_start, target_end=p.target_end, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=True, seed=p.cfg.data.seed, **common)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **common)
@@ -180,30 +181,21 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
             "seconds": torch.tensor(float(seconds))}
 
 
-_READ_BYTES = 2**28  # a fista read batch, as float32: 256 MB at most
+_READ_BYTES = 2**28  # a fista read batch: 256 MB at most (bytes of 0/1 masks, float32 of others)
 
 
-_STATS_BYTES = 2**28  # a statistics batch of 0/1 masks, as bytes: 256 MB at most
-
-
-def stats_rows(c: Any, info: Any) -> int:
-    """Rows per batch of the statistics pass (the Gram): for 0/1 masks up to 8192 rows within 256 MB
-    of bytes. Each batch's counts are added to the whole Gram (p²/2 entries), so larger batches add
-    them fewer times (p = 50k: 5368 rows instead of 1342, 3 passes over the Gram for 12,000 models
-    instead of 9). The pass holds no target block yet: its batch (as bytes, plus a float copy of 4
-    bytes per entry with the float kernels) stays below the blocks' memory. Other masks: :func:`read_rows`."""
-    rows = read_rows(c, info.n_features)
-    if c.method == "saga" or np.dtype(info.x_dtype) not in (np.dtype(bool), np.dtype(np.uint8)):
-        return rows
-    return max(rows, min(8192, _STATS_BYTES // max(info.n_features, 1)))
-
-
-def read_rows(c: Any, n_features: int) -> int:
+def read_rows(c: Any, info: Any) -> int:
     """Rows per read batch: saga's minibatch (``cfg.batch_size``); for fista, whose passes only sum
-    (``X'X``, ``X'Y``), up to 4096 rows within 256 MB as float32, so that each BLAS call is large."""
+    (``X'X``, ``X'Y``), large batches so that each product is large: 0/1 masks up to 8192 rows
+    within 256 MB of bytes (p = 50k: 5368 rows; the Gram's counts are added to all p²/2 entries once
+    per batch, and the int8 ``X'Y`` puts its digits together once per batch; float products convert
+    at most 256 MB of a batch at a time), other masks up to 4096 rows within 256 MB as float32."""
     if c.method == "saga":
         return c.batch_size
-    return max(c.batch_size, min(4096, _READ_BYTES // (4 * max(n_features, 1))))
+    p = max(info.n_features, 1)
+    if np.dtype(info.x_dtype) in (np.dtype(bool), np.dtype(np.uint8)):
+        return max(c.batch_size, min(8192, _READ_BYTES // p))
+    return max(c.batch_size, min(4096, _READ_BYTES // (4 * p)))
 
 
 def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None) -> Any:
@@ -215,7 +207,7 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     from datamodels_ml.solvers.sources import Stepped
 
     c = p.cfg.cfg
-    x_only = dict(batch_size=stats_rows(c, p.info), target_start=p.target_start,
+    x_only = dict(batch_size=read_rows(c, p.info), target_start=p.target_start,
                   target_end=p.target_start, info=p.info)
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=False, **x_only)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **x_only)

@@ -12,6 +12,10 @@ this process's threads:
 - ``colsum``: column counts of 0/1 masks: ``int8`` (a product with ones) or ``torch`` (a reduction).
 - ``gemm``: dense float products on the CPU: ``openblas`` (numpy/scipy's) or ``torch`` (MKL).
   Rate: FLOP/s.
+- ``xty``: ``X'Y`` of 0/1 masks and float targets for a float32 solve (the per-block target
+  statistics): ``int8`` (each target column in 24-bit fixed point, three signed base-256 digits,
+  exact int32 sums: three int8 products) or ``float`` (a float32 product by the faster ``gemm``).
+  Rate: multiply-adds of ``X'Y`` per second.
 - the cost models' constants: a CSR product's seconds per non-zero and row (``sparse_s``, for
   ``blas.sparse_pays``), a sub-Gram gather's seconds per entry (``gather_s``) and a batched
   matrix-vector product's (``matvec_s``), for screening's plan.
@@ -19,12 +23,13 @@ this process's threads:
 A kernel can be forced (tests, users) with ``op=name`` pairs: the ``DATAMODELS_KERNELS`` variable
 (e.g. ``gram=syrk,gemm=torch``) or :func:`use`. Pure torch: timing only, no files; the command
 layer (``kernel_cache``) keeps the measured rates per machine and installs them with :func:`use`.
-Without that, the first solver call in a process probes once (about 0.1 s).
+Without that, the first solver call in a process probes once (about 0.6 s).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,12 +43,13 @@ OPS: dict[str, tuple[str, ...]] = {
     "gram": ("int8", "syrk", "torch"),
     "colsum": ("int8", "torch"),
     "gemm": ("openblas", "torch"),
+    "xty": ("int8", "float"),
 }
-_UNITS = {"gram": "MAC/s", "colsum": "entries/s", "gemm": "FLOP/s"}
+_UNITS = {"gram": "MAC/s", "colsum": "entries/s", "gemm": "FLOP/s", "xty": "MAC/s"}
 # the cost models' constants: name -> default (seconds), used only when not measured
 CONSTANTS = {"sparse_s": 1.5e-10, "gather_s": 3e-9, "matvec_s": 1e-9}
 ENV = "DATAMODELS_KERNELS"
-PROBE_VERSION = 3  # part of the cache key: rates measured by another probe are measured again
+PROBE_VERSION = 4  # part of the cache key: rates measured by another probe are measured again
 _TRIAL_S = 2.0  # a kernel whose small trial predicts more than this (seconds) at full size is not run at full size
 _LOST = 20.0  # nor one whose trial is this many times slower than the best one's
 
@@ -151,10 +157,54 @@ def gemm_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+_XTY_COLS = 256  # targets per int8 product of xty_int8 (its int32 result: 3 x 256 x p)
+DIGITS_MAX = 127 * (1 + 256 + 65536)  # the largest |q| whose three signed base-256 digits lie in [-128, 127]
+_OFFSET = 128 * (1 + 256 + 65536)  # q + _OFFSET: the same digits, each plus 128, as unsigned bytes
+
+
+def xty_int8(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``out += x'y`` (``out`` [p, T] float64) for 0/1 masks ``x`` [b, p] and finite targets ``y`` [b, T].
+
+    Each column of ``y`` is rounded to a multiple of ``max|y_t| / DIGITS_MAX`` (23 bits and a sign:
+    the resolution of float32 at the column's largest value) and written as three signed base-256
+    digits; their int8 products with the masks are exact int32 sums (``b`` up to 2^24 rows), put
+    together in float64. Raises :class:`Unavailable`, with ``out`` untouched, where torch refuses
+    the product."""
+    if sys.byteorder != "little":  # the digits are read as the low bytes of int32 values
+        raise Unavailable("int8 digits of the targets: a little-endian CPU only")
+    if x.shape[0] == 0:
+        return
+    xt = (x.view(torch.int8) if x.dtype in (torch.bool, torch.uint8) else x.to(torch.int8)).T
+    y = y.to(torch.float64)
+    for c0 in range(0, y.shape[1], _XTY_COLS):
+        yc = y[:, c0 : c0 + _XTY_COLS]
+        w = yc.shape[1]
+        top = yc.abs().amax(0)
+        step = torch.where(top > 0, top / DIGITS_MAX, torch.ones_like(top))
+        # q + OFFSET in [0, 2^24): its three low bytes are the digits plus 128 (a byte's top bit flipped)
+        u = torch.round(yc / step).add_(_OFFSET).to(torch.int32)
+        digits = (u.view(torch.uint8).view(-1, w, 4)[:, :, :3] ^ 0x80).view(torch.int8).reshape(-1, 3 * w)
+        try:
+            counts = torch._int_mm(xt, digits).view(-1, w, 3)  # [p, w, 3] int32: target j's digit k
+        except (AttributeError, RuntimeError, NotImplementedError) as exc:
+            if c0 == 0:
+                raise Unavailable(f"torch._int_mm: {exc}") from exc
+            raise
+        total = counts[:, :, 0].to(torch.float64)
+        total.add_(counts[:, :, 1], alpha=256).add_(counts[:, :, 2], alpha=65536)
+        out[:, c0 : c0 + w].addcmul_(total, step[None, :])
+
+
+def xty_float(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gemm: Callable = gemm_torch) -> None:
+    """``out += x'y`` (``out`` [p, T] float64) as one float32 product by ``gemm``."""
+    out += gemm(x.to(torch.float32).T, y.to(torch.float32))
+
+
 IMPLS: dict[str, dict[str, Callable]] = {
     "gram": {"int8": gram_int8, "syrk": gram_syrk, "torch": gram_torch},
     "colsum": {"int8": colsum_int8, "torch": colsum_torch},
     "gemm": {"openblas": gemm_openblas, "torch": gemm_torch},
+    "xty": {"int8": xty_int8, "float": xty_float},
 }
 
 
@@ -233,6 +283,18 @@ def probe(ops: tuple[str, ...] = tuple(OPS)) -> dict[str, float]:
             return lambda full: ((lambda: fn(a, b)), 2.0 * 512 * 512 * 1024) if full else \
                 ((lambda: fn(a1, b1)), 2.0 * 128 * 128 * 256)
         rates.update({f"gemm.{n}": r for n, r in _measure({n: gemm(fn) for n, fn in IMPLS["gemm"].items()}).items()})
+    if "xty" in ops:  # full: 4096 rows (a read batch) of 2048 features and 128 targets
+        xm, ym = _masks(4096, 2048, 4), torch.randn(4096, 128, generator=torch.Generator().manual_seed(5))
+        xs, ys = xm[:256, :512].contiguous(), ym[:256, :32].contiguous()
+        out, outs = torch.zeros(2048, 128, dtype=torch.float64), torch.zeros(512, 32, dtype=torch.float64)
+        gemms = {n: rates.get(f"gemm.{n}", 0.0) for n in IMPLS["gemm"]}
+        best_gemm = IMPLS["gemm"][max(gemms, key=gemms.get)] if any(gemms.values()) else gemm_torch
+
+        def xty(name, fn):
+            run = (lambda o, a, b: fn(o, a, b, best_gemm)) if name == "float" else fn
+            return lambda full: ((lambda: run(out, xm, ym)), 4096.0 * 2048 * 128) if full else \
+                ((lambda: run(outs, xs, ys)), 256.0 * 512 * 32)
+        rates.update({f"xty.{n}": r for n, r in _measure({n: xty(n, fn) for n, fn in IMPLS["xty"].items()}).items()})
     rates.update(_constants())
     return rates
 

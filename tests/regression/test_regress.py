@@ -414,20 +414,21 @@ def test_two_fits_that_differ_get_different_names():
     assert names[0].startswith(f"saga-k{K}-n30-") and names[1].startswith(f"saga-k{K}-n20-")
 
 
-def test_statistics_batches_of_byte_masks_are_larger_than_the_solver_reads():
+def test_read_batches_of_byte_masks_are_larger_than_float_ones():
     # the Gram's counts are added to all p²/2 entries once per batch: 0/1 masks (multiplied as bytes)
-    # are read in batches of up to 8192 rows within 256 MB of bytes; float masks and saga as before
+    # are read in batches of up to 8192 rows within 256 MB of bytes; float masks within 256 MB of
+    # float32; saga its minibatch
     from types import SimpleNamespace
 
     import numpy as np
 
-    from datamodels_ml.regression.regress import read_rows, stats_rows
+    from datamodels_ml.regression.regress import read_rows
 
     fista, saga = SimpleNamespace(method="fista", batch_size=200), SimpleNamespace(method="saga", batch_size=200)
     masks = lambda p, dtype: SimpleNamespace(n_features=p, x_dtype=np.dtype(dtype))  # noqa: E731
-    assert read_rows(fista, 50_000) == 1342
-    assert stats_rows(fista, masks(50_000, bool)) == 5368
-    assert stats_rows(fista, masks(50_000, np.uint8)) == 5368
-    assert stats_rows(fista, masks(1000, bool)) == 8192
-    assert stats_rows(fista, masks(50_000, np.float32)) == 1342
-    assert stats_rows(saga, masks(50_000, bool)) == 200
+    assert read_rows(fista, masks(50_000, bool)) == 5368
+    assert read_rows(fista, masks(50_000, np.uint8)) == 5368
+    assert read_rows(fista, masks(1000, bool)) == 8192
+    assert read_rows(fista, masks(50_000, np.float32)) == 1342
+    assert read_rows(fista, masks(1000, np.float32)) == 4096
+    assert read_rows(saga, masks(50_000, bool)) == 200

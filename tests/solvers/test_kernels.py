@@ -77,6 +77,125 @@ def test_each_kernel_forced_gives_the_same_path(fresh, monkeypatch):
     torch.testing.assert_close(other.weight, ref.weight, rtol=0, atol=1e-8)
 
 
+def _targets(seed=6, n=900, p=300, T=5):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, p, generator=g) < 0.5
+    w = torch.zeros(p, T)
+    w[:6] = torch.randn(6, T, generator=g)
+    Y = X.float() @ w + 0.5 * torch.randn(n, T, generator=g) + 40.0  # far from 0: the shift matters
+    Y[:, 3] *= 1e4  # another scale per column
+    return X, Y
+
+
+def test_each_xty_kernel_forced_gives_the_same_target_statistics_and_path(fresh, monkeypatch):
+    from datamodels_ml.solvers.stats import target_stats
+
+    X, Y = _targets()
+    kernels.active()  # probed before the spy
+    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    calls = []
+    for name, fn in kernels.IMPLS["xty"].items():
+        impls["xty"][name] = lambda *args, name=name, fn=fn: calls.append(name) or fn(*args)
+    monkeypatch.setattr(kernels, "IMPLS", impls)
+    got = {}
+    for name in kernels.OPS["xty"]:
+        monkeypatch.setenv(kernels.ENV, f"xty={name}")
+        ts = target_stats(TensorBatches(X[:700], Y[:700], batch_size=256), dtype=torch.float32)
+        assert calls == ["int8"] * 3 if name == "int8" else calls == [], (name, calls)  # 3 batches
+        calls.clear()
+        got[name] = ts
+        # both round like float32 data: within 1e-7 of each column's sums of |y|
+        scale = X[:700].double().T @ Y[:700].double().abs()
+        assert float(((ts.sxy - X[:700].double().T @ Y[:700].double()) / scale).abs().max()) < 1e-7, name
+        assert torch.equal(ts.sx, got["int8"].sx) and torch.equal(ts.sy, got["int8"].sy)
+    paths = {}
+    for name in kernels.OPS["xty"]:
+        monkeypatch.setenv(kernels.ENV, f"xty={name}")
+        paths[name] = lasso_path((X[:700], Y[:700]), (X[700:], Y[700:]), k=12, eps=1e-2, dtype=torch.float32)
+    a, b = paths["int8"], paths["float"]
+    assert torch.equal(a.weight != 0, b.weight != 0)  # the same supports at every λ
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-4 * float(a.weight.abs().max()))
+    torch.testing.assert_close(a.val_mse, b.val_mse, rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_a_float64_solve_never_rounds_its_targets_to_int8_digits(fresh, monkeypatch):
+    from datamodels_ml.solvers.stats import target_stats
+
+    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+
+    def refused(*args):
+        raise AssertionError("int8 digits in a float64 solve")
+
+    impls["xty"]["int8"] = refused
+    monkeypatch.setenv(kernels.ENV, "xty=int8")
+    assert kernels.pick("xty") == "int8"  # probed before the replacement
+    monkeypatch.setattr(kernels, "IMPLS", impls)
+    X, Y = _targets()
+    ts = target_stats(TensorBatches(X, Y, batch_size=256), dtype=torch.float64)
+    torch.testing.assert_close(ts.sxy, X.double().T @ Y.double(), rtol=1e-12, atol=1e-9)
+
+
+def test_xty_without_int8_products_falls_back_to_the_float_product(fresh, monkeypatch):
+    from datamodels_ml.solvers.stats import target_stats
+
+    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+
+    def missing(out, x, y):
+        raise kernels.Unavailable("torch._int_mm: not in this build")
+
+    impls["xty"]["int8"] = missing
+    monkeypatch.setattr(kernels, "IMPLS", impls)
+    monkeypatch.setenv(kernels.ENV, "xty=int8")
+    assert kernels.pick("xty") == "int8"
+    X, Y = _targets()
+    ts = target_stats(TensorBatches(X, Y, batch_size=256), dtype=torch.float32)
+    scale = X.double().T @ Y.double().abs()
+    assert float(((ts.sxy - X.double().T @ Y.double()) / scale).abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_float_xty_converts_a_large_batch_of_bytes_by_row_chunks(fresh, monkeypatch, dtype):
+    # a read batch of 0/1 bytes may be larger than its float copy may be: at most FLOAT_BYTES at once
+    from datamodels_ml.solvers import stats
+
+    X, Y = _targets()
+    itemsize = 4 if dtype == torch.float32 else 8
+    monkeypatch.setattr(stats, "FLOAT_BYTES", 100 * X.shape[1] * itemsize)  # 100 rows
+    shapes = []
+    monkeypatch.setattr(stats, "mm", lambda a, b: shapes.append(tuple(a.shape)) or a @ b)
+    monkeypatch.setenv(kernels.ENV, "xty=float")
+    ts = stats.target_stats(TensorBatches(X, Y, batch_size=450), dtype=dtype)
+    assert shapes == [(X.shape[1], 100)] * 4 + [(X.shape[1], 50)] + [(X.shape[1], 100)] * 4 + [(X.shape[1], 50)]
+    scale = X.double().T @ Y.double().abs()
+    assert float(((ts.sxy - X.double().T @ Y.double()) / scale).abs().max()) < (1e-7 if itemsize == 4 else 1e-14)
+
+
+def test_int8_digits_of_a_constant_or_zero_or_single_spike_target(fresh):
+    g = torch.Generator().manual_seed(7)
+    X = torch.rand(300, 40, generator=g) < 0.5
+    Y = torch.zeros(300, 4, dtype=torch.float64)
+    Y[:, 1] = 2.5  # constant
+    Y[17, 2] = -3e7  # one value, the largest negative digit pattern
+    Y[:, 3] = torch.randn(300, generator=g, dtype=torch.float64)
+    out = torch.zeros(40, 4, dtype=torch.float64)
+    kernels.xty_int8(out, X, Y)
+    exact = X.double().T @ Y
+    assert torch.equal(out[:, :3], exact[:, :3])  # each a multiple of its column's step: exact
+    assert float((out[:, 3] - exact[:, 3]).abs().max()) < 300 * 0.5 * float(Y[:, 3].abs().max()) / kernels.DIGITS_MAX
+    kernels.xty_int8(out, X[:0], Y[:0])  # no rows: nothing added
+    assert torch.equal(out[:, :3], exact[:, :3])
+
+
+@pytest.mark.parametrize("slow, expect", [("int8", "float"), ("float", "int8")])
+def test_the_probe_picks_the_faster_xty_kernel(fresh, monkeypatch, slow, expect):
+    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    fn = impls["xty"][slow]
+    impls["xty"][slow] = lambda *args: time.sleep(0.05) or fn(*args)
+    monkeypatch.setattr(kernels, "IMPLS", impls)
+    k = kernels.choose(kernels.probe(("xty",)))
+    assert k.picks["xty"] == expect and k.rates[f"xty.{slow}"] < k.rates[f"xty.{expect}"]
+
+
 def _slowed(fn, seconds):
     def slow(*args):
         time.sleep(seconds)
@@ -159,12 +278,13 @@ def test_an_unwritable_cache_costs_a_probe_not_an_error(fresh, monkeypatch, tmp_
 
 def test_the_line_names_every_op_with_its_rate(fresh):
     rates = {"gram.int8": 2e8, "gram.syrk": 9e10, "gram.torch": 5e10, "colsum.int8": 1e10, "colsum.torch": 3e8,
-             "gemm.openblas": 2e11, "gemm.torch": 1.9e11}
+             "gemm.openblas": 2e11, "gemm.torch": 1.9e11, "xty.int8": 7e10, "xty.float": 4e10}
     k = kernels.choose(rates, source="cached")
-    assert k.picks == {"gram": "syrk", "colsum": "int8", "gemm": "openblas"}
+    assert k.picks == {"gram": "syrk", "colsum": "int8", "gemm": "openblas", "xty": "int8"}
     line = k.describe()
     assert line.startswith("kernels (cached, ")
     assert "gram=syrk 9e+10 MAC/s (int8 2e+08, torch 5e+10)" in line
+    assert line.endswith("; xty=int8 7e+10 MAC/s (float 4e+10)")
     assert k.params()["kernel.gram.rate"] == "9e+10"
     assert k.constant("gather_s") == kernels.CONSTANTS["gather_s"]  # unmeasured: the default
 
