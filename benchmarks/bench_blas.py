@@ -2,7 +2,8 @@
 
 Times, in this process, every kernel of the Gram of binary masks accumulated in place
 (``solvers/kernels.py``: int8 counts, OpenBLAS ``syrk``, torch's blocked ``addmm_``) and of the
-product ``G @ W`` of the Gram with a block of targets (OpenBLAS via numpy, torch), and says
+product ``G @ W`` of the Gram with a block of targets (OpenBLAS via numpy, torch) and of ``X'Y``
+of the masks with a block of float targets (int8 digits, a float32 product by the picked gemm), and says
 whether the short probe (cached per machine) picked the kernel that is fastest at this size.
 Prints seconds, rates and ratios; asserts nothing. A kernel slower than 20x the best at a small
 size is not timed at full size (an int8 product on an AVX2-only CPU would take minutes).
@@ -52,12 +53,18 @@ def main() -> None:
     G = torch.zeros(a.p, a.p)
     print(f"n={a.n}, p={a.p}, targets={a.t}; best of {a.reps}")
 
-    work = {"gram": a.n * a.p * a.p / 2.0, "gemm": 2.0 * a.p * a.p * a.t}
-    units = {"gram": "MAC/s", "gemm": "FLOP/s"}
-    calls = {"gram": lambda fn: (G.zero_(), fn(G, x)), "gemm": lambda fn: fn(G, W)}
-    small = {"gram": lambda fn: fn(torch.zeros(512, 512), x[:256, :512]), "gemm": lambda fn: fn(G[:256, :256], W[:256])}
-    small_work = {"gram": 256 * 512 * 512 / 2.0, "gemm": 2.0 * 256 * 256 * a.t}
-    for op in ("gram", "gemm"):
+    Y = torch.randn(a.n, a.t, generator=g, dtype=torch.float64)
+    out = torch.zeros(a.p, a.t, dtype=torch.float64)
+    gemm = kernels.IMPLS["gemm"][k.picks["gemm"]]
+    xty = lambda fn, o, xs, ys: fn(o, xs, ys, gemm) if fn is kernels.IMPLS["xty"]["float"] else fn(o, xs, ys)  # noqa: E731
+
+    work = {"gram": a.n * a.p * a.p / 2.0, "gemm": 2.0 * a.p * a.p * a.t, "xty": 1.0 * a.n * a.p * a.t}
+    units = {"gram": "MAC/s", "gemm": "FLOP/s", "xty": "MAC/s"}
+    calls = {"gram": lambda fn: (G.zero_(), fn(G, x)), "gemm": lambda fn: fn(G, W), "xty": lambda fn: xty(fn, out, x, Y)}
+    small = {"gram": lambda fn: fn(torch.zeros(512, 512), x[:256, :512]), "gemm": lambda fn: fn(G[:256, :256], W[:256]),
+             "xty": lambda fn: xty(fn, out[:512, :32], x[:256, :512], Y[:256, :32])}
+    small_work = {"gram": 256 * 512 * 512 / 2.0, "gemm": 2.0 * 256 * 256 * a.t, "xty": 256 * 512 * 32.0}
+    for op in ("gram", "gemm", "xty"):
         est = {n: small_work[op] / best(lambda: small[op](fn), 2) for n, fn in kernels.IMPLS[op].items()}
         rates = {}
         for name, fn in kernels.IMPLS[op].items():
