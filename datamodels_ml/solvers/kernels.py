@@ -182,7 +182,7 @@ def xty_int8(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         top = yc.abs().amax(0)
         step = torch.where(top > 0, top / DIGITS_MAX, torch.ones_like(top))
         # q + OFFSET in [0, 2^24): its three low bytes are the digits plus 128 (a byte's top bit flipped)
-        u = torch.round(yc / step).add_(_OFFSET).to(torch.int32)
+        u = torch.round(yc / step).clamp_(-DIGITS_MAX, DIGITS_MAX).add_(_OFFSET).to(torch.int32)  # clamp: subnormal steps
         digits = (u.view(torch.uint8).view(-1, w, 4)[:, :, :3] ^ 0x80).view(torch.int8).reshape(-1, 3 * w)
         try:
             counts = torch._int_mm(xt, digits).view(-1, w, 3)  # [p, w, 3] int32: target j's digit k
