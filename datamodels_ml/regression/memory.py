@@ -93,18 +93,17 @@ def device_available(device: str) -> int | None:
     return int(free)
 
 
-FLOAT_CHUNK_BYTES = 2**28  # the most of a read batch of 0/1 masks held as floats (solvers.stats.FLOAT_BYTES)
-
-
 def estimate(*, n_features: int, n_train: int, n_val: int, batch_size: int, method: str,
              itemsize: int, binary: bool = False) -> tuple[int, int]:
     """``(fixed bytes per device, bytes per target)`` of the solver for one target block.
-    ``binary``: 0/1 masks, read as bytes, whose products convert at most ``FLOAT_CHUNK_BYTES`` of a
-    batch to floats (or, as int8 products, take a transposed copy of it)."""
+    ``binary``: 0/1 masks, read as bytes, whose products convert at most ``solvers.stats.FLOAT_BYTES``
+    of a batch to floats (or, as int8 products, take a transposed copy of it)."""
     p = n_features
     batch = min(batch_size, n_train + n_val)
     if binary and method != "saga":  # the batch as read, a transposed copy, a float chunk (float64 refit)
-        read = 2 * batch * p + min(batch * p * 8, FLOAT_CHUNK_BYTES)
+        from datamodels_ml.solvers.stats import FLOAT_BYTES
+
+        read = 2 * batch * p + min(batch * p * 8, FLOAT_BYTES)
     else:
         read = batch * p * (1 + itemsize)  # a batch of masks as read (bool) and as floats
     if method == "saga":

@@ -143,6 +143,22 @@ def test_block_size_follows_the_memory(room, block, n_blocks):
     assert gpu.fixed_bytes == 5_100_000
 
 
+def test_a_batch_of_byte_masks_counts_as_bytes_a_transposed_copy_and_a_float_chunk(monkeypatch):
+    # 0/1 masks read as bytes: the batch (b p), a transposed copy for the int8 products (b p), and at
+    # most FLOAT_BYTES of it as floats (float64 for the refit), not the whole batch as floats
+    from datamodels_ml.regression.memory import estimate
+    from datamodels_ml.solvers import stats
+
+    kw = dict(n_features=50_000, n_train=90_000, n_val=10_000, batch_size=5368, method="fista", itemsize=4)
+    val_masks = 2 * 10_000 * 50_000
+    gram = int(4.5 * 50_000**2)
+    assert estimate(**kw, binary=True)[0] == gram + 2 * 5368 * 50_000 + 2**28 + val_masks
+    assert estimate(**kw)[0] == gram + 5368 * 50_000 * 5 + val_masks  # float masks: the batch as floats
+    monkeypatch.setattr(stats, "FLOAT_BYTES", 10**6)
+    assert estimate(**kw, binary=True)[0] == gram + 2 * 5368 * 50_000 + 10**6 + val_masks
+    assert estimate(**{**kw, "batch_size": 2}, binary=True)[0] == gram + 2 * 2 * 50_000 + 8 * 2 * 50_000 + val_masks
+
+
 def test_remaining_fills_the_gaps_between_saved_blocks():
     assert remaining(0, 20, 7, []) == ([], [(0, 7), (7, 14), (14, 20)])
     assert remaining(0, 20, 7, [(0, 7)]) == ([(0, 7)], [(7, 14), (14, 20)])
