@@ -16,6 +16,8 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
+from datamodels_ml.procfs import kb_field
+
 __all__ = ["PageRelease", "release", "resident_file_bytes"]
 
 EVERY = 2**28  # bytes read between releases (256 MB)
@@ -66,11 +68,4 @@ class PageRelease:
 def resident_file_bytes() -> int | None:
     """Bytes of file-backed pages resident in this process (``RssFile`` of ``/proc/self/status``;
     None where the system does not say): what :func:`release` gives back."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return kb_field("/proc/self/status", "RssFile")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -17,8 +18,18 @@ MAINS = ROOT / "tests" / "mains"  # training scripts the tests run (written for 
 FIXTURES = ROOT / "tests" / "fixtures"
 
 # the measured kernel rates of this session's tests (and of the CLI processes they start) in a
-# folder of their own, not in the user's cache
-os.environ.setdefault("DATAMODELS_CACHE_DIR", tempfile.mkdtemp(prefix="datamodels-cache-"))
+# folder of their own, not in the user's cache; removed when the session ends, with the MLflow
+# template below (a test run leaves no folders in the system's temporary directory)
+_SESSION_DIRS: list[Path] = []
+if "DATAMODELS_CACHE_DIR" not in os.environ:
+    os.environ["DATAMODELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="datamodels-cache-")
+    _SESSION_DIRS.append(Path(os.environ["DATAMODELS_CACHE_DIR"]))
+
+
+@atexit.register
+def _remove_session_dirs() -> None:
+    for folder in _SESSION_DIRS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _TEMPLATE_DB: Path | None = None
@@ -36,6 +47,7 @@ def _template_db() -> Path:
         from mlflow.tracking import MlflowClient
 
         folder = Path(tempfile.mkdtemp(prefix="datamodels-mlflow-template-"))
+        _SESSION_DIRS.append(folder)
         MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
         # an engine in WAL mode may hold the last migration in mlflow.db-wal: fold it into the file
         import sqlite3

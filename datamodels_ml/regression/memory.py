@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from datamodels_ml.errors import UserError
+from datamodels_ml.procfs import kb_field
 from datamodels_ml.store.layout import human_bytes as fmt_bytes  # one byte format for every message
 
 USABLE = 0.8  # fraction of the available memory a plan may use
@@ -73,14 +74,7 @@ def cpu_available() -> int | None:
         return int(psutil.virtual_memory().available)
     except ImportError:
         pass
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return kb_field("/proc/meminfo", "MemAvailable")
 
 
 def device_available(device: str) -> int | None:
