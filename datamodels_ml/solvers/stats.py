@@ -50,6 +50,7 @@ __all__ = ["FeatureStats", "TargetStats", "feature_stats", "target_stats", "mome
 
 _BLOCK = 1024  # columns per block of the upper-triangular Gram accumulation
 _CHUNK = 256  # rows per chunk of the in-place standardization / per Zv chunk
+_TILE = 2048  # columns per tile of the in-place standardization (256 x 2048 float64: 4 MB; >= _CHUNK)
 _F16_ROWS = 2048  # float16 holds every integer up to 2048 exactly
 
 
@@ -272,22 +273,29 @@ def _column_sums(xb: Tensor) -> Tensor:
 
 def _mirror_and_standardize(G: Tensor, n: int, mean: Tensor, inv: Tensor) -> None:
     """``G = D^-1 (G / n - m m') D^-1`` in place from the counts in ``G``'s upper triangle, which
-    is also copied to the lower one: row chunk by row chunk, each chunk's upper part
-    ``G[r0:r1, r0:]`` in float64 as ``G ⊙ (d d' / n) - a a'`` (``d = 1/std``, ``a = m ⊙ d``), then
-    its lower part as the transpose of the (already standardized) chunks above it."""
+    is also copied to the lower one: tile by tile of the upper triangle (``_CHUNK`` rows by
+    ``_TILE`` columns, a few MB: every step runs in the caches), each in float64 as
+    ``G ⊙ (d d' / n) - a a'`` (``d = 1/std``, ``a = m ⊙ d``) and written back with its transpose
+    below the diagonal. (Copying the transpose of whole row chunks read the upper triangle a column
+    at a time, one cache line per entry: 11 s of a 50k-feature Gram; 2-4x faster by tiles.)"""
     p = G.shape[0]
     d = inv.to(torch.float64)
     a = mean.to(torch.float64) * d
     for r0 in range(0, p, _CHUNK):
         r1 = min(p, r0 + _CHUNK)
-        blk = G[r0:r1, r0:].to(torch.float64)
-        blk.mul_(d[None, r0:]).mul_((d[r0:r1] / n)[:, None])
-        blk.addr_(a[r0:r1], a[r0:], alpha=-1.0)
-        sq = blk[:, : r1 - r0]  # the diagonal block: only its upper triangle is certain (syrk)
-        sq.copy_(torch.triu(sq) + torch.triu(sq, 1).T)
-        G[r0:r1, r0:] = blk.to(G.dtype)
-        if r0 > 0:
-            G[r0:r1, :r0] = G[:r0, r0:r1].T
+        dr = (d[r0:r1] / n)[:, None]
+        for c0 in range(r0, p, _TILE):
+            c1 = min(p, c0 + _TILE)
+            blk = G[r0:r1, c0:c1].to(torch.float64).mul_(d[None, c0:c1]).mul_(dr)
+            blk.addr_(a[r0:r1], a[c0:c1], alpha=-1.0)
+            if c0 == r0:  # the diagonal block: only its upper triangle is certain (syrk)
+                sq = blk[:, : r1 - r0]
+                sq.copy_(torch.triu(sq) + torch.triu(sq, 1).T)
+            out = blk.to(G.dtype)
+            G[r0:r1, c0:c1] = out
+            below = max(c0, r1)  # the tile's rows below the diagonal, as columns r0:r1
+            if below < c1:
+                G[below:c1, r0:r1] = out[:, below - c0:].T
 
 
 def _check_batch(xb: Tensor, p: int, name: str) -> None:

@@ -9,6 +9,7 @@ from sklearn.linear_model import Lasso
 
 from datamodels_ml.solvers.result import LassoPath
 from datamodels_ml.solvers.sources import TensorBatches
+from datamodels_ml.solvers import stats as stats_mod
 from datamodels_ml.solvers.stats import feature_stats
 from datamodels_ml.solvers.grid import lambda_grid, lambda_max
 from datamodels_ml.solvers.path import lasso_path
@@ -286,8 +287,12 @@ def test_bad_inputs_raise():
 # solvers package: statistics built in place, screening, shared statistics across target blocks
 @pytest.mark.parametrize("kind", ["bool", "uint8", "float"])
 @pytest.mark.parametrize("batch", [7, 64])
-def test_feature_stats_gram_is_the_standardized_gram(kind, batch):
-    # p > 1024 spans two column blocks of the upper-triangular accumulation
+@pytest.mark.parametrize("tile", [2048, 300])
+def test_feature_stats_gram_is_the_standardized_gram(monkeypatch, kind, batch, tile):
+    # p > 1024 spans two column blocks of the upper-triangular accumulation; the standardization
+    # goes by chunks of 256 rows and, with tile=300, by several column tiles per chunk, ragged at
+    # the end and not aligned with the chunks
+    monkeypatch.setattr(stats_mod, "_TILE", tile)
     g = torch.Generator().manual_seed(11)
     n, nv, p = 40, 9, 1030
     X = torch.rand(n + nv, p, generator=g) < 0.3
