@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from datamodels_ml.solvers.blas import mm_iter
-from datamodels_ml.solvers.supports import padded_support
+from datamodels_ml.solvers.supports import column_counts, padded_support
 
 __all__ = ["fista", "gram_product", "duality_gap", "support_newton", "TOL", "STALL"]
 
@@ -207,7 +207,7 @@ def support_newton(G, x: Tensor, c: Tensor, lam: Tensor, nulldev: Tensor, out: T
     ``[B, q, q]`` sub-Grams, the one of each column (default: column ``t``'s is ``G[t]``)."""
     if callable(G) and not isinstance(G, Tensor):
         return None, x, x
-    a = (x != 0).sum(0)
+    a = column_counts(x != 0)
     sel = (a > 0) & (a <= cap) & ~skip
     if not bool(sel.any()):
         return None, x, x

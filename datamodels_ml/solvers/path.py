@@ -32,6 +32,7 @@ from datamodels_ml.solvers.saga import Saga, saga_lr, val_mse
 from datamodels_ml.solvers.point import fista_point
 from datamodels_ml.solvers.screening import TrainGram
 from datamodels_ml.solvers.sources import BatchSource, as_source
+from datamodels_ml.solvers.supports import column_counts
 from datamodels_ml.solvers.validation import ValRows
 from datamodels_ml.solvers.stats import FeatureStats, feature_stats, moments, target_stats
 
@@ -334,7 +335,7 @@ class _Run:
                 vm = val_mse(self.val, W, saga.b, self.mean64.to(dtype), self.std_int)[idx]
             val_mse_t[i, idx] = vm
             train_mse[i, idx] = tm
-            nnz[i, idx] = (Wi != 0).sum(0).to(torch.float64)
+            nnz[i, idx] = column_counts(Wi != 0).to(torch.float64)
             better = vm < best_mse[idx]
             best_mse[idx[better]] = vm[better]
             sel = better  # the targets whose selection criterion improved here

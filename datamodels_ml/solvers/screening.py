@@ -32,7 +32,7 @@ from datamodels_ml.solvers.blas import mm_rows
 from datamodels_ml.solvers.fista import fista
 from datamodels_ml.solvers.stats import FeatureStats
 from datamodels_ml.solvers.subgrams import gather, subgram_batch
-from datamodels_ml.solvers.supports import padded_support, size_groups
+from datamodels_ml.solvers.supports import column_counts, columns_any, padded_support, size_groups
 
 __all__ = ["GramOperator", "TrainGram", "RefitGram", "gradient", "solve_screened"]
 
@@ -248,7 +248,7 @@ def _solve_round(op, keep, c, lam, W, nulldev, var, tol, max_iter, on_iter, curv
     Wn = torch.zeros_like(W)
     if U.numel() == 0:
         return Wn, wGw, 0, None
-    plan = _plan(keep.sum(0, dtype=torch.int32).to(torch.float64), U.numel(), p)
+    plan = _plan(column_counts(keep).to(torch.float64), U.numel(), p)
     if plan[0] == "batched":
         most = 0
         for sl in plan[1]:
@@ -324,8 +324,8 @@ def solve_screened(
             break
         if todo is None:
             keep |= viol
-            todo = viol.any(0).nonzero().squeeze(1)  # the others already pass the check: not solved again
+            todo = columns_any(viol).nonzero().squeeze(1)  # the others already pass the check: not solved again
         else:
             keep[:, todo] |= viol
-            todo = todo[viol.any(0)]
+            todo = todo[columns_any(viol)]
     return W, wGw, grad, its

@@ -3,7 +3,11 @@ columns grouped by set size so that one large set does not pad all the others.
 
 Used wherever one small problem per target is solved as a batch: the per-target sub-Grams of
 screening, the exact finish on the support (``fista.support_newton``) and the least squares of
-the relaxed lasso (``relax.support_ls``).
+the relaxed lasso (``relax.support_ls``). The sets' sizes and emptiness (:func:`column_counts`,
+:func:`columns_any`) are reductions over the features, down the columns of a ``[p, T]`` mask:
+torch reduces a bool tensor along its first dimension 6-8x slower than along its last (p = 50k,
+1469 targets: ``sum(0)`` 133-237 ms, ``any(0)`` 121 ms), so they go by the ``colsum`` kernel
+picked by measured rate (an int8 product with ones: 20 ms there) and by a byte maximum (16 ms).
 """
 
 from __future__ import annotations
@@ -13,7 +17,26 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["padded_support", "size_groups"]
+from datamodels_ml.solvers import kernels
+
+__all__ = ["padded_support", "size_groups", "column_counts", "columns_any"]
+
+
+def column_counts(S: Tensor) -> Tensor:
+    """``[n]`` int64: the number of True entries in each column of the bool ``S`` [p, n]."""
+    if S.device.type == "cpu" and S.shape[0] and S.shape[1] and kernels.pick("colsum") == "int8":
+        try:
+            return kernels.IMPLS["colsum"]["int8"](S.contiguous()).to(torch.int64)
+        except (AttributeError, RuntimeError, NotImplementedError):  # this torch refuses the product
+            pass
+    return S.sum(0)
+
+
+def columns_any(S: Tensor) -> Tensor:
+    """``[n]`` bool: whether each column of the bool ``S`` [p, n] holds a True entry."""
+    if S.shape[0] == 0:
+        return torch.zeros(S.shape[1], dtype=torch.bool, device=S.device)
+    return S.contiguous().view(torch.uint8).amax(0).bool()
 
 
 def padded_support(S: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodels_ml.solvers.supports import padded_support, size_groups
+from datamodels_ml.solvers import kernels
+from datamodels_ml.solvers.supports import column_counts, columns_any, padded_support, size_groups
 
 
 @pytest.mark.parametrize("cap", [None, 3])
@@ -33,3 +34,24 @@ def test_size_groups_bound_the_spread_and_the_padded_copy():
         s = sizes[grp]
         assert float(s.max()) <= 1.5 * max(float(s.min()), 1.0)
         assert grp.numel() * float(s.max()) ** 2 <= 25_000 or grp.numel() == 1
+
+
+@pytest.mark.parametrize("colsum", ["int8", "torch"])
+def test_column_counts_and_emptiness_are_exact_with_each_colsum_kernel(monkeypatch, colsum):
+    monkeypatch.setattr(kernels, "_STATE", {"base": None, "env": None, "effective": None})
+    monkeypatch.setenv(kernels.ENV, f"colsum={colsum}")
+    assert kernels.pick("colsum") == colsum
+    calls = []
+    int8 = kernels.IMPLS["colsum"]["int8"]
+    monkeypatch.setitem(kernels.IMPLS["colsum"], "int8", lambda x: calls.append(1) or int8(x))
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(3001, 70, generator=g) < 0.2  # counts far past an int8 value
+    S[:, 4] = False  # an empty column
+    S[:, 9] = True  # a full one
+    view = S[::2, ::3]  # not contiguous: counted from a copy
+    for M in (S, view):
+        got = column_counts(M)
+        assert got.dtype == torch.int64 and torch.equal(got, M.sum(0))
+        assert torch.equal(columns_any(M), M.any(0))
+    assert (len(calls) > 0) == (colsum == "int8")
+    assert columns_any(S[:0]).tolist() == [False] * 70 and column_counts(S[:0]).tolist() == [0] * 70
