@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from datamodels_ml import heap
 from datamodels_ml.cpus import allotment, threads_during, threads_now
 from datamodels_ml.errors import UserError
 from datamodels_ml.kernel_cache import use_kernels
@@ -154,6 +155,8 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     in_call = c.refit_standardization if c.method == "fista" else "train"
     relax = c.relax and c.method == "fista"  # notes() says that saga does not relax
     start = time.perf_counter()
+    if p.device == "cpu" and c.method == "fista":  # freed blocks reused in this block (the plan counts them)
+        heap.keep_freed_blocks()
     # the path's many short parallel operations: fewer threads while other processes keep CPUs busy
     limit = threads_during(threads_now()) if p.device == "cpu" else nullcontext()
     try:
@@ -168,6 +171,7 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
                 refit = lasso_path(both, val, lambdas=path.lam[None], refit=False, **solver)
                 epochs += refit.epochs
     finally:
+        heap.release()
         bar.end_block(p.target_end - p.target_start)
     seconds = time.perf_counter() - start
     cpu = lambda t: t.detach().cpu()  # noqa: E731
@@ -203,6 +207,7 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     for fista; moments only for the streaming method, whose point is to never hold a p x p matrix).
     ``widen``: called between batches (the background start's move to every thread)."""
     from datamodels_ml.dataset.reader import BetonBatches
+    from datamodels_ml.solvers import kernels
     from datamodels_ml.solvers.stats import feature_stats
     from datamodels_ml.solvers.sources import Stepped
 
@@ -214,7 +219,8 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     if widen is not None:
         train, val = Stepped(train, widen), Stepped(val, widen)
     start = time.perf_counter()
-    stats = feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
+    with kernels.stepping(widen or (lambda: None)):  # also between the Gram's column blocks
+        stats = feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
     what = "the Gram and moments" if c.method == "fista" else "moments"
     print(f"regress: statistics of the masks ({what}, {p.info.n_features} features, {len(p.train_rows)} + "
           f"{len(p.val_rows)} rows) on {device}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

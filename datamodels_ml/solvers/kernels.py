@@ -20,6 +20,10 @@ this process's threads:
   ``blas.sparse_pays``), a sub-Gram gather's seconds per entry (``gather_s``) and a batched
   matrix-vector product's (``matvec_s``), for screening's plan.
 
+A long kernel calls :func:`between_blocks` between its column blocks: the hook its thread set with
+:func:`stepping` runs there (the regression's statistics pass moves to every thread within its
+first read batch, not after it, once MLflow's start no longer needs a core).
+
 A kernel can be forced (tests, users) with ``op=name`` pairs: the ``DATAMODELS_KERNELS`` variable
 (e.g. ``gram=syrk,gemm=torch``) or :func:`use`. Pure torch: timing only, no files; the command
 layer (``kernel_cache``) keeps the measured rates per machine and installs them with :func:`use`.
@@ -30,9 +34,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -98,6 +104,27 @@ def _fmt(rate: float | None) -> str:
 _BLOCK = 1024  # columns per upper-triangular block (as stats accumulates)
 
 
+_LOCAL = threading.local()  # .hook: this thread's step between the blocks of a long kernel
+
+
+@contextmanager
+def stepping(hook: Callable[[], None]) -> Iterator[None]:
+    """Run ``hook()`` between the column blocks of the long kernels this thread calls meanwhile."""
+    before = getattr(_LOCAL, "hook", None)
+    _LOCAL.hook = hook
+    try:
+        yield
+    finally:
+        _LOCAL.hook = before
+
+
+def between_blocks() -> None:
+    """Where a long kernel may pause: the hook this thread set with :func:`stepping`, if any."""
+    hook = getattr(_LOCAL, "hook", None)
+    if hook is not None:
+        hook()
+
+
 class Unavailable(RuntimeError):
     """This torch has no such kernel (raised before anything was written)."""
 
@@ -117,6 +144,7 @@ def gram_int8(G: torch.Tensor, x: torch.Tensor) -> None:
                 raise Unavailable(f"torch._int_mm: {exc}") from exc
             raise
         G[:j1, j0:j1] += counts
+        between_blocks()
 
 
 def gram_syrk(G: torch.Tensor, x: torch.Tensor) -> None:
@@ -134,6 +162,7 @@ def gram_torch(G: torch.Tensor, x: torch.Tensor) -> None:
     for j0 in range(0, p, _BLOCK):
         j1 = min(p, j0 + _BLOCK)
         G[:j1, j0:j1].addmm_(x[:, :j1].T, x[:, j0:j1])
+        between_blocks()
 
 
 def colsum_int8(x: torch.Tensor) -> torch.Tensor:

@@ -121,10 +121,14 @@ def test_too_large_is_refused_before_reading(tmp_path):
 
 
 @pytest.mark.parametrize("room, block, n_blocks", [(10**12, 100, 1), (1_882_400, 23, 5), (-10_000, 1, 100)])
-def test_block_size_follows_the_memory(room, block, n_blocks):
+def test_block_size_follows_the_memory(monkeypatch, room, block, n_blocks):
     # fixed: 4.5 * 1000^2 + batch 100 * 1000 * 5 + validation masks 2 * 50 * 1000 = 5.1 MB, plus the
     # process itself on the CPU (RUNTIME_BYTES); per target: 4 * (20 * 1000 + 3 * (100 + 50)) = 81.8 KB
+    # (the heap keeping no freed blocks: see the next test)
+    from datamodels_ml import heap
     from datamodels_ml.regression.memory import RUNTIME_BYTES
+
+    monkeypatch.setenv(heap.ENV, "system")
 
     fixed = 5_100_000 + RUNTIME_BYTES
     available = int((fixed + room) / 0.8) + 1
@@ -141,6 +145,19 @@ def test_block_size_follows_the_memory(room, block, n_blocks):
     assert (plan.target_block, plan.n_blocks) == (block, n_blocks)
     gpu = plan_memory(**{**kw, "devices": ["cuda:0"]}, available=available)  # a device's plan: no process in it
     assert gpu.fixed_bytes == 5_100_000
+
+
+def test_freed_blocks_kept_in_the_heap_count_per_target_on_the_cpu(monkeypatch):
+    from datamodels_ml import heap
+    from datamodels_ml.regression.memory import HEAP_COLUMNS
+
+    kw = dict(n_features=1000, n_targets=100, n_train=500, n_val=50, batch_size=100, dtype="float32",
+              available=10**12)
+    monkeypatch.setattr(heap, "available", lambda: True)
+    assert plan_memory(**kw, method="fista", devices=["cpu"]).per_target_bytes == 81_800 + HEAP_COLUMNS * 4 * 1000
+    assert plan_memory(**kw, method="fista", devices=["cuda:0"]).per_target_bytes == 81_800  # not a device's
+    monkeypatch.setattr(heap, "available", lambda: False)
+    assert plan_memory(**kw, method="fista", devices=["cpu"]).per_target_bytes == 81_800
 
 
 def test_a_batch_of_byte_masks_counts_as_bytes_a_transposed_copy_and_a_float_chunk(monkeypatch):

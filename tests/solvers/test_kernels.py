@@ -295,3 +295,21 @@ def test_measure_measures_again_whatever_the_cache_holds(fresh, monkeypatch, tmp
     assert kernel_cache.load().source == "cached"
     k = kernel_cache.load(forced="measure, gemm=torch")
     assert k.source == "measured" and k.picks["gemm"] == "torch" and k.forced == ("gemm",)
+
+
+@pytest.mark.parametrize("gram", ["int8", "torch"])
+def test_the_gram_kernels_step_between_their_column_blocks(fresh, gram):
+    # the regression's statistics pass widens to every thread there, inside its first read batch
+    X, _ = _masks(p=2 * kernels._BLOCK + 5)  # three column blocks
+    G = torch.zeros(X.shape[1], X.shape[1])
+    steps = []
+    with kernels.stepping(lambda: steps.append(1)):
+        try:
+            kernels.IMPLS["gram"][gram](G, X)
+        except kernels.Unavailable:
+            pytest.skip("this torch has no int8 product")
+    assert len(steps) == 3
+    kernels.IMPLS["gram"][gram](torch.zeros_like(G), X)  # outside: no hook
+    assert len(steps) == 3
+    Z = X.double()
+    torch.testing.assert_close(torch.triu(G).double(), torch.triu(Z.T @ Z))
