@@ -43,6 +43,7 @@ from torch import Tensor
 from datamodels_ml.solvers import kernels
 from datamodels_ml.solvers.blas import mm
 from datamodels_ml.solvers.sources import BatchSource
+from datamodels_ml.solvers.supports import column_counts
 
 FLOAT_BYTES = 2**28  # target_stats: the most of a 0/1 batch converted to floats at once (256 MB)
 
@@ -251,24 +252,12 @@ def _add_moments(sx: Tensor, sxx: Tensor, x: Tensor, binary: bool) -> None:
     """``sx += Σ x``, ``sxx += Σ x²`` over the rows of ``x`` [b, p], in float64 (for 0/1 masks
     ``x² = x``: one column sum)."""
     if binary:
-        s = _column_sums(x)
+        s = column_counts(x).to(torch.float64)
         sx += s
         sxx += s
     else:
         sx += x.sum(0, dtype=torch.float64)
         sxx += (x * x).sum(0, dtype=torch.float64)
-
-
-def _column_sums(xb: Tensor) -> Tensor:
-    """``[p]`` float64 column sums of the 0/1 masks ``xb`` [b, p]: on the CPU by the ``colsum``
-    kernel picked by measured rate (an int8 product with ones: 25x torch's reduction of a bool
-    tensor on an AVX-512 VNNI CPU; or that reduction)."""
-    if xb.device.type == "cpu" and xb.dtype in (torch.bool, torch.uint8) and kernels.pick("colsum") == "int8":
-        try:
-            return kernels.IMPLS["colsum"]["int8"](xb)
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
-    return xb.sum(0, dtype=torch.float64)
 
 
 def _mirror_and_standardize(G: Tensor, n: int, mean: Tensor, inv: Tensor) -> None:

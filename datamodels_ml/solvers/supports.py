@@ -23,13 +23,14 @@ __all__ = ["padded_support", "size_groups", "column_counts", "columns_any"]
 
 
 def column_counts(S: Tensor) -> Tensor:
-    """``[n]`` int64: the number of True entries in each column of the bool ``S`` [p, n]."""
+    """``[n]`` int64: the number of non-zero entries in each column of the 0/1 ``S`` [p, n] (bool,
+    bytes, or any dtype holding only 0 and 1)."""
     if S.device.type == "cpu" and S.shape[0] and S.shape[1] and kernels.pick("colsum") == "int8":
         try:
             return kernels.IMPLS["colsum"]["int8"](S.contiguous()).to(torch.int64)
         except (AttributeError, RuntimeError, NotImplementedError):  # this torch refuses the product
             pass
-    return S.sum(0)
+    return S.sum(0, dtype=torch.int64)
 
 
 def columns_any(S: Tensor) -> Tensor:
