@@ -55,7 +55,7 @@ class SolverConfig:
     force: bool = field(default=False, metadata={"help": "replace the outputs of an earlier regress in out_dir (only its own files)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     target_block: int = field(default=0, metadata={"help": "targets solved at a time (0: as many as the memory holds)"})
-    kernels: str = field(default="", metadata={"help": "force CPU kernels, e.g. gram=syrk,gemm=torch (gram: int8|syrk|torch, colsum: int8|torch, gemm: openblas|torch, xty: int8|float; empty: the fastest by rates measured on this machine, cached per machine; measure: measure them again now)"})
+    kernels: str = field(default="", metadata={"help": "force CPU kernels, e.g. gram=syrk,gemm=torch (gram: int8|syrk|torch, colsum: bytes|int8|torch, gemm: openblas|torch, xty: int8|float; empty: the fastest by rates measured on this machine, cached per machine; measure: measure them again now)"})
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _masks(seed=0, n=700, p=1100):
     return X, torch.randn(n, 3, generator=g)
 
 
-GRAM_KERNELS = [("int8", "int8"), ("syrk", "torch"), ("torch", "int8"), ("int8", "torch")]
+GRAM_KERNELS = [("int8", "int8"), ("syrk", "torch"), ("torch", "int8"), ("int8", "torch"), ("syrk", "bytes")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -65,7 +65,7 @@ def test_each_kernel_forced_gives_the_same_path(fresh, monkeypatch):
     w[:4] = torch.randn(4, 2, generator=g)
     Y = X.float() @ w + 0.3 * torch.randn(500, 2, generator=g)
     paths = {}
-    for forced in ("gram=int8,colsum=int8", "gram=syrk,colsum=torch", "gram=torch,colsum=int8"):
+    for forced in ("gram=int8,colsum=int8", "gram=syrk,colsum=torch", "gram=torch,colsum=int8", "gram=syrk,colsum=bytes"):
         monkeypatch.setenv(kernels.ENV, forced)
         paths[forced] = lasso_path((X[:400], Y[:400]), (X[400:], Y[400:]), k=15, eps=1e-3, dtype=torch.float64)
     ref = paths["gram=int8,colsum=int8"]
@@ -210,7 +210,8 @@ def test_the_probe_picks_another_kernel_than_a_slow_one(fresh, monkeypatch, slow
     if slow == "syrk":  # int8 and syrk beat torch's product anyway; make int8 win clearly
         impls["gram"]["torch"] = _slowed(impls["gram"]["torch"], 0.05)
         expect = {"int8"}
-    impls["colsum"]["int8"] = _slowed(impls["colsum"]["int8"], 0.05)
+    for name in ("bytes", "int8"):
+        impls["colsum"][name] = _slowed(impls["colsum"][name], 0.05)
     monkeypatch.setattr(kernels, "IMPLS", impls)
     k = kernels.choose(kernels.probe(("gram", "colsum")))
     assert k.picks["gram"] in expect
