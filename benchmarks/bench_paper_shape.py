@@ -130,7 +130,8 @@ def fill_store(store_dir: Path, n: int, p: int, T: int, cols: np.ndarray, w: np.
     masks, margins = store.array("masks"), store.array("margins")
     # y = Σ_j w_j (x_j - 1/2) / (1/2) + noise + 2: the standardized masks of Bernoulli(1/2)
     rows = np.repeat(np.arange(T), cols.shape[1])
-    W = torch.sparse_coo_tensor(np.stack([cols.ravel(), rows]), (2.0 * w).ravel(), (p, T)).to_sparse_csr().float()
+    W = torch.sparse_coo_tensor(np.stack([cols.ravel(), rows]), (2.0 * w).ravel(), (p, T),
+                                check_invariants=True).to_sparse_csr().float()
     offset = torch.from_numpy(2.0 - w.sum(1)).float()
     g = torch.Generator().manual_seed(seed)
     for r0 in range(0, n, chunk):
@@ -155,7 +156,7 @@ def oracle_and_ours(heldout: Path, train: Path, n_fit: int, results: Path, cols:
     weight, bias, mean, std = dm["weight"], dm["bias"], dm["mean"], dm["std"]
     te = Store(heldout, writable=False)
     xt, yt = np.asarray(te.array("masks")), np.asarray(te.array("margins"))
-    Z = (torch.from_numpy(xt).float() - mean) / std
+    Z = (torch.from_numpy(xt.astype(np.float32)) - mean) / std  # a new array: the store is read-only
     pred = Z @ weight[:, targets] + bias[targets]
     ours = float(((pred - torch.from_numpy(yt[:, targets])) ** 2).mean())
     tr = Store(train, writable=False)

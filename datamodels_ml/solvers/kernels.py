@@ -29,7 +29,8 @@ first read batch, not after it, once MLflow's start no longer needs a core).
 A kernel can be forced (tests, users) with ``op=name`` pairs: the ``DATAMODELS_KERNELS`` variable
 (e.g. ``gram=syrk,gemm=torch``) or :func:`use`. Pure torch: timing only, no files; the command
 layer (``kernel_cache``) keeps the measured rates per machine and installs them with :func:`use`.
-Without that, the first solver call in a process probes once (about 0.6 s).
+Without that, the first solver call in a process probes once (about 0.6 s on an
+AVX-512 CPU, 1-1.7 s on an AVX2-only one).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ CONSTANTS = {"sparse_s": 1.5e-10, "gather_s": 3e-9, "matvec_s": 1e-9}
 ENV = "DATAMODELS_KERNELS"
 PROBE_VERSION = 5  # part of the cache key: rates measured by another probe are measured again
 _TRIAL_S = 2.0  # a kernel whose small trial predicts more than this (seconds) at full size is not run at full size
+# (the trials are too small to rank BLAS calls: OpenBLAS syrk's trial runs at 1/6 of torch's)
+_CLOSE = 3.0  # after its first full-size call, a kernel this many times slower than the best is not timed again
+# (the int8 Gram of an AVX2-only CPU, 8e8 MAC/s: 1.3 s per full call, three calls were 3.9 s of a 4.9 s probe)
 _LOST = 20.0  # nor one whose trial is this many times slower than the best one's
 
 
@@ -273,7 +277,8 @@ def _best(run: Callable[[], object], reps: int) -> float:
 def _measure(makes: dict[str, Callable[[bool], tuple[Callable[[], object], float]]], reps: int = 2) -> dict[str, float]:
     """Work per second of each candidate: ``make(full)`` gives ``(run, work)``. A small trial of
     each first (run twice: the first call sets up, e.g. a JIT-compiled kernel); the candidates
-    within ``_LOST`` of the best trial are then timed at full size in ``reps`` interleaved rounds
+    within ``_LOST`` of the best trial are then run once at full size (timed, set-up included),
+    and those within ``_CLOSE`` of the best such call timed again in ``reps`` interleaved rounds
     (best of each), so that a passing disturbance hits one round, not one candidate. A candidate
     that raises rates 0 (this torch or this CPU has no such kernel)."""
     trials: dict[str, float] = {}
@@ -289,9 +294,10 @@ def _measure(makes: dict[str, Callable[[bool], tuple[Callable[[], object], float
     for name, make in makes.items():
         run, work = make(True)
         if trials[name] > 0 and trials[name] * _LOST >= best and work / trials[name] <= _TRIAL_S:
-            run()  # warm
             full[name] = (run, work)
-    measured = dict.fromkeys(full, 0.0)
+    measured = {name: work / _timed(run) for name, (run, work) in full.items()}  # the first call: a floor
+    top = max(measured.values(), default=0.0)
+    full = {name: rw for name, rw in full.items() if measured[name] * _CLOSE >= top}
     for _ in range(reps):
         for name, (run, work) in full.items():
             measured[name] = max(measured[name], work / _timed(run))

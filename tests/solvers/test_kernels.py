@@ -219,6 +219,24 @@ def test_the_probe_picks_another_kernel_than_a_slow_one(fresh, monkeypatch, slow
     assert k.rates[f"gram.{slow}"] < min(k.rates[f"gram.{n}"] for n in expect)
 
 
+def test_a_kernel_far_behind_at_full_size_is_not_timed_again():
+    """(an int8 Gram on an AVX2-only CPU: 1.3 s per full-size call, once instead of three times)"""
+    calls = {"fast": 0, "slow": 0}
+
+    def candidate(name, seconds):
+        def make(full):
+            def run():
+                if full:
+                    calls[name] += 1
+                    time.sleep(seconds)
+            return run, (1e6 if full else 1e3)  # the trials (no sleep) tie: both go to full size
+        return make
+
+    rates = kernels._measure({"fast": candidate("fast", 0.001), "slow": candidate("slow", 0.03)}, reps=2)
+    assert calls == {"fast": 3, "slow": 1}  # the first full call, then two rounds for the contender only
+    assert rates["fast"] > kernels._CLOSE * rates["slow"] > 0
+
+
 def test_a_kernel_this_torch_lacks_rates_zero_and_is_not_picked(fresh, monkeypatch):
     impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
 
