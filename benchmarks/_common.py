@@ -51,7 +51,7 @@ def full_gram_rates(k, rows: int = 4096, p: int = 4096) -> dict[str, float]:
 
         import torch
 
-        from datamodels_ml.solvers.kernels import IMPLS
+        from datamodels_ml.solvers.candidates import IMPLS
 
         x = torch.rand(rows, p, generator=torch.Generator().manual_seed(0)) < 0.5
         G = torch.zeros(p, p)

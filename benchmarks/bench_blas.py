@@ -1,7 +1,7 @@
 """The CPU kernels the solver chooses between, at full size, against what the probe picked.
 
 Times, in this process, every kernel of the Gram of binary masks accumulated in place
-(``solvers/kernels.py``: int8 counts, OpenBLAS ``syrk``, torch's blocked ``addmm_``) and of the
+(``solvers/candidates.py``: int8 counts, OpenBLAS ``syrk``, torch's blocked ``addmm_``) and of the
 product ``G @ W`` of the Gram with a block of targets (OpenBLAS via numpy, torch) and of ``X'Y``
 of the masks with a block of float targets (int8 digits, a float32 product by the picked gemm), and says
 whether the short probe (cached per machine) picked the kernel that is fastest at this size.
@@ -36,7 +36,7 @@ def best(fn, reps):
 def main() -> None:
     import torch
 
-    from datamodels_ml.solvers import blas, kernels
+    from datamodels_ml.solvers import blas, candidates, kernels
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8000)
@@ -55,8 +55,8 @@ def main() -> None:
 
     Y = torch.randn(a.n, a.t, generator=g, dtype=torch.float64)
     out = torch.zeros(a.p, a.t, dtype=torch.float64)
-    gemm = kernels.IMPLS["gemm"][k.picks["gemm"]]
-    xty = lambda fn, o, xs, ys: fn(o, xs, ys, gemm) if fn is kernels.IMPLS["xty"]["float"] else fn(o, xs, ys)  # noqa: E731
+    gemm = candidates.IMPLS["gemm"][k.picks["gemm"]]
+    xty = lambda fn, o, xs, ys: fn(o, xs, ys, gemm) if fn is candidates.IMPLS["xty"]["float"] else fn(o, xs, ys)  # noqa: E731
 
     work = {"gram": a.n * a.p * a.p / 2.0, "gemm": 2.0 * a.p * a.p * a.t, "xty": 1.0 * a.n * a.p * a.t}
     units = {"gram": "MAC/s", "gemm": "FLOP/s", "xty": "MAC/s"}
@@ -65,9 +65,9 @@ def main() -> None:
              "xty": lambda fn: xty(fn, out[:512, :32], x[:256, :512], Y[:256, :32])}
     small_work = {"gram": 256 * 512 * 512 / 2.0, "gemm": 2.0 * 256 * 256 * a.t, "xty": 256 * 512 * 32.0}
     for op in ("gram", "gemm", "xty"):
-        est = {n: small_work[op] / best(lambda: small[op](fn), 2) for n, fn in kernels.IMPLS[op].items()}
+        est = {n: small_work[op] / best(lambda: small[op](fn), 2) for n, fn in candidates.IMPLS[op].items()}
         rates = {}
-        for name, fn in kernels.IMPLS[op].items():
+        for name, fn in candidates.IMPLS[op].items():
             if est[name] * 20 < max(est.values()):
                 print(f"{op:5s} {name:9s} not timed at full size: {est[name]:.3g} {units[op]} at a small size, "
                       f"{max(est.values()) / est[name]:.0f}x below the best")

@@ -61,7 +61,7 @@ def machine_key() -> dict[str, Any]:
     import scipy
     import torch
 
-    from datamodels_ml.solvers.kernels import PROBE_VERSION
+    from datamodels_ml.solvers.probe import PROBE_VERSION
 
     return {"probe": PROBE_VERSION, "cpu": cpu_model(), "capability": capability(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": numpy.__version__,
@@ -104,6 +104,7 @@ def load(*, forced: str = "", refresh: bool = False):
     pairs (as ``DATAMODELS_KERNELS``) that win over the rates, and ``measure`` to measure again
     whatever the cache holds; a bad one is a UserError."""
     from datamodels_ml.solvers import kernels
+    from datamodels_ml.solvers.probe import probe
 
     parts = [t.strip() for t in forced.replace(";", ",").split(",")]
     refresh = refresh or "measure" in parts
@@ -120,7 +121,7 @@ def load(*, forced: str = "", refresh: bool = False):
     if isinstance(rates, dict) and all(isinstance(v, (int, float)) for v in rates.values()) and rates:
         source = "cached"
     else:
-        rates, source = kernels.probe(), "measured"
+        rates, source = probe(), "measured"
         doc = {k: v for k, v in doc.items() if isinstance(v, dict)}
         doc[name] = {"key": key, "rates": rates}
         _write(path, doc)

@@ -207,7 +207,7 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     for fista; moments only for the streaming method, whose point is to never hold a p x p matrix).
     ``widen``: called between batches (the background start's move to every thread)."""
     from datamodels_ml.dataset.reader import BetonBatches
-    from datamodels_ml.solvers import kernels
+    from datamodels_ml.solvers import candidates
     from datamodels_ml.solvers.stats import feature_stats
     from datamodels_ml.solvers.sources import Stepped
 
@@ -219,7 +219,7 @@ def _feature_stats(p: Plan, device: str, widen: Callable[[], None] | None = None
     if widen is not None:
         train, val = Stepped(train, widen), Stepped(val, widen)
     start = time.perf_counter()
-    with kernels.stepping(widen or (lambda: None)):  # also between the Gram's column blocks
+    with candidates.stepping(widen or (lambda: None)):  # also between the Gram's column blocks
         stats = feature_stats(train, val, device=device, dtype=p.dtype, gram=c.method == "fista")
     what = "the Gram and moments" if c.method == "fista" else "moments"
     print(f"regress: statistics of the masks ({what}, {p.info.n_features} features, {len(p.train_rows)} + "

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers import kernels
+from datamodels_ml.solvers import candidates, kernels
 from datamodels_ml.solvers.blas import mm
 from datamodels_ml.solvers.sources import BatchSource
 from datamodels_ml.solvers.supports import column_counts
@@ -218,15 +218,15 @@ def add_gram(G: Tensor, xb: Tensor, *, binary: bool | None = None) -> None:
     if binary and G.device.type == "cuda" and G.dtype == torch.float32:
         _accumulate_half(G, xb.to(torch.float16))
         return
-    kernels.IMPLS["gram"][_float_gram_kernel() if cpu else "torch"](G, xb)  # in G's dtype
+    candidates.IMPLS["gram"][_float_gram_kernel() if cpu else "torch"](G, xb)  # in G's dtype
 
 
 def _int8_counts(G: Tensor, xb: Tensor) -> bool:
     """``G += x'x`` for 0/1 masks ``xb`` [b, p] on the CPU with the ``int8`` kernel. Returns False
     (nothing done) where this torch refuses the product."""
     try:
-        kernels.IMPLS["gram"]["int8"](G, xb)
-    except kernels.Unavailable:
+        candidates.IMPLS["gram"]["int8"](G, xb)
+    except candidates.Unavailable:
         return False
     return True
 
@@ -239,9 +239,9 @@ def _add_binary_xty(sxy: Tensor, xb: Tensor, yc: Tensor, dtype: torch.dtype) -> 
     if (dtype != torch.float64 and xb.device.type == "cpu" and kernels.pick("xty") == "int8"
             and bool(torch.isfinite(yc).all())):
         try:
-            kernels.IMPLS["xty"]["int8"](sxy, xb, yc)
+            candidates.IMPLS["xty"]["int8"](sxy, xb, yc)
             return
-        except kernels.Unavailable:
+        except candidates.Unavailable:
             pass
     rows = max(1, FLOAT_BYTES // max(1, xb.shape[1] * torch.finfo(dtype).bits // 8))
     for r0 in range(0, xb.shape[0], rows):  # at most FLOAT_BYTES of the batch as floats at a time

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from datamodels_ml.solvers import kernels
+from datamodels_ml.solvers import candidates, kernels
 
 __all__ = ["padded_support", "size_groups", "column_counts", "columns_any"]
 
@@ -29,7 +29,7 @@ def column_counts(S: Tensor) -> Tensor:
     name = kernels.pick("colsum")
     if S.device.type == "cpu" and S.shape[0] and S.shape[1]:  # the kernel the probe timed, whichever it is
         try:
-            return kernels.IMPLS["colsum"][name](S.contiguous()).to(torch.int64)
+            return candidates.IMPLS["colsum"][name](S.contiguous()).to(torch.int64)
         except (AttributeError, RuntimeError, NotImplementedError):  # this torch refuses the product
             pass
     return S.sum(0, dtype=torch.int64)

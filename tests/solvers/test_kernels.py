@@ -13,7 +13,7 @@ from datamodels_ml import kernel_cache
 from datamodels_ml.errors import UserError
 from datamodels_ml.solvers.sources import TensorBatches
 from datamodels_ml.solvers.stats import feature_stats
-from datamodels_ml.solvers import kernels
+from datamodels_ml.solvers import candidates, kernels, probe
 from datamodels_ml.solvers.path import lasso_path
 
 
@@ -92,13 +92,13 @@ def test_each_xty_kernel_forced_gives_the_same_target_statistics_and_path(fresh,
 
     X, Y = _targets()
     kernels.active()  # probed before the spy
-    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls = {op: dict(c) for op, c in candidates.IMPLS.items()}
     calls = []
-    for name, fn in kernels.IMPLS["xty"].items():
+    for name, fn in candidates.IMPLS["xty"].items():
         impls["xty"][name] = lambda *args, name=name, fn=fn: calls.append(name) or fn(*args)
-    monkeypatch.setattr(kernels, "IMPLS", impls)
+    monkeypatch.setattr(candidates, "IMPLS", impls)
     got = {}
-    for name in kernels.OPS["xty"]:
+    for name in candidates.OPS["xty"]:
         monkeypatch.setenv(kernels.ENV, f"xty={name}")
         ts = target_stats(TensorBatches(X[:700], Y[:700], batch_size=256), dtype=torch.float32)
         assert calls == ["int8"] * 3 if name == "int8" else calls == [], (name, calls)  # 3 batches
@@ -109,7 +109,7 @@ def test_each_xty_kernel_forced_gives_the_same_target_statistics_and_path(fresh,
         assert float(((ts.sxy - X[:700].double().T @ Y[:700].double()) / scale).abs().max()) < 1e-7, name
         assert torch.equal(ts.sx, got["int8"].sx) and torch.equal(ts.sy, got["int8"].sy)
     paths = {}
-    for name in kernels.OPS["xty"]:
+    for name in candidates.OPS["xty"]:
         monkeypatch.setenv(kernels.ENV, f"xty={name}")
         paths[name] = lasso_path((X[:700], Y[:700]), (X[700:], Y[700:]), k=12, eps=1e-2, dtype=torch.float32)
     a, b = paths["int8"], paths["float"]
@@ -121,7 +121,7 @@ def test_each_xty_kernel_forced_gives_the_same_target_statistics_and_path(fresh,
 def test_a_float64_solve_never_rounds_its_targets_to_int8_digits(fresh, monkeypatch):
     from datamodels_ml.solvers.stats import target_stats
 
-    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls = {op: dict(c) for op, c in candidates.IMPLS.items()}
 
     def refused(*args):
         raise AssertionError("int8 digits in a float64 solve")
@@ -129,7 +129,7 @@ def test_a_float64_solve_never_rounds_its_targets_to_int8_digits(fresh, monkeypa
     impls["xty"]["int8"] = refused
     monkeypatch.setenv(kernels.ENV, "xty=int8")
     assert kernels.pick("xty") == "int8"  # probed before the replacement
-    monkeypatch.setattr(kernels, "IMPLS", impls)
+    monkeypatch.setattr(candidates, "IMPLS", impls)
     X, Y = _targets()
     ts = target_stats(TensorBatches(X, Y, batch_size=256), dtype=torch.float64)
     torch.testing.assert_close(ts.sxy, X.double().T @ Y.double(), rtol=1e-12, atol=1e-9)
@@ -138,13 +138,13 @@ def test_a_float64_solve_never_rounds_its_targets_to_int8_digits(fresh, monkeypa
 def test_xty_without_int8_products_falls_back_to_the_float_product(fresh, monkeypatch):
     from datamodels_ml.solvers.stats import target_stats
 
-    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls = {op: dict(c) for op, c in candidates.IMPLS.items()}
 
     def missing(out, x, y):
-        raise kernels.Unavailable("torch._int_mm: not in this build")
+        raise candidates.Unavailable("torch._int_mm: not in this build")
 
     impls["xty"]["int8"] = missing
-    monkeypatch.setattr(kernels, "IMPLS", impls)
+    monkeypatch.setattr(candidates, "IMPLS", impls)
     monkeypatch.setenv(kernels.ENV, "xty=int8")
     assert kernels.pick("xty") == "int8"
     X, Y = _targets()
@@ -178,21 +178,21 @@ def test_int8_digits_of_a_constant_or_zero_or_single_spike_target(fresh):
     Y[17, 2] = -3e7  # one value, the largest negative digit pattern
     Y[:, 3] = torch.randn(300, generator=g, dtype=torch.float64)
     out = torch.zeros(40, 4, dtype=torch.float64)
-    kernels.xty_int8(out, X, Y)
+    candidates.xty_int8(out, X, Y)
     exact = X.double().T @ Y
     assert torch.equal(out[:, :3], exact[:, :3])  # each a multiple of its column's step: exact
-    assert float((out[:, 3] - exact[:, 3]).abs().max()) < 300 * 0.5 * float(Y[:, 3].abs().max()) / kernels.DIGITS_MAX
-    kernels.xty_int8(out, X[:0], Y[:0])  # no rows: nothing added
+    assert float((out[:, 3] - exact[:, 3]).abs().max()) < 300 * 0.5 * float(Y[:, 3].abs().max()) / candidates.DIGITS_MAX
+    candidates.xty_int8(out, X[:0], Y[:0])  # no rows: nothing added
     assert torch.equal(out[:, :3], exact[:, :3])
 
 
 @pytest.mark.parametrize("slow, expect", [("int8", "float"), ("float", "int8")])
 def test_the_probe_picks_the_faster_xty_kernel(fresh, monkeypatch, slow, expect):
-    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls = {op: dict(c) for op, c in candidates.IMPLS.items()}
     fn = impls["xty"][slow]
     impls["xty"][slow] = lambda *args: time.sleep(0.05) or fn(*args)
-    monkeypatch.setattr(kernels, "IMPLS", impls)
-    k = kernels.choose(kernels.probe(("xty",)))
+    monkeypatch.setattr(candidates, "IMPLS", impls)
+    k = kernels.choose(probe.probe(("xty",)))
     assert k.picks["xty"] == expect and k.rates[f"xty.{slow}"] < k.rates[f"xty.{expect}"]
 
 
@@ -205,15 +205,15 @@ def _slowed(fn, seconds):
 
 @pytest.mark.parametrize("slow, expect", [("int8", {"syrk", "torch"}), ("syrk", {"int8", "torch"})])
 def test_the_probe_picks_another_kernel_than_a_slow_one(fresh, monkeypatch, slow, expect):
-    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls = {op: dict(c) for op, c in candidates.IMPLS.items()}
     impls["gram"][slow] = _slowed(impls["gram"][slow], 0.05)
     if slow == "syrk":  # int8 and syrk beat torch's product anyway; make int8 win clearly
         impls["gram"]["torch"] = _slowed(impls["gram"]["torch"], 0.05)
         expect = {"int8"}
     for name in ("bytes", "int8"):
         impls["colsum"][name] = _slowed(impls["colsum"][name], 0.05)
-    monkeypatch.setattr(kernels, "IMPLS", impls)
-    k = kernels.choose(kernels.probe(("gram", "colsum")))
+    monkeypatch.setattr(candidates, "IMPLS", impls)
+    k = kernels.choose(probe.probe(("gram", "colsum")))
     assert k.picks["gram"] in expect
     assert k.picks["colsum"] == "torch"
     assert k.rates[f"gram.{slow}"] < min(k.rates[f"gram.{n}"] for n in expect)
@@ -232,20 +232,20 @@ def test_a_kernel_far_behind_at_full_size_is_not_timed_again():
             return run, (1e6 if full else 1e3)  # the trials (no sleep) tie: both go to full size
         return make
 
-    rates = kernels._measure({"fast": candidate("fast", 0.001), "slow": candidate("slow", 0.03)}, reps=2)
+    rates = probe._measure({"fast": candidate("fast", 0.001), "slow": candidate("slow", 0.03)}, reps=2)
     assert calls == {"fast": 3, "slow": 1}  # the first full call, then two rounds for the contender only
-    assert rates["fast"] > kernels._CLOSE * rates["slow"] > 0
+    assert rates["fast"] > probe._CLOSE * rates["slow"] > 0
 
 
 def test_a_kernel_this_torch_lacks_rates_zero_and_is_not_picked(fresh, monkeypatch):
-    impls = {op: dict(c) for op, c in kernels.IMPLS.items()}
+    impls = {op: dict(c) for op, c in candidates.IMPLS.items()}
 
     def missing(G, x):
-        raise kernels.Unavailable("torch._int_mm: not in this build")
+        raise candidates.Unavailable("torch._int_mm: not in this build")
 
     impls["gram"]["int8"] = missing
-    monkeypatch.setattr(kernels, "IMPLS", impls)
-    k = kernels.choose(kernels.probe(("gram",)))
+    monkeypatch.setattr(candidates, "IMPLS", impls)
+    k = kernels.choose(probe.probe(("gram",)))
     assert k.rates["gram.int8"] == 0.0 and k.picks["gram"] in ("syrk", "torch")
 
 
@@ -264,8 +264,8 @@ def test_forced_settings_are_checked_by_name():
 def test_rates_are_cached_per_machine_and_measured_again_when_it_changes(fresh, monkeypatch, tmp_path):
     monkeypatch.setenv("DATAMODELS_CACHE_DIR", str(tmp_path / "cache"))
     probes = []
-    real = kernels.probe
-    monkeypatch.setattr(kernels, "probe", lambda *a: probes.append(1) or real(*a))
+    real = probe.probe
+    monkeypatch.setattr(probe, "probe", lambda *a: probes.append(1) or real(*a))
     first = kernel_cache.load()
     assert first.source == "measured" and len(probes) == 1
     doc = json.loads((tmp_path / "cache" / "kernels.json").read_text())
@@ -319,16 +319,16 @@ def test_measure_measures_again_whatever_the_cache_holds(fresh, monkeypatch, tmp
 @pytest.mark.parametrize("gram", ["int8", "torch"])
 def test_the_gram_kernels_step_between_their_column_blocks(fresh, gram):
     # the regression's statistics pass widens to every thread there, inside its first read batch
-    X, _ = _masks(p=2 * kernels._BLOCK + 5)  # three column blocks
+    X, _ = _masks(p=2 * candidates._BLOCK + 5)  # three column blocks
     G = torch.zeros(X.shape[1], X.shape[1])
     steps = []
-    with kernels.stepping(lambda: steps.append(1)):
+    with candidates.stepping(lambda: steps.append(1)):
         try:
-            kernels.IMPLS["gram"][gram](G, X)
-        except kernels.Unavailable:
+            candidates.IMPLS["gram"][gram](G, X)
+        except candidates.Unavailable:
             pytest.skip("this torch has no int8 product")
     assert len(steps) == 3
-    kernels.IMPLS["gram"][gram](torch.zeros_like(G), X)  # outside: no hook
+    candidates.IMPLS["gram"][gram](torch.zeros_like(G), X)  # outside: no hook
     assert len(steps) == 3
     Z = X.double()
     torch.testing.assert_close(torch.triu(G).double(), torch.triu(Z.T @ Z))

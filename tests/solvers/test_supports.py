@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodels_ml.solvers import kernels
+from datamodels_ml.solvers import candidates, kernels
 from datamodels_ml.solvers.supports import column_counts, columns_any, padded_support, size_groups
 
 
@@ -42,8 +42,8 @@ def test_column_counts_and_emptiness_are_exact_with_each_colsum_kernel(monkeypat
     monkeypatch.setenv(kernels.ENV, f"colsum={colsum}")
     assert kernels.pick("colsum") == colsum
     calls = []
-    for name, fn in list(kernels.IMPLS["colsum"].items()):
-        monkeypatch.setitem(kernels.IMPLS["colsum"], name, lambda x, name=name, fn=fn: calls.append(name) or fn(x))
+    for name, fn in list(candidates.IMPLS["colsum"].items()):
+        monkeypatch.setitem(candidates.IMPLS["colsum"], name, lambda x, name=name, fn=fn: calls.append(name) or fn(x))
     g = torch.Generator().manual_seed(3)
     S = torch.rand(3001, 70, generator=g) < 0.2  # counts far past a byte, rows not a multiple of 255
     S[:, 4] = False  # an empty column
