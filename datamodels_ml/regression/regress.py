@@ -146,17 +146,22 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     train = BetonBatches(p.cfg.data.data_path, p.train_rows, shuffle=True, seed=p.cfg.data.seed, **common)
     val = BetonBatches(p.cfg.data.data_path, p.val_rows, shuffle=False, **common)
     tol, tol_mode = tolerance(cfg)
+    keep = p.device == "cpu" and c.method == "fista"  # freed blocks reused on the path (the plan counts them)
+
+    def events(event: str, info: dict) -> None:
+        if keep and event == "start":  # from the path's start: the targets' reading before it maps and
+            heap.keep_freed_blocks()  # unmaps its large batches, which would otherwise scatter over the heap
+        bar(event, info)
+
     solver = dict(method=c.method, fit_intercept=c.use_bias, batch_size=c.batch_size, lr=c.lr, max_epochs=c.max_epochs,
                   check_every=cfg.early_stopping.check_every, tol=tol, tol_mode=tol_mode, min_lambdas=c.min_lambdas,
-                  device=p.device, dtype=p.dtype, callback=bar)
+                  device=p.device, dtype=p.dtype, callback=events)
     # the original's refit (train+val rows, their own mean/std): fista forms its Gram from the
     # training one in the same call; saga streams both sources in a second call
     restandardize = c.refit and c.refit_standardization == "train_val" and c.method == "saga"
     in_call = c.refit_standardization if c.method == "fista" else "train"
     relax = c.relax and c.method == "fista"  # notes() says that saga does not relax
     start = time.perf_counter()
-    if p.device == "cpu" and c.method == "fista":  # freed blocks reused in this block (the plan counts them)
-        heap.keep_freed_blocks()
     # the path's many short parallel operations: fewer threads while other processes keep CPUs busy
     limit = threads_during(threads_now()) if p.device == "cpu" else nullcontext()
     try:
@@ -175,14 +180,20 @@ def _fit_block(p: Plan, bar: PathBar, stats: Any = None) -> dict[str, Any]:
         bar.end_block(p.target_end - p.target_start)
     seconds = time.perf_counter() - start
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    return {"weight": cpu(refit.weight).float().contiguous(), "bias": cpu(refit.bias).float(),
-            "lam": cpu(path.lam).float(), "mean": cpu(refit.mean).float(), "std": cpu(refit.std).float(),
-            "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
-            "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
-            "best_index": cpu(path.best_index).long(), "active": cpu(path.active).to(torch.float64),
-            "phi": cpu(path.phi).float(), "relax_val_mse": cpu(path.relax_val_mse).to(torch.float64),
-            "val_var": _val_variance(val), "epochs": torch.tensor(int(epochs)),
-            "seconds": torch.tensor(float(seconds))}
+    # the weights kept until the merge: a copy outside the heap (mapped, now that keeping is over), so
+    # that the path's blocks are all freed and trimmed, not pinned under a block that outlives them
+    block = {"weight": cpu(refit.weight).float().clone(memory_format=torch.contiguous_format),
+             "bias": cpu(refit.bias).float(),
+             "lam": cpu(path.lam).float(), "mean": cpu(refit.mean).float(), "std": cpu(refit.std).float(),
+             "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
+             "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
+             "best_index": cpu(path.best_index).long(), "active": cpu(path.active).to(torch.float64),
+             "phi": cpu(path.phi).float(), "relax_val_mse": cpu(path.relax_val_mse).to(torch.float64),
+             "val_var": _val_variance(val), "epochs": torch.tensor(int(epochs)),
+             "seconds": torch.tensor(float(seconds))}
+    del path, refit
+    heap.trim()
+    return block
 
 
 _READ_BYTES = 2**28  # a fista read batch: 256 MB at most (bytes of 0/1 masks, float32 of others)

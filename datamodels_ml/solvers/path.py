@@ -109,8 +109,10 @@ def lasso_path(
             standardization unchanged: train mean/std), warm-started from the selected weights.
         device: where the state lives (default: device of the train tensors, else CPU).
         dtype: working float type.
-        callback: ``callback(event, info)``: ``"epoch"`` after every saga epoch / fista iteration
-            (``{"epoch", "lambda_index", "n_active"}``; ``lambda_index`` is -1 during the refit),
+        callback: ``callback(event, info)``: ``"start"`` once the targets' statistics are read
+            and the path begins (``{"n_targets", "n_lambdas"}``), ``"epoch"`` after every saga
+            epoch / fista iteration (``{"epoch", "lambda_index", "n_active"}``; ``lambda_index``
+            is -1 during the refit),
             ``"lambda"`` after each λ index (``{"index", "lam_ratio", "val_mse", "train_mse",
             "nnz", "active"}``; means over the targets computed at that index), and ``"refit"``
             when the refit starts (``{"n_rows", "n_targets"}``).
@@ -267,6 +269,8 @@ class _Run:
         T, dtype, device = self.T, self.dtype, self.device
         lam_path, lam_max = self.lam_path, self.lam_max
         k = lam_path.shape[0]
+        if self.callback is not None:
+            self.callback("start", {"n_targets": T, "n_lambdas": k})
         lam_w = lam_path.to(dtype)
         fista = self.method == "fista"
         p = self.stats.n_features

@@ -95,6 +95,34 @@ def test_killed_run_resumes_at_the_next_block(beton, tmp_path):
     torch.testing.assert_close(dm["weight"], whole["weight"], rtol=1e-4, atol=5e-4)  # within the solver tolerance (see above)
 
 
+@pytest.mark.parametrize("method", ["fista", "saga"])
+def test_the_heap_keeps_freed_blocks_on_each_path_only_never_while_reading(beton, monkeypatch, method):
+    """fista on the CPU keeps freed blocks from each block's path start to its end: the passes that
+    read the targets (X'Y, the validation rows) run before, their large batches mapped and unmapped,
+    and the block's weights outlive it in a copy, the heap trimmed after; saga never keeps."""
+    from datamodels_ml import heap
+    from datamodels_ml.dataset import reader
+
+    log = []
+    monkeypatch.setattr(heap, "keep_freed_blocks", lambda: log.append("keep") or True)
+    monkeypatch.setattr(heap, "release", lambda: log.append("release"))
+    monkeypatch.setattr(heap, "trim", lambda: log.append("trim"))
+    real = reader.BetonBatches.__iter__
+
+    def reading(self):
+        log.append("read")
+        yield from real(self)
+    monkeypatch.setattr(reader.BetonBatches, "__iter__", reading)
+    fit(load(RegressConfig, _args(beton, "cfg.out_dir=x", f"cfg.method={method}", "cfg.target_block=7"),
+             config_key="config"), progress=False, log=False)
+    blocks = "".join({"read": "r", "keep": "k", "release": "x", "trim": "t"}[e] for e in log)
+    if method == "fista":  # the statistics pass (2 reads), then per block: X'Y and the validation rows,
+        # the path kept, released, the validation variance read, the heap trimmed
+        assert blocks == "rr" + "rrkxrt" * 3, log
+    else:
+        assert "k" not in blocks and blocks.count("x") == blocks.count("t") == 3, log
+
+
 def test_memory_plan_is_printed(beton, tmp_path):
     proc = run_cli("regress", *_args(beton, f"cfg.out_dir={tmp_path / 'r'}", "cfg.target_block=5"), cwd=tmp_path,
                    check=True)

@@ -121,6 +121,7 @@ def test_selected_lambda_is_argmin_of_val_mse(method):
             assert n_comp[t] - 1 >= 3 and last > res.val_mse[: n_comp[t] - 1, t].min()
     assert (n_comp < k).any(), "the noisy problem should trigger early stopping"
     events = [e for e, _ in calls]
+    assert events[0] == "start" and events.count("start") == 1 and calls[0][1] == {"n_targets": T, "n_lambdas": k}
     assert "epoch" in events and events.count("lambda") == int((res.active > 0).sum())
     lam_info = [i for e, i in calls if e == "lambda"]
     assert set(lam_info[0]) == {"index", "lam_ratio", "val_mse", "train_mse", "nnz", "active"}
