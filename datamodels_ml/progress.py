@@ -124,7 +124,8 @@ class PathBar:
             self.points = int(info["index"]) + 1
 
     def end_block(self, n_targets: int | None = None) -> None:
-        """The block is over: one line on stderr with its time on the path and in the refit."""
+        """The block is over: one line on stderr with its time on the path and in the refit, and
+        the process's resident peak so far (where ``/proc`` says it)."""
         self.blocks_done += 1
         if self.block_start is not None and n_targets is not None:
             now = time.perf_counter()
@@ -133,8 +134,13 @@ class PathBar:
             blocks = f"block {self.blocks_done}/{self.n_blocks}" if self.n_blocks > 1 else "path"
             if hasattr(self.bar, "clear"):
                 self.bar.clear()
+            from datamodels_ml.procfs import kb_field
+            from datamodels_ml.store.layout import human_bytes
+
+            peak = kb_field("/proc/self/status", "VmHWM")  # the process's resident peak so far (Linux)
+            peak = f", peak memory so far {human_bytes(peak)}" if peak else ""
             print(f"regress: {blocks}: {n_targets} targets, {self.points} λ, path {path_end - self.block_start:.1f} s"
-                  f"{refit}", file=sys.stderr, flush=True)
+                  f"{refit}{peak}", file=sys.stderr, flush=True)
         self.block_start = self.refit_start = None
         self.points = 0
 

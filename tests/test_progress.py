@@ -47,3 +47,17 @@ def test_disabled_prints_nothing():
     with bar("job", total=10, enabled=False, file=out) as shown:
         shown.update(10)
     assert out.getvalue() == ""
+
+
+def test_a_finished_target_block_prints_its_times_and_the_resident_peak(capsys):
+    from datamodels_ml.progress import PathBar
+    from datamodels_ml.procfs import kb_field
+
+    path = PathBar(4, 10, 2, progress=False)
+    path("start", {"n_targets": 6, "n_lambdas": 4})
+    path("lambda", {"index": 2, "active": 0.5})
+    path("refit", {"n_rows": 100, "n_targets": 6})
+    path.end_block(6)
+    line = capsys.readouterr().err.strip()
+    peak = r", peak memory so far [0-9.]+ [KMGT]?B" if kb_field("/proc/self/status", "VmHWM") else ""
+    assert re.fullmatch(rf"regress: block 1/2: 6 targets, 3 λ, path [0-9.]+ s, refit [0-9.]+ s{peak}", line), line
