@@ -39,6 +39,7 @@ BACKEND_STORE_URI ?= sqlite:///mlflow-server.db
 ARTIFACTS_DESTINATION ?= ./mlartifacts
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5000
+TEST_JOBS ?= 0
 
 DM := $(PY) -m datamodels_ml
 
@@ -71,6 +72,7 @@ help: ## list the targets and the variables they take (colours only on a termina
 	  "ARTIFACTS_DESTINATION=$(ARTIFACTS_DESTINATION)" "make server's artifacts" \
 	  "SERVER_HOST=$(SERVER_HOST)" "make server's address" \
 	  "SERVER_PORT=$(SERVER_PORT)" "make server's port" \
+	  "TEST_JOBS=$(TEST_JOBS)" "pytest workers of make test (0: one per CPU allotted, at most 4)" \
 	  "TORCH_SPEC=$(TORCH_SPEC)" "torch for make setup (a CUDA build: add --index-url URL)" \
 	  "VENV=$(VENV)" "the virtual environment" \
 	  "PYTHON_BOOT=$(PYTHON_BOOT)" "the python that creates VENV"
@@ -95,11 +97,15 @@ $(STAMP): pyproject.toml Makefile
 	@$(PY) -c "import torch, ffcv, mlflow, omegaconf, joblib, sklearn; from importlib.metadata import version as v; print('setup ok: torch', torch.__version__, '| ffcv', v('ffcv'), '| mlflow', mlflow.__version__)"
 	@touch $(STAMP)
 
-test: setup ## run the test suite (what CI runs)
-	$(PY) -m pytest -q -p no:cacheprovider
+# pytest workers (pytest-xdist), each taking whole test files: the module fixtures are built once
+PYTEST = $(PY) -m pytest -q -p no:cacheprovider --dist loadfile -n $$($(PY) -c 'import sys; \
+  from datamodels_ml.cpus import allotment; n = int(sys.argv[1]); print(n if n > 0 else min(4, allotment()))' $(TEST_JOBS))
+
+test: setup ## run the test suite (what CI runs) on TEST_JOBS pytest workers
+	$(PYTEST)
 
 test-fast: setup ## the tests not marked slow, gpu or ui (a quick check while editing)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not gpu and not ui"
+	$(PYTEST) -m "not slow and not gpu and not ui"
 
 demo: setup ## the whole workflow on the digits example: train, write_dataset, regress, evaluate
 	$(DM) demo config=$(DEMO) store=$(STORE) beton=$(BETON) results=$(RESULTS) evaluate_out=$(EVAL) $(ARGS)

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import _common  # noqa: F401,I001 - first: puts the repository on sys.path, sets the thread spins
@@ -130,8 +131,10 @@ def fill_store(store_dir: Path, n: int, p: int, T: int, cols: np.ndarray, w: np.
     masks, margins = store.array("masks"), store.array("margins")
     # y = Σ_j w_j (x_j - 1/2) / (1/2) + noise + 2: the standardized masks of Bernoulli(1/2)
     rows = np.repeat(np.arange(T), cols.shape[1])
-    W = torch.sparse_coo_tensor(np.stack([cols.ravel(), rows]), (2.0 * w).ravel(), (p, T),
-                                check_invariants=True).to_sparse_csr().float()
+    with warnings.catch_warnings():  # torch's note that its CSR support is in beta, once per process
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        W = torch.sparse_coo_tensor(np.stack([cols.ravel(), rows]), (2.0 * w).ravel(), (p, T),
+                                    check_invariants=True).to_sparse_csr().float()
     offset = torch.from_numpy(2.0 - w.sum(1)).float()
     g = torch.Generator().manual_seed(seed)
     for r0 in range(0, n, chunk):

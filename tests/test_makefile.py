@@ -43,16 +43,28 @@ def test_every_path_follows_the_store(given, data):
             f"evaluate_out={data}/evaluate") in demo
 
 
+INTERNAL = {"SHELL", "PY", "STAMP", "DEB_PKGS", "DM", "DATA", "PYTEST"}  # Makefile variables not for the user to set
+
+
 def test_help_lists_every_variable_without_colour_when_piped():
     text = _make("help")
     assert "\033" not in text
     listed = set(re.findall(r"^  ([A-Z_]+)=", text, re.M))
-    internal = {"SHELL", "PY", "STAMP", "DEB_PKGS", "DM", "DATA"}  # not for the user to set
-    assert set(_variables()) - internal == listed
+    assert set(_variables()) - INTERNAL == listed
 
 
 def test_readme_documents_every_variable():
     readme = (ROOT / "README.md").read_text()
-    internal = {"SHELL", "PY", "STAMP", "DEB_PKGS", "DM", "DATA"}
-    missing = [v for v in _variables() if v not in internal and f"`{v}" not in readme]
+    missing = [v for v in _variables() if v not in INTERNAL and f"`{v}" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("jobs", ["0", "3"])
+def test_make_test_runs_one_pytest_worker_per_cpu_allotted_at_most_four_unless_told(jobs):
+    from datamodels_ml.cpus import allotment
+
+    [line] = [ln for ln in _make("-n", "-o", "setup", "test", f"TEST_JOBS={jobs}").splitlines() if "pytest" in ln]
+    assert "--dist loadfile -n $(" in line
+    workers = subprocess.run(["bash", "-c", f"cd {ROOT} && echo {line.split(' -n ', 1)[1]}"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert workers == (jobs if jobs != "0" else str(min(4, allotment())))
