@@ -11,10 +11,10 @@ process's later requests (``M_MMAP_MAX`` = 0: every block comes from the heap) a
 keep up to ``RETAIN`` free bytes at its top (``M_TRIM_THRESHOLD``), so a freed block serves the
 next request that fits it; :func:`release` goes back to the C library's settings and hands the
 free pages back to the system (``malloc_trim``). The regression keeps freed blocks for one target
-block at a time, from its path's start to the end of its refit, on the CPU (not while the block's
-targets are read: the reader's and ``X'Y``'s large batches, kept, scattered over the heap and
-raised each later block's resident set, 1.6 GB by the second block of the full CIFAR-10 shape): at p = 50k, 10k + 2k models, 2000 targets, the
-regression took 249-277 s instead of 331-397 s. What the heap keeps counts in the resident set,
+block at a time, from its path's start to the end of its refit, on the CPU; not while the
+block's targets are read, whose large read batches and ``X'Y`` products, kept, spread over the
+heap (see ``regression.block_fit``). At p = 50k, 10k + 2k models, 2000 targets, the regression
+took 249-277 s instead of 331-397 s. What the heap keeps counts in the resident set,
 and torch's 64-byte aligned requests do not always fit a freed block of the same size (glibc then
 extends the heap): 2.5 MB more per target at the peak there (5.66 MB instead of 3.1 MB), so the
 memory plan counts ``regression.memory.HEAP_COLUMNS`` more per target while keeping applies.

@@ -289,13 +289,14 @@ def test_an_error_in_the_background_statistics_fails_the_command_cleanly(planted
     # the masks' statistics run in a thread while MLflow starts: their error is the command's,
     # the run ends FAILED and no results are written
     import datamodels_ml.regression.regress as regress_module
+    from datamodels_ml.regression import block_fit
 
     def broken(p, device, widen=None):
         raise UserError("the masks could not be read")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(regress_module, "_feature_stats", broken)
+    monkeypatch.setattr(block_fit, "mask_statistics", broken)
     cfg = load(RegressConfig, [f"config={TINY}", f"data.data_path={planted[0] / 'with_bias.beton'}",
                                f"cfg.out_dir={tmp_path / 'out'}", "data.target_end_ind=-1", "cfg.method=fista"],
                config_key="config")
@@ -422,7 +423,7 @@ def test_read_batches_of_byte_masks_are_larger_than_float_ones():
 
     import numpy as np
 
-    from datamodels_ml.regression.regress import read_rows
+    from datamodels_ml.regression.block_fit import read_rows
 
     fista, saga = SimpleNamespace(method="fista", batch_size=200), SimpleNamespace(method="saga", batch_size=200)
     masks = lambda p, dtype: SimpleNamespace(n_features=p, x_dtype=np.dtype(dtype))  # noqa: E731
