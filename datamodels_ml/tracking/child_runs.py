@@ -13,9 +13,10 @@ rest. Two ways to write a batch:
   server briefly unreachable) are retried with backoff.
 * On a local SQLite file, where the public API costs ~40 SQL statements and 6 commits per run (15-25
   ms: ~50-70 models/s, below the rate a busy ``train`` finishes models), a fast path inserts a whole
-  batch of runs in one transaction through MLflow's ORM tables (~0.3 ms per run). It is used only
-  after checking that those tables have exactly the columns it writes; any other MLflow falls back
-  to the public API with a one-line note, as does an error on the fast path.
+  batch of runs in one transaction through MLflow's ORM tables (~0.3 ms per run;
+  ``tracking.child_runs_sql``). It is used only after checking that those tables have exactly the
+  columns it writes; any other MLflow falls back to the public API with a one-line note, as does an
+  error on the fast path.
   ``DATAMODELS_CHILD_RUNS=api`` forces the public API.
 
 The train run's progress metrics go through the same queue (``add_metrics``): nothing that talks to
@@ -35,13 +36,11 @@ leftovers, and the thread deletes them (``_remove_leftovers``): each model has o
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,6 +49,7 @@ from mlflow.tracking import MlflowClient
 
 from datamodels_ml.tracking import backend as tracking_store
 from datamodels_ml.tracking import runs as tracking
+from datamodels_ml.tracking.child_runs_sql import fast_sql_store, insert_runs
 
 API_THREADS = 8  # child runs written at once through the public API to a tracking server
 MODE_ENV = "DATAMODELS_CHILD_RUNS"  # "api": always the public API; default "auto"
@@ -127,7 +127,8 @@ class ChildRunWriter:
         self._last_ask = 0.0
         self._backlog: list[ChildRecord | ParentMetrics] = []  # taken from the queue, not written yet
         self._api_used = False  # a child run was written through the public API (leftovers are possible)
-        self._sql = _fast_sql_store(self.client)
+        fast = tracking_store.tracking_uri().startswith("sqlite:") and os.environ.get(MODE_ENV, "auto") != "api"
+        self._sql = fast_sql_store(self.client) if fast else None
         self.mode = "sql" if self._sql is not None else "api"
         server = not tracking_store.tracking_uri().startswith("sqlite:")
         self._pool = ThreadPoolExecutor(API_THREADS if server else 1, thread_name_prefix="mlflow-child")
@@ -348,78 +349,13 @@ class ChildRunWriter:
         }
 
     def _write_sql(self, records: list[ChildRecord]) -> None:
-        from sqlalchemy import insert
-
-        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
-
-        root = self._artifact_root().rstrip("/")
-        runs, tags, params, metrics = [], [], [], []
-        for rec in records:
-            run_id = uuid.uuid4().hex
-            run_tags = self._tags(rec)
-            runs.append(dict(
-                run_uuid=run_id, name=run_tags["mlflow.runName"], source_type="UNKNOWN", source_name="",
-                entry_point_name="", user_id=self.user, status=rec.status, start_time=rec.start_ms,
-                end_time=rec.end_ms, deleted_time=None, source_version="", lifecycle_stage="active",
-                artifact_uri=f"{root}/{run_id}/artifacts", experiment_id=int(self.experiment_id),
-            ))
-            tags.extend(dict(key=k, value=v, run_uuid=run_id) for k, v in run_tags.items())
-            params.append(dict(key="index", value=str(rec.index), run_uuid=run_id))
-            for key, value in rec.metrics.items():
-                value = float(value)
-                is_nan = math.isnan(value)
-                metrics.append(dict(key=key, value=0.0 if is_nan else value, timestamp=rec.end_ms, step=0,
-                                    is_nan=is_nan, run_uuid=run_id))
-        with self._sql.ManagedSessionMaker() as session:
-            session.execute(insert(SqlRun.__table__), runs)
-            session.execute(insert(SqlTag.__table__), tags)
-            session.execute(insert(SqlParam.__table__), params)
-            if metrics:
-                session.execute(insert(SqlMetric.__table__), metrics)
-                session.execute(insert(SqlLatestMetric.__table__), metrics)
+        insert_runs(self._sql, [(rec, self._tags(rec)) for rec in records], user=self.user,
+                    experiment_id=self.experiment_id, artifact_root=self._artifact_root())
 
     def _artifact_root(self) -> str:
         if not hasattr(self, "_root"):
             self._root = self._sql.get_experiment(self.experiment_id).artifact_location
         return self._root
-
-
-# -- the SQLite fast path: only on the MLflow internals it was written for -----------------------------
-# every column of each table it inserts into: a column added or renamed by another MLflow turns it off
-_COLUMNS = {
-    "SqlRun": {"run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id", "status",
-               "start_time", "end_time", "deleted_time", "source_version", "lifecycle_stage", "artifact_uri",
-               "experiment_id"},
-    "SqlTag": {"key", "value", "run_uuid"},
-    "SqlParam": {"key", "value", "run_uuid"},
-    "SqlMetric": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
-    "SqlLatestMetric": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
-}
-
-
-def _fast_sql_store(client: Any) -> Any:
-    """MLflow's SQLAlchemy store when the tracking store is a local SQLite file whose ORM tables are
-    exactly what ``_write_sql`` writes; else None (with a one-line note when only the check failed)."""
-    if os.environ.get(MODE_ENV, "auto") == "api" or not tracking_store.tracking_uri().startswith("sqlite:"):
-        return None
-    try:
-        from mlflow.store.tracking import dbmodels
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = client._tracking_client.store
-        if not isinstance(store, SqlAlchemyStore) or not callable(getattr(store, "ManagedSessionMaker", None)):
-            raise TypeError(f"store {type(store).__name__}")
-        for name, columns in _COLUMNS.items():
-            found = {c.name for c in getattr(dbmodels.models, name).__table__.columns}
-            if found != columns:
-                raise TypeError(f"{name} columns {sorted(found ^ columns)} differ")
-        return store
-    except Exception as exc:  # noqa: BLE001 - another MLflow: the public API is always right
-        import mlflow
-
-        print(f"MLflow {mlflow.__version__}: child runs through the public API (slower on SQLite): its tables are "
-              f"not the ones the fast path was written for ({exc})", file=sys.stderr, flush=True)
-        return None
 
 
 __all__ = ["ChildRecord", "ChildRunWriter", "ParentMetrics", "API_THREADS", "MODE_ENV", "WAIT_ENV"]

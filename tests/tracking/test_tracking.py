@@ -184,10 +184,10 @@ def test_a_create_run_whose_answer_was_lost_leaves_no_second_run_of_that_model(o
 
 
 def test_other_mlflow_tables_turn_the_fast_path_off_with_one_line(own_store, monkeypatch, capsys):
-    from datamodels_ml.tracking import child_runs
+    from datamodels_ml.tracking import child_runs, child_runs_sql
     from datamodels_ml.tracking import runs as tracking
 
-    monkeypatch.setitem(child_runs._COLUMNS, "SqlRun", child_runs._COLUMNS["SqlRun"] | {"workspace"})
+    monkeypatch.setitem(child_runs_sql.COLUMNS, "SqlRun", child_runs_sql.COLUMNS["SqlRun"] | {"workspace"})
     with tracking.run("train", name="train-3") as parent:
         writer = child_runs.ChildRunWriter(parent.info.run_id)
         for rec in _records(3):
