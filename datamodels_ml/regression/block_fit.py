@@ -85,6 +85,7 @@ def fit_block(p: Any, bar: PathBar, stats: Any = None) -> dict[str, Any]:
     restandardize = c.refit and c.refit_standardization == "train_val" and c.method == "saga"
     in_call = c.refit_standardization if c.method == "fista" else "train"
     relax = c.relax and c.method == "fista"  # notes() says that saga does not relax
+    val_var = val_variance(val)  # read now, while the block holds nothing else: its batches add to no peak
     start = time.perf_counter()
     # the path's many short parallel operations: fewer threads while other processes keep CPUs busy
     limit = threads_during(threads_now()) if p.device == "cpu" else nullcontext()
@@ -104,19 +105,18 @@ def fit_block(p: Any, bar: PathBar, stats: Any = None) -> dict[str, Any]:
         bar.end_block(p.target_end - p.target_start)
     seconds = time.perf_counter() - start
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    # the weights kept until the merge: a copy outside the heap (mapped, now that keeping is over), so
-    # that the path's blocks are all freed and trimmed, not pinned under a block that outlives them
-    block = {"weight": cpu(refit.weight).float().clone(memory_format=torch.contiguous_format),
-             "bias": cpu(refit.bias).float(),
+    block = {"weight": cpu(refit.weight).float(), "bias": cpu(refit.bias).float(),
              "lam": cpu(path.lam).float(), "mean": cpu(refit.mean).float(), "std": cpu(refit.std).float(),
              "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
              "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
              "best_index": cpu(path.best_index).long(), "active": cpu(path.active).to(torch.float64),
              "phi": cpu(path.phi).float(), "relax_val_mse": cpu(path.relax_val_mse).to(torch.float64),
-             "val_var": val_variance(val), "epochs": torch.tensor(int(epochs)),
-             "seconds": torch.tensor(float(seconds))}
-    del path, refit
-    heap.trim()
+             "val_var": val_var, "epochs": torch.tensor(int(epochs)), "seconds": torch.tensor(float(seconds))}
+    if keep:  # the path's tensors freed and their pages handed back; then the weights, which outlive the
+        del path, refit  # block until the merge, copied out of the heap (mapped, now that keeping is
+        heap.trim()  # over) and the heap's copy freed: nothing of the block pins the heap
+        block["weight"] = block["weight"].clone(memory_format=torch.contiguous_format)
+        heap.trim()
     return block
 
 

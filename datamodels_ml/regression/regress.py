@@ -113,7 +113,10 @@ def _fit_blocks(p: Plan, bar: PathBar, store: Any = None, started: Callable[[], 
     if reused:
         print(f"regress: resuming: {sum(e - s for s, e in reused)} targets in {len(reused)} saved block(s), "
               f"{len(todo)} block(s) to fit", file=sys.stderr)
-    results = {b: saved[b] for b in reused}
+    # with a store, a finished block waits on disk, not in memory, until the merge: the blocks'
+    # weights (p floats per target) would otherwise add to every later block's peak
+    results = {b: None if store is not None else saved[b] for b in reused}
+    del saved
     stats: dict[str, Any] = {}  # per device; each device has one thread (blocks.run)
 
     def fit_one(s: int, e: int, device: str) -> dict[str, Any]:
@@ -125,10 +128,11 @@ def _fit_blocks(p: Plan, bar: PathBar, store: Any = None, started: Callable[[], 
     def done(s: int, e: int, block: dict[str, Any]) -> None:
         if store is not None:
             store.save(s, e, block)
-        results[(s, e)] = block
+        results[(s, e)] = None if store is not None else block
 
     blocks.run(todo, list(p.devices), fit_one, done)
-    return blocks.merge([results[b] for b in sorted(results)])
+    stats.clear()
+    return blocks.merge([results[b] if results[b] is not None else store.load(*b) for b in sorted(results)])
 
 
 def _result(p: Plan, merged: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,12 @@ class BlockStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def load(self, start: int, end: int) -> dict[str, Any]:
+        """A block this run saved (``usable`` checked the ones it resumes from), as tensors only."""
+        import torch
+
+        return torch.load(self.path(start, end), weights_only=True)
+
     def usable(self, start: int, end: int, n_features: int, n_lambdas: int) -> dict[tuple[int, int], dict[str, Any]]:
         """The saved blocks inside ``[start, end)`` that load as tensors only and hold what a block of
         these inputs holds (``n_features`` weights and ``n_lambdas`` λ per target); any other saved

@@ -98,8 +98,9 @@ def test_killed_run_resumes_at_the_next_block(beton, tmp_path):
 @pytest.mark.parametrize("method", ["fista", "saga"])
 def test_the_heap_keeps_freed_blocks_on_each_path_only_never_while_reading(beton, monkeypatch, method):
     """fista on the CPU keeps freed blocks from each block's path start to its end: the passes that
-    read the targets (X'Y, the validation rows) run before, their large batches mapped and unmapped,
-    and the block's weights outlive it in a copy, the heap trimmed after; saga never keeps."""
+    read the targets (the validation variance, X'Y, the validation rows) run before, their large
+    batches mapped and unmapped, and the block's weights outlive it in a copy, the heap trimmed
+    after; saga never keeps."""
     from datamodels_ml import heap
     from datamodels_ml.dataset import reader
 
@@ -116,11 +117,43 @@ def test_the_heap_keeps_freed_blocks_on_each_path_only_never_while_reading(beton
     fit(load(RegressConfig, _args(beton, "cfg.out_dir=x", f"cfg.method={method}", "cfg.target_block=7"),
              config_key="config"), progress=False, log=False)
     blocks = "".join({"read": "r", "keep": "k", "release": "x", "trim": "t"}[e] for e in log)
-    if method == "fista":  # the statistics pass (2 reads), then per block: X'Y and the validation rows,
-        # the path kept, released, the validation variance read, the heap trimmed
-        assert blocks == "rr" + "rrkxrt" * 3, log
+    if method == "fista":  # the statistics pass (2 reads), then per block: the validation variance, X'Y
+        # and the validation rows read, the path kept, released, the heap trimmed (the path's, the weights' copy)
+        assert blocks == "rr" + "rrrkxtt" * 3, log
     else:
-        assert "k" not in blocks and blocks.count("x") == blocks.count("t") == 3, log
+        assert "k" not in blocks and "t" not in blocks and blocks.count("x") == 3, log
+
+
+def test_finished_blocks_wait_on_disk_until_the_merge(beton, tmp_path, monkeypatch):
+    """With a block store (the regress command), no finished block is held in memory while the next
+    ones are fitted: the merge reads them back from disk, and gives the in-memory fit's result."""
+    import gc
+    import weakref
+
+    from datamodels_ml.regression import block_fit, target_blocks
+    from datamodels_ml.regression.regress import fit_plan, plan
+
+    cfg = load(RegressConfig, _args(beton, f"cfg.out_dir={tmp_path}", "cfg.target_block=7"), config_key="config")
+    in_memory = fit(cfg, progress=False, log=False)
+    fitted, real_fit, real_merge = [], block_fit.fit_block, target_blocks.merge
+
+    def fit_block(*a, **kw):
+        block = real_fit(*a, **kw)
+        fitted.append(weakref.ref(block["weight"]))
+        return block
+
+    def merge(blocks):
+        gc.collect()
+        assert len(fitted) == 3 and all(ref() is None for ref in fitted)  # every block's weights let go
+        return real_merge(blocks)
+    monkeypatch.setattr(block_fit, "fit_block", fit_block)
+    monkeypatch.setattr(target_blocks, "merge", merge)
+    store = target_blocks.BlockStore(tmp_path)
+    store.open({"test": 1}, force=False)
+    result = fit_plan(plan(cfg), progress=False, log=False, store=store)
+    assert store.saved() == [(0, 7), (7, 14), (14, 17)]
+    for key in ("weight", "bias", "lam", "val_mse"):
+        torch.testing.assert_close(result[key], in_memory[key], equal_nan=True, msg=key)
 
 
 def test_memory_plan_is_printed(beton, tmp_path):
