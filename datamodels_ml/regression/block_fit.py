@@ -6,7 +6,7 @@ statistics, and returns the block's tensors on the CPU. On the CPU with ``fista`
 freed large blocks (``datamodels_ml.heap``) from the path's start (the solver's ``"start"``
 event) to the end of its refit, not while the block's targets are read (the validation variance
 first, then the solver's ``X'Y`` and validation rows): at p = 50k, 90k + 10k models, reading them
-while keeping left later blocks 1.5-2.6 GB more resident. After the block the path's tensors are
+while keeping left later blocks 1.6-2.6 GB more resident. After the block the path's tensors are
 freed and trimmed, then the weights copied out of the heap. ``mask_statistics`` computes the solver's X-only
 statistics (the Gram and moments for ``fista``) once per device for every block. ``p`` is a
 ``regression.regress.Plan``.
