@@ -32,8 +32,9 @@ WEIGHT_COLUMNS = 20
 # while the heap keeps freed blocks for reuse (``datamodels_ml.heap``, CPU, fista): the blocks it
 # holds free. Measured at p = 50k, 10k + 2k models: 3.1 MB per target at the peak without it
 # (blocks of 1466), 5.66 MB with it (blocks of 1148): 2.5 MB, 12.7 columns, of which the margin
-# of WEIGHT_COLUMNS covers about 5
-HEAP_COLUMNS = 8
+# of WEIGHT_COLUMNS covers about 5. At p = 50k, 90k + 10k models (blocks of 913, the AVX2 CPU),
+# the later blocks' path peaks were 6.8 MB per target over the statistics: 13 columns
+HEAP_COLUMNS = 13
 ROW_COLUMNS = 3  # (batch + n_val)-long columns per target: read targets, predictions, residuals
 SAGA_TABLES = 2  # saga: the path's residual table and the refit's
 # the process itself, on the CPU: interpreter, torch, numpy, the MLflow client and the reader's
