@@ -107,7 +107,7 @@ def fit_block(p: Any, bar: PathBar, stats: Any = None) -> dict[str, Any]:
         bar.end_block(p.target_end - p.target_start)
     seconds = time.perf_counter() - start
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    block = {"weight": cpu(refit.weight).float(), "bias": cpu(refit.bias).float(),
+    block = {"weight": cpu(refit.weight).float().contiguous(), "bias": cpu(refit.bias).float(),
              "lam": cpu(path.lam).float(), "mean": cpu(refit.mean).float(), "std": cpu(refit.std).float(),
              "lam_path": cpu(path.lam_path).to(torch.float64), "val_mse": cpu(path.val_mse).to(torch.float64),
              "train_mse": cpu(path.train_mse).to(torch.float64), "nnz": cpu(path.nnz).to(torch.float64),
