@@ -117,14 +117,12 @@ class BlockStore:
         """The saved blocks inside ``[start, end)`` that load as tensors only and hold what a block of
         these inputs holds (``n_features`` weights and ``n_lambdas`` λ per target); any other saved
         block (damaged, crafted, of other inputs) is named in a warning and fitted again."""
-        import torch
-
         found = {}
         for s, e in self.saved():
             if s < start or e > end:
                 continue
             try:
-                block = torch.load(self.path(s, e), weights_only=True)  # loads no code, whatever the file holds
+                block = self.load(s, e)  # loads no code, whatever the file holds
                 problem = _problem(block, e - s, n_features, n_lambdas, self.digest)
             except Exception as exc:  # noqa: BLE001 - any file torch cannot read is a block not saved
                 problem = f"unreadable ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]})"
